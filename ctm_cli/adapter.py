@@ -1,0 +1,245 @@
+"""A PEFT LoRA adapter on disk: its parsed config and lazy, per-module access to its factors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ctm_cli.errors import InputError
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+LEGACY_NAME = "adapter_model.bin"
+MODEL_PREFIX = "base_model.model."
+
+# (module name, factor) from a weight key; PEFT drops the adapter name when saving.
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
+_LFS_MAGIC = b"version https://git-lfs"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module of an adapter: where its factors live and how they scale."""
+
+    name: str
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float
+    out_features: int
+    in_features: int
+    embedding: bool
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """Look up a rank/alpha pattern exactly as PEFT does: first key that matches the name's suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not folder.exists():
+        raise InputError(f"{folder}: no such adapter folder")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (an adapter is a folder with {CONFIG_NAME})")
+    if not path.is_file():
+        raise InputError(f"{path}: missing; {folder} is not a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InputError(f"{path}: peft_type is {peft_type!r}; ctm merges LoRA adapters only")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
+            raise InputError(f"{path}: field {key!r} is missing or not a number")
+    if config["r"] <= 0:
+        raise InputError(f"{path}: r must be positive, got {config['r']}")
+    return config
+
+
+class _BinReader:
+    """Tensors of a legacy `adapter_model.bin`, loaded with `weights_only=True` (never runs code)."""
+
+    def __init__(self, path: Path):
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"{path}: cannot be loaded as a weights-only torch file ({exc})") from exc
+        if not isinstance(self._tensors, dict):
+            raise InputError(f"{path}: expected a dict of tensors")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class _SafetensorsReader:
+    """Lazy tensors of a safetensors file: only the requested tensor is read."""
+
+    def __init__(self, path: Path):
+        with path.open("rb") as handle:
+            head = handle.read(len(_LFS_MAGIC))
+        if head == _LFS_MAGIC:
+            raise InputError(f"{path}: is a Git LFS pointer, not weights (fetch it with `git lfs pull`)")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file")
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = list(self._file.keys())
+            self._slices = {key: self._file.get_slice(key) for key in self._keys}
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+        self._path = path
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slices[key].get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype(), torch.float32)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except Exception as exc:
+            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({exc})") from exc
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+class Adapter:
+    """A PEFT LoRA folder: config fields, the LoRA modules found in its weights, lazy factor access."""
+
+    def __init__(self, folder: Path, source: str | None = None):
+        self.folder = Path(folder)
+        self.source = source or str(folder)
+        self.config = _read_config(self.folder)
+        self.weights_path = self._find_weights()
+        self._reader = (
+            _SafetensorsReader(self.weights_path)
+            if self.weights_path.suffix == ".safetensors"
+            else _BinReader(self.weights_path)
+        )
+        self.modules, self.extra_keys = self._find_modules()
+
+    @property
+    def base_model(self) -> str | None:
+        """The `base_model_name_or_path` the adapter was trained on."""
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def use_rslora(self) -> bool:
+        """Whether the adapter scales by alpha / sqrt(r)."""
+        return bool(self.config.get("use_rslora", False))
+
+    def _find_weights(self) -> Path:
+        for name in (SAFETENSORS_NAME, LEGACY_NAME):
+            path = self.folder / name
+            if path.is_file():
+                return path
+        raise InputError(f"{self.folder}: no {SAFETENSORS_NAME} (or legacy {LEGACY_NAME}) in the folder")
+
+    def _find_modules(self) -> tuple[dict[str, LoraModule], list[str]]:
+        factors: dict[str, dict[str, str]] = {}
+        extra: list[str] = []
+        for key in self._reader.keys():
+            match = _FACTOR_KEY.match(key)
+            if match is None:
+                extra.append(key)
+                continue
+            factors.setdefault(match["module"], {})[match["factor"]] = key
+        modules = {name: self._module(name, keys) for name, keys in sorted(factors.items())}
+        if not modules:
+            raise InputError(f"{self.weights_path}: no LoRA factors (lora_A/lora_B) found")
+        return modules, extra
+
+    def _module(self, name: str, keys: dict[str, str]) -> LoraModule:
+        embedding = "lora_embedding_A" in keys or "lora_embedding_B" in keys
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a_name not in keys or b_name not in keys:
+            missing = b_name if a_name in keys else a_name
+            raise InputError(f"{self.weights_path}: module {name} has no {missing} factor")
+        a_shape, b_shape = self._reader.shape(keys[a_name]), self._reader.shape(keys[b_name])
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise InputError(
+                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors; "
+                "only linear and embedding LoRA (2-d factors) can be merged"
+            )
+        rank = a_shape[0]
+        if b_shape[1] != rank:
+            raise InputError(
+                f"{self.weights_path}: module {name}: {a_name} has rank {rank} but {b_name} has {b_shape[1]}"
+            )
+        model_key = name.removeprefix(MODEL_PREFIX)
+        config_rank = pattern_value(self.config.get("rank_pattern") or {}, model_key, self.config["r"])
+        if config_rank != rank:
+            raise InputError(
+                f"{self.weights_path}: module {name} has rank {rank} but the config says r={config_rank}"
+            )
+        alpha = pattern_value(self.config.get("alpha_pattern") or {}, model_key, self.config["lora_alpha"])
+        return LoraModule(
+            name=name,
+            a_key=keys[a_name],
+            b_key=keys[b_name],
+            rank=rank,
+            alpha=float(alpha),
+            scale=lora_scale(float(alpha), rank, self.use_rslora),
+            out_features=b_shape[0],
+            in_features=a_shape[1],
+            embedding=embedding,
+        )
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module as stored: A is r × in, B is out × r."""
+        module = self.modules[name]
+        return self._reader.get(module.a_key), self._reader.get(module.b_key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Any stored tensor by key (e.g. a modules_to_save weight)."""
+        return self._reader.get(key)
+
+    def dtypes(self) -> set[torch.dtype]:
+        """The dtypes of the stored LoRA factors."""
+        return {self._reader.dtype(m.a_key) for m in self.modules.values()} | {
+            self._reader.dtype(m.b_key) for m in self.modules.values()
+        }
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of a stored tensor without reading it."""
+        return self._reader.shape(key)

@@ -1,0 +1,130 @@
+"""The streaming loop: one group of same-shaped modules at a time, from every adapter, on the device."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+
+from ctm_cli.adapter import Adapter
+from ctm_cli.methods import FactorGroup, MergeSettings, Method
+from ctm_cli.validate import ModuleSpec
+
+COMPUTE_DTYPE = torch.float32
+DEFAULT_MAX_MEMORY = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """What the report says about one merged module."""
+
+    name: str
+    out_features: int
+    in_features: int
+    ranks: tuple[int, ...]
+    output_rank: int
+    kept_energy: list[float]
+    relative_error: float | None
+    sweeps: int | None
+    frame_energy: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class MergeOutput:
+    """The merged factors by weight key, and per-module statistics."""
+
+    tensors: dict[str, torch.Tensor]
+    stats: list[ModuleStats]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bytes_per_module(spec: ModuleSpec) -> int:
+    """Working memory of one module on the device: float32 factors, float64 Gram copies, outputs."""
+    return (spec.out_features + spec.in_features) * spec.total_rank * (4 + 8 + 4)
+
+
+def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpec]]:
+    """Modules of equal shapes and ranks, chunked so that one group fits the memory budget."""
+
+    def shape_key(spec: ModuleSpec) -> tuple:
+        return (spec.out_features, spec.in_features, spec.ranks)
+
+    groups = []
+    for _, members in groupby(sorted(specs, key=shape_key), key=shape_key):
+        members = list(members)
+        size = max(1, max_memory // bytes_per_module(members[0]))
+        groups.extend(members[i : i + size] for i in range(0, len(members), size))
+    return groups
+
+
+def _load_group(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> FactorGroup:
+    b_stack, a_stack = [], []
+    for spec in group:
+        b_parts, a_parts = [], []
+        for adapter in adapters:
+            a, b = adapter.factors(spec.name)
+            scale = adapter.modules[spec.name].scale
+            b_parts.append(b.to(device=device, dtype=COMPUTE_DTYPE) * scale)
+            a_parts.append(a.to(device=device, dtype=COMPUTE_DTYPE))
+        b_stack.append(torch.cat(b_parts, dim=1))
+        a_stack.append(torch.cat(a_parts, dim=0))
+    return FactorGroup(b_cat=torch.stack(b_stack), a_cat=torch.stack(a_stack), ranks=list(group[0].ranks))
+
+
+def _optional(values: torch.Tensor | None, index: int, kind: type) -> float | int | None:
+    return None if values is None else kind(values[index].item())
+
+
+def merge_modules(
+    adapters: list[Adapter],
+    groups: list[list[ModuleSpec]],
+    method: Method,
+    settings: MergeSettings,
+    device: torch.device,
+    output_dtype: torch.dtype,
+    on_progress: Callable[[int], None] = lambda done: None,
+) -> MergeOutput:
+    """Merge every group on `device`, keeping only the (small) results on the host."""
+    tensors: dict[str, torch.Tensor] = {}
+    stats: list[ModuleStats] = []
+    weights = settings.weights.to(device)
+    settings = MergeSettings(**{**settings.__dict__, "weights": weights})
+    for group in groups:
+        started = time.perf_counter()
+        result = method.function(_load_group(adapters, group, device), settings)
+        lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
+        lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
+        seconds = (time.perf_counter() - started) / len(group)
+        module_keys = adapters[0].modules
+        for index, spec in enumerate(group):
+            module = module_keys[spec.name]
+            tensors[module.a_key] = lora_a[index].contiguous()
+            tensors[module.b_key] = lora_b[index].contiguous()
+            stats.append(
+                ModuleStats(
+                    name=spec.name,
+                    out_features=spec.out_features,
+                    in_features=spec.in_features,
+                    ranks=spec.ranks,
+                    output_rank=lora_a.shape[1],
+                    kept_energy=[float(x) for x in result.kept_energy[index].tolist()],
+                    relative_error=_optional(result.relative_error, index, float),
+                    sweeps=_optional(result.sweeps, index, int),
+                    frame_energy=_optional(result.frame_energy, index, float),
+                    seconds=seconds,
+                )
+            )
+        on_progress(len(group))
+    stats.sort(key=lambda s: s.name)
+    return MergeOutput(tensors=tensors, stats=stats)
+

@@ -1,0 +1,41 @@
+"""Error types of ctm and the stable process exit codes they map to."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_INCOMPATIBLE = 4
+EXIT_OUTPUT = 5
+EXIT_INTERRUPTED = 130
+
+
+class CtmError(Exception):
+    """An expected failure with a one-line message for the user and an exit code."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UsageError(CtmError):
+    """Arguments or settings that make no sense (rank out of range, bad weights...)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(CtmError):
+    """An input adapter that is missing, unreadable or malformed."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class IncompatibleError(CtmError):
+    """Adapters that are individually fine but cannot be merged together."""
+
+    exit_code = EXIT_INCOMPATIBLE
+
+
+class OutputError(CtmError):
+    """The output location exists, is a file or cannot be written."""
+
+    exit_code = EXIT_OUTPUT

@@ -1,0 +1,153 @@
+"""One merge from request to written folder: sources → adapters → plan → engine → writer."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctm_cli import __version__
+from ctm_cli.adapter import Adapter
+from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
+from ctm_cli.errors import UsageError
+from ctm_cli.methods import MergeSettings, get_method
+from ctm_cli.report import build_report, describe_input, render_markdown
+from ctm_cli.rules import get_rule
+from ctm_cli.sources import resolve_source
+from ctm_cli.validate import check_compatible, check_rank
+from ctm_cli.writer import check_output, write_adapter
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Config fields that describe one adapter's training and no longer hold for the merge.
+_RESET_FIELDS = {"rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "inference_mode": True}
+
+
+@dataclass
+class MergeRequest:
+    """Everything a merge needs, as given on the command line or in a recipe."""
+
+    sources: list[str]
+    output: Path
+    rank: int = 16
+    method: str = "ctm"
+    rule: str = "ta"
+    rule_params: dict[str, float] = field(default_factory=dict)
+    weights: list[float] | None = None
+    beta: float = 1.0
+    device: str = "auto"
+    dtype: str | None = None
+    seed: int = 0
+    max_memory: int = DEFAULT_MAX_MEMORY
+    force: bool = False
+
+
+def _check_weights(weights: list[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise UsageError(f"--weights has {len(weights)} values but there are {count} adapters")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise UsageError(f"--weights must be finite numbers, got {bad[0]}")
+    return weights
+
+
+def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype:
+    if requested is not None:
+        if requested not in DTYPES:
+            raise UsageError(f"--dtype {requested!r} is not one of: {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    found = set().union(*(a.dtypes() for a in adapters))
+    return found.pop() if len(found) == 1 else torch.float32
+
+
+def _union_targets(adapters: list[Adapter]) -> list[str] | str:
+    targets = [a.config.get("target_modules") for a in adapters]
+    if all(isinstance(t, list) for t in targets):
+        return sorted({name for t in targets for name in t})
+    if all(t == targets[0] for t in targets):
+        return targets[0]
+    names = adapters[0].modules
+    return sorted({name.removeprefix("base_model.model.") for name in names})
+
+
+def output_config(adapters: list[Adapter], rank: int) -> dict[str, Any]:
+    """The merged adapter's config: the first input's fields, with rank, scale 1 and the union of targets."""
+    config = dict(adapters[0].config)
+    config.update(_RESET_FIELDS)
+    layers = [a.config.get("layers_to_transform") for a in adapters]
+    config.update(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=_union_targets(adapters),
+        layers_to_transform=layers[0] if all(x == layers[0] for x in layers) else None,
+    )
+    return config
+
+
+def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progress: Callable[[int], None]) -> dict:
+    """Run one merge end to end and return its report; nothing is written unless it all succeeds."""
+    started = time.perf_counter()
+    method, rule = get_method(request.method), get_rule(request.rule)
+    rule_params = rule.resolve(request.rule_params)
+    if method.needs_linear_rule and not rule.linear:
+        raise UsageError(f"method {method.name} needs a linear rule (ta, mean); {rule.name} is not")
+    if not 0.0 <= request.beta <= 1.0:
+        raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
+    check_output(request.output, request.force)
+    adapters = [Adapter(resolve_source(source), source) for source in request.sources]
+    specs = check_compatible(adapters)
+    weights = _check_weights(request.weights, len(adapters))
+    check_rank(specs, request.rank, method.writes_total_rank)
+    device = resolve_device(request.device)
+    output_dtype = _output_dtype(adapters, request.dtype)
+    settings = MergeSettings(
+        rank=request.rank,
+        rule=rule,
+        rule_params=rule_params,
+        weights=torch.tensor(weights, dtype=torch.float64),
+        beta=request.beta,
+        generator=torch.Generator().manual_seed(request.seed),
+    )
+    on_start(len(specs))
+    merged = merge_modules(
+        adapters, plan_groups(specs, request.max_memory), method, settings, device, output_dtype, on_progress
+    )
+    output_rank = merged.stats[0].output_rank
+    report_settings = {
+        "method": method.name,
+        "rule": rule.name,
+        "rule_params": rule_params,
+        "rank": output_rank,
+        "beta": request.beta,
+        "weights": weights,
+        "seed": request.seed,
+        "device": str(device),
+        "dtype": str(output_dtype).removeprefix("torch."),
+    }
+    inputs = [describe_input(a, w) for a, w in zip(adapters, weights, strict=True)]
+    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
+    metadata = {
+        "format": "pt",
+        "ctm_version": __version__,
+        "ctm_settings": json.dumps(report_settings, sort_keys=True),
+        "ctm_inputs": json.dumps([{"source": i["source"], "sha256": i["sha256"]} for i in inputs]),
+    }
+    write_adapter(
+        request.output,
+        merged.tensors,
+        output_config(adapters, output_rank),
+        metadata,
+        {
+            "merge_report.json": json.dumps(report, indent=2) + "\n",
+            "merge_report.md": render_markdown(report),
+        },
+        request.force,
+    )
+    return report

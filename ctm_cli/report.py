@@ -1,0 +1,111 @@
+"""The merge report: a JSON document for machines and a 30-second Markdown summary for people."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ctm_cli import __version__
+from ctm_cli.adapter import Adapter
+from ctm_cli.engine import ModuleStats
+
+WORST_SHOWN = 5
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_input(adapter: Adapter, weight: float) -> dict[str, Any]:
+    """Where an input came from and what it is, for the report."""
+    return {
+        "source": adapter.source,
+        "path": str(adapter.folder),
+        "base_model": adapter.base_model,
+        "r": adapter.config["r"],
+        "lora_alpha": adapter.config["lora_alpha"],
+        "use_rslora": adapter.use_rslora,
+        "weight": weight,
+        "weights_file": adapter.weights_path.name,
+        "sha256": sha256_of(adapter.weights_path),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def build_report(
+    inputs: list[dict[str, Any]],
+    settings: dict[str, Any],
+    stats: list[ModuleStats],
+    seconds: float,
+) -> dict[str, Any]:
+    """The JSON report: inputs, settings, per-module statistics and their totals."""
+    errors = [s.relative_error for s in stats if s.relative_error is not None]
+    per_adapter = [_mean([s.kept_energy[t] for s in stats]) for t in range(len(inputs))]
+    return {
+        "ctm_version": __version__,
+        "settings": settings,
+        "inputs": inputs,
+        "summary": {
+            "modules": len(stats),
+            "output_rank": stats[0].output_rank if stats else None,
+            "mean_kept_energy_per_input": per_adapter,
+            "mean_relative_error": _mean(errors),
+            "max_relative_error": max(errors) if errors else None,
+            "seconds": seconds,
+        },
+        "modules": [asdict(s) for s in stats],
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short human summary: settings, inputs, totals and the worst modules first."""
+    settings, summary = report["settings"], report["summary"]
+    lines = [
+        "# ctm merge report",
+        "",
+        f"- method **{settings['method']}**, rule **{settings['rule']}** {settings['rule_params']}, "
+        f"output rank **{summary['output_rank']}**, β = {settings['beta']}",
+        f"- {summary['modules']} modules merged in {summary['seconds']:.2f} s on {settings['device']} "
+        f"(ctm {report['ctm_version']})",
+        f"- relative error against the full-rank {settings['rule']} merge: mean "
+        f"{_percent(summary['mean_relative_error'])}, worst {_percent(summary['max_relative_error'])}",
+        "",
+        "| input | r | alpha | weight | energy kept (mean over modules) |",
+        "|---|---|---|---|---|",
+    ]
+    for item, kept in zip(report["inputs"], summary["mean_kept_energy_per_input"], strict=True):
+        lines.append(
+            f"| {item['source']} | {item['r']} | {item['lora_alpha']} | {item['weight']} | {_percent(kept)} |"
+        )
+    modules = report["modules"]
+    worst = sorted(modules, key=lambda m: -(m["relative_error"] or 0.0))[:WORST_SHOWN]
+    if worst and worst[0]["relative_error"] is not None:
+        lines += [
+            "",
+            f"Worst {len(worst)} modules by relative error:",
+            "",
+            "| module | shape | error | least energy kept |",
+            "|---|---|---|---|",
+        ]
+        for m in worst:
+            lines.append(
+                f"| {m['name']} | {m['out_features']}×{m['in_features']} | {_percent(m['relative_error'])} "
+                f"| {_percent(min(m['kept_energy']))} |"
+            )
+    lines += ["", "Per-module figures are in merge_report.json.", ""]
+    return "\n".join(lines)
