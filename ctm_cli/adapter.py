@@ -88,7 +88,7 @@ class _BinReader:
         if not isinstance(self._tensors, dict):
             raise InputError(f"{path}: expected a dict of tensors")
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._tensors)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -119,7 +119,7 @@ class _SafetensorsReader:
             raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
         self._path = path
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return self._keys
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -178,7 +178,7 @@ class Adapter:
     def _find_modules(self) -> tuple[dict[str, LoraModule], list[str]]:
         factors: dict[str, dict[str, str]] = {}
         extra: list[str] = []
-        for key in self._reader.keys():
+        for key in self._reader.names():
             match = _FACTOR_KEY.match(key)
             if match is None:
                 extra.append(key)
@@ -209,9 +209,7 @@ class Adapter:
         model_key = name.removeprefix(MODEL_PREFIX)
         config_rank = pattern_value(self.config.get("rank_pattern") or {}, model_key, self.config["r"])
         if config_rank != rank:
-            raise InputError(
-                f"{self.weights_path}: module {name} has rank {rank} but the config says r={config_rank}"
-            )
+            raise InputError(f"{self.weights_path}: module {name} has rank {rank} but the config says r={config_rank}")
         alpha = pattern_value(self.config.get("alpha_pattern") or {}, model_key, self.config["lora_alpha"])
         return LoraModule(
             name=name,

@@ -82,8 +82,10 @@ class _ProgressBar:
     """A rich progress bar over modules on stderr, or nothing when quiet."""
 
     def __init__(self, quiet: bool):
-        self._progress = None if quiet else Progress(
-            TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr
+        self._progress = (
+            None
+            if quiet
+            else Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr)
         )
         self._task = None
 

@@ -93,9 +93,7 @@ def _captured(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Te
     return projected.square().sum(dim=(-3, -2, -1))
 
 
-def shared_frame(
-    cores: torch.Tensor, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500
-) -> SharedFrame:
+def shared_frame(cores: torch.Tensor, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500) -> SharedFrame:
     """Rank-(r, r) partial Tucker of the cores (..., T, R, R) over their first two modes by HOOI.
 
     Starts from the HOSVD and alternates the two factor updates (each the top-r eigenvectors of an

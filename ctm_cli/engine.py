@@ -127,4 +127,3 @@ def merge_modules(
         on_progress(len(group))
     stats.sort(key=lambda s: s.name)
     return MergeOutput(tensors=tensors, stats=stats)
-

@@ -89,9 +89,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for item, kept in zip(report["inputs"], summary["mean_kept_energy_per_input"], strict=True):
-        lines.append(
-            f"| {item['source']} | {item['r']} | {item['lora_alpha']} | {item['weight']} | {_percent(kept)} |"
-        )
+        lines.append(f"| {item['source']} | {item['r']} | {item['lora_alpha']} | {item['weight']} | {_percent(kept)} |")
     modules = report["modules"]
     worst = sorted(modules, key=lambda m: -(m["relative_error"] or 0.0))[:WORST_SHOWN]
     if worst and worst[0]["relative_error"] is not None:
