@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -66,7 +67,7 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except CtmError as exc:
-        stderr.print(f"[red]ctm: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]ctm: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("ctm: interrupted; nothing was written")
@@ -74,7 +75,8 @@ def _run(action: Callable[[], Any]) -> Any:
     except Exception as exc:
         if os.environ.get("CTM_DEBUG"):
             raise
-        stderr.print(f"ctm: internal error: {type(exc).__name__}: {exc} (set CTM_DEBUG=1 for a traceback)")
+        message = f"ctm: internal error: {type(exc).__name__}: {exc} (set CTM_DEBUG=1 for a traceback)"
+        stderr.print(message, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
@@ -160,9 +162,11 @@ def merge(
         summary = report["summary"]
         worst = summary["max_relative_error"]
         stderr.print(
-            f"merged {len(sources)} adapters → {output} (rank {summary['output_rank']}, "
+            f"merged {len(sources)} adapters → {escape(str(output))} (rank {summary['output_rank']}, "
             f"{summary['modules']} modules, {summary['seconds']:.2f} s"
-            + (f", worst relative error {worst:.3%})" if worst is not None else ")")
+            + (f", worst relative error {worst:.3%})" if worst is not None else ")"),
+            highlight=False,
+            soft_wrap=True,
         )
 
 

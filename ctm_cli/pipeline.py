@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from ctm_cli import __version__
-from ctm_cli.adapter import Adapter
+from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.methods import MergeSettings, get_method
@@ -25,7 +27,7 @@ from ctm_cli.writer import check_output, write_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that describe one adapter's training and no longer hold for the merge.
-_RESET_FIELDS = {"rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "inference_mode": True}
+_RESET_FIELDS = {"use_rslora": False, "inference_mode": True, "modules_to_save": None}
 
 
 @dataclass
@@ -77,14 +79,19 @@ def _union_targets(adapters: list[Adapter]) -> list[str] | str:
     return sorted({name.removeprefix("base_model.model.") for name in names})
 
 
-def output_config(adapters: list[Adapter], rank: int) -> dict[str, Any]:
-    """The merged adapter's config: the first input's fields, with rank, scale 1 and the union of targets."""
+def output_config(adapters: list[Adapter], ranks: dict[str, int]) -> dict[str, Any]:
+    """The merged adapter's config: the first input's fields, with the written ranks, scale 1 everywhere
+    (alpha = r, per module through rank/alpha patterns where a module's rank differs) and the union of targets."""
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(n.removeprefix(MODEL_PREFIX)): r for n, r in ranks.items() if r != rank}
     config = dict(adapters[0].config)
     config.update(_RESET_FIELDS)
     layers = [a.config.get("layers_to_transform") for a in adapters]
     config.update(
         r=rank,
         lora_alpha=rank,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
         target_modules=_union_targets(adapters),
         layers_to_transform=layers[0] if all(x == layers[0] for x in layers) else None,
     )
@@ -119,12 +126,12 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     merged = merge_modules(
         adapters, plan_groups(specs, request.max_memory), method, settings, device, output_dtype, on_progress
     )
-    output_rank = merged.stats[0].output_rank
+    config = output_config(adapters, {s.name: s.output_rank for s in merged.stats})
     report_settings = {
         "method": method.name,
         "rule": rule.name,
         "rule_params": rule_params,
-        "rank": output_rank,
+        "rank": config["r"],
         "beta": request.beta,
         "weights": weights,
         "seed": request.seed,
@@ -142,7 +149,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     write_adapter(
         request.output,
         merged.tensors,
-        output_config(adapters, output_rank),
+        config,
         metadata,
         {
             "merge_report.json": json.dumps(report, indent=2) + "\n",

@@ -58,7 +58,7 @@ def build_report(
         "inputs": inputs,
         "summary": {
             "modules": len(stats),
-            "output_rank": stats[0].output_rank if stats else None,
+            "output_rank": settings["rank"],
             "mean_kept_energy_per_input": per_adapter,
             "mean_relative_error": _mean(errors),
             "max_relative_error": max(errors) if errors else None,

@@ -36,6 +36,12 @@ def _refuse_unsupported(adapter: Adapter) -> None:
         raise InputError(f"{where}: DoRA adapters (use_dora) cannot be merged into a plain LoRA")
     if config.get("lora_bias"):
         raise InputError(f"{where}: adapters with a LoRA bias (lora_bias) are not supported")
+    if adapter.extra_keys:
+        shown = ", ".join(adapter.extra_keys[:3]) + (" ..." if len(adapter.extra_keys) > 3 else "")
+        raise IncompatibleError(
+            f"{adapter.weights_path}: carries {len(adapter.extra_keys)} non-LoRA tensors "
+            f"(modules_to_save: {shown}); ctm merges LoRA factors only and will not drop them silently"
+        )
 
 
 def check_compatible(adapters: list[Adapter]) -> list[ModuleSpec]:

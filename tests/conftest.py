@@ -1,0 +1,149 @@
+"""Shared fixtures: a tiny Llama built from a config, real PEFT adapters on it, and a CLI runner."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+SHARED = (Path(__file__).parents[1] / ".." / "shared").resolve()
+REAL_ADAPTERS = SHARED / "real-adapters"
+needs_shared = pytest.mark.skipif(not REAL_ADAPTERS.is_dir(), reason="../shared not present beside the clone")
+
+BASE_NAME = "tiny-llama"
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama_config(**overrides):
+    """The tiny Llama every test uses (hidden 32, MLP 64, 2 layers, 4 heads, 2 kv heads, vocab 64)."""
+    from transformers import LlamaConfig
+
+    settings = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 64,
+    }
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def build_tiny_llama(**overrides):
+    """A freshly initialised tiny Llama (seeded), in float32 and eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_model():
+    """The session's tiny Llama, in memory (copy it before changing it)."""
+    return build_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_llama_model) -> Path:
+    """The tiny Llama saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def load_base(tiny_llama_dir) -> Callable[[], torch.nn.Module]:
+    """A function returning a fresh copy of the base model loaded from its saved folder."""
+    from transformers import LlamaForCausalLM
+
+    def load():
+        return LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+    return load
+
+
+def _save_peft_adapter(
+    model,
+    folder: Path,
+    r: int,
+    alpha: float,
+    use_rslora: bool,
+    targets: tuple[str, ...],
+    seed: int,
+    base_model: str,
+    rank_pattern: dict[str, int] | None = None,
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=list(targets),
+        rank_pattern=dict(rank_pattern or {}),
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(folder)
+    config_path = folder / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["base_model_name_or_path"] = base_model
+    config_path.write_text(json.dumps(saved, indent=2))
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tmp_path_factory, tiny_llama_model) -> Callable[..., Path]:
+    """Factory of real PEFT LoRA adapters on the tiny Llama, saved with save_pretrained (cached per arguments).
+
+    make_adapter(r=8, alpha=16, use_rslora=False, targets=ALL_TARGETS, seed=0, base_model="tiny-llama",
+                 model_overrides=None, rank_pattern=None) -> adapter folder
+    """
+    cache: dict[tuple, Path] = {}
+    models: dict[tuple, torch.nn.Module] = {(): tiny_llama_model}
+
+    def make(
+        r: int = 8,
+        alpha: float = 16,
+        use_rslora: bool = False,
+        targets: tuple[str, ...] | list[str] = ALL_TARGETS,
+        seed: int = 0,
+        base_model: str = BASE_NAME,
+        model_overrides: dict | None = None,
+        rank_pattern: dict[str, int] | None = None,
+    ) -> Path:
+        overrides = tuple(sorted((model_overrides or {}).items()))
+        patterns = tuple(sorted((rank_pattern or {}).items()))
+        key = (r, alpha, use_rslora, tuple(targets), seed, base_model, overrides, patterns)
+        if key not in cache:
+            if overrides not in models:
+                models[overrides] = build_tiny_llama(**dict(overrides))
+            folder = tmp_path_factory.mktemp(f"adapter-r{r}-s{seed}")
+            _save_peft_adapter(
+                models[overrides], folder, r, alpha, use_rslora, tuple(targets), seed, base_model, dict(patterns)
+            )
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+def run_ctm(*args: str | Path, env: dict[str, str] | None = None):
+    """Run `ctm ARGS...` in-process with typer's CliRunner; the result has separate .stdout and .stderr."""
+    from ctm_cli.cli import app
+
+    runner = CliRunner()
+    return runner.invoke(app, [str(arg) for arg in args], env=env, catch_exceptions=False)
+
+
+def listing(folder: Path) -> list[str]:
+    """Every entry of a folder, hidden ones included, sorted."""
+    return sorted(path.name for path in folder.iterdir())

@@ -1,0 +1,169 @@
+"""Property tests of the core-space math and of CtM against formulas written here in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ctm_cli import core_space as cs
+from ctm_cli.methods import FactorGroup, MergeSettings, get_method
+from ctm_cli.rules import get_rule
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def factor_sets(draw: st.DrawFn, max_tasks: int = 4) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Random float64 LoRA factors of mixed ranks for T tasks, plus a seed used to draw them."""
+    tasks = draw(st.integers(2, max_tasks))
+    ranks = draw(st.lists(st.integers(1, 6), min_size=tasks, max_size=tasks))
+    out_features = draw(st.integers(2, 48))
+    in_features = draw(st.integers(2, 48))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    scales = rng.uniform(0.1, 3.0, size=tasks)
+    b = [rng.standard_normal((out_features, r)) * s for r, s in zip(ranks, scales, strict=True)]
+    a = [rng.standard_normal((r, in_features)) for r in ranks]
+    return b, a, tasks
+
+
+def _group(b: list[np.ndarray], a: list[np.ndarray]) -> FactorGroup:
+    b_cat = torch.tensor(np.concatenate(b, axis=1), dtype=torch.float32).unsqueeze(0)
+    a_cat = torch.tensor(np.concatenate(a, axis=0), dtype=torch.float32).unsqueeze(0)
+    return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=[x.shape[1] for x in b])
+
+
+def _merge(group: FactorGroup, rank: int, beta: float = 1.0, weights: list[float] | None = None) -> np.ndarray:
+    tasks = len(group.ranks)
+    settings_ = MergeSettings(
+        rank=rank,
+        rule=get_rule("ta"),
+        rule_params={"lambda": 1.0},
+        weights=torch.tensor(weights or [1.0] * tasks, dtype=torch.float64),
+        beta=beta,
+    )
+    result = get_method("ctm").function(group, settings_)
+    return (result.lora_b[0].double() @ result.lora_a[0].double()).numpy()
+
+
+def _relative(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+@SETTINGS
+@given(factor_sets())
+def test_core_space_is_lossless(factors: tuple) -> None:
+    b, a, _ = factors
+    group = _group(b, a)
+    space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
+    q_b = group.b_cat[0].double() @ space.left[0]
+    q_a = group.a_cat[0].double().T @ space.right[0]
+    for q in (q_b, q_a):  # orthonormal columns, plus zero columns where the factors are rank-deficient
+        gram = (q.T @ q).numpy()
+        assert np.allclose(gram, np.diag(np.round(np.diag(gram))), atol=1e-4)
+    for t, (b_t, a_t) in enumerate(zip(b, a, strict=True)):
+        rebuilt = (q_b @ space.cores[0, t] @ q_a.T).numpy()
+        assert _relative(rebuilt, b_t @ a_t) < 1e-5
+
+
+def test_core_space_handles_rank_deficient_inputs() -> None:
+    rng = np.random.default_rng(1)
+    b, a = rng.standard_normal((40, 4)), rng.standard_normal((4, 30))
+    group = _group([b, b * 2.0, np.zeros((40, 3))], [a, a, rng.standard_normal((3, 30))])
+    space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
+    q_b = group.b_cat[0].double() @ space.left[0]
+    q_a = group.a_cat[0].double().T @ space.right[0]
+    assert torch.isfinite(space.cores).all()
+    assert _relative((q_b @ space.cores[0, 1] @ q_a.T).numpy(), 2.0 * b @ a) < 1e-5
+    assert np.abs((q_b @ space.cores[0, 2] @ q_a.T).numpy()).max() < 1e-6
+
+
+@SETTINGS
+@given(factor_sets(), st.integers(1, 4))
+def test_hooi_never_keeps_less_than_hosvd(factors: tuple, rank: int) -> None:
+    b, a, _ = factors
+    group = _group(b, a)
+    cores = cs.core_space(group.b_cat, group.a_cat, group.ranks).cores
+    rank = min(rank, sum(group.ranks))
+    frame = cs.shared_frame(cores, rank)
+    assert float(frame.energy[0]) >= float(frame.start_energy[0]) * (1 - 1e-12)
+    assert float(frame.energy[0]) <= float(frame.total_energy[0]) * (1 + 1e-12)
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert torch.allclose(frame.u[0].T @ frame.u[0], eye, atol=1e-10)
+    assert torch.allclose(frame.v[0].T @ frame.v[0], eye, atol=1e-10)
+
+
+@SETTINGS
+@given(factor_sets(), st.floats(0.05, 20.0))
+def test_beta_zero_frame_ignores_an_adapters_scale(factors: tuple, factor: float) -> None:
+    b, a, _ = factors
+    rank = 2
+    cores = cs.core_space(_group(b, a).b_cat, _group(b, a).a_cat, [x.shape[1] for x in b]).cores
+    scaled = cores.clone()
+    scaled[:, 0] *= factor
+    frames = [cs.shared_frame(cs.balance(c, 0.0), rank) for c in (cores, scaled)]
+    projector_u = [f.u[0] @ f.u[0].T for f in frames]
+    projector_v = [f.v[0] @ f.v[0].T for f in frames]
+    assert torch.allclose(projector_u[0], projector_u[1], atol=1e-6)
+    assert torch.allclose(projector_v[0], projector_v[1], atol=1e-6)
+
+
+@SETTINGS
+@given(factor_sets(), st.integers(1, 8))
+def test_ctm_output_rank_is_at_most_r(factors: tuple, rank: int) -> None:
+    b, a, _ = factors
+    group = _group(b, a)
+    rank = min(rank, sum(group.ranks), *b[0].shape[:1], a[0].shape[1])
+    merged = _merge(group, rank)
+    singular = np.linalg.svd(merged, compute_uv=False)
+    assert (singular[rank:] <= 1e-5 * singular[0]).all()
+
+
+@SETTINGS
+@given(factor_sets())
+def test_ctm_at_full_rank_is_the_exact_sum(factors: tuple) -> None:
+    b, a, _ = factors
+    group = _group(b, a)
+    exact = sum(b_t @ a_t for b_t, a_t in zip(b, a, strict=True))
+    assert _relative(_merge(group, sum(group.ranks)), exact) < 1e-5
+
+
+@SETTINGS
+@given(factor_sets(), st.randoms(use_true_random=False))
+def test_ctm_is_invariant_to_input_order(factors: tuple, random) -> None:
+    b, a, tasks = factors
+    order = list(range(tasks))
+    random.shuffle(order)
+    weights = [0.5 + t for t in range(tasks)]
+    first = _merge(_group(b, a), 2, beta=0.5, weights=weights)
+    shuffled = _merge(_group([b[i] for i in order], [a[i] for i in order]), 2, 0.5, [weights[i] for i in order])
+    assert _relative(shuffled, first) < 1e-4
+
+
+def test_batched_modules_equal_one_by_one() -> None:
+    rng = np.random.default_rng(7)
+    modules = [([rng.standard_normal((20, r)) for r in (3, 5)], [rng.standard_normal((r, 24)) for r in (3, 5)])]
+    modules += [([rng.standard_normal((20, r)) for r in (3, 5)], [rng.standard_normal((r, 24)) for r in (3, 5)])]
+    singles = [_merge(_group(b, a), 3) for b, a in modules]
+    groups = [_group(b, a) for b, a in modules]
+    stacked = FactorGroup(
+        b_cat=torch.cat([g.b_cat for g in groups]), a_cat=torch.cat([g.a_cat for g in groups]), ranks=[3, 5]
+    )
+    settings_ = MergeSettings(
+        rank=3, rule=get_rule("ta"), rule_params={"lambda": 1.0}, weights=torch.ones(2, dtype=torch.float64)
+    )
+    result = get_method("ctm").function(stacked, settings_)
+    for index, single in enumerate(singles):
+        batched = (result.lora_b[index].double() @ result.lora_a[index].double()).numpy()
+        assert _relative(batched, single) < 1e-5
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
+def test_balance_formula(beta: float) -> None:
+    cores = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    norms = torch.linalg.matrix_norm(cores)
+    balanced = cs.balance(cores, beta)
+    expected = norms * beta + (1 - beta) * norms.mean(dim=1, keepdim=True)
+    assert torch.allclose(torch.linalg.matrix_norm(balanced), expected)
