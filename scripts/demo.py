@@ -48,9 +48,18 @@ def load_base(folder: Path) -> LlamaForCausalLM:
 
 
 def make_adapter(base: Path, folder: Path, r: int, alpha: int, rslora: bool) -> dict[str, torch.Tensor]:
-    """Save a randomly initialised LoRA adapter to `folder`; return its weight updates by module name."""
+    """Save a random LoRA adapter shaped like a trained one to `folder`; return its updates by module name.
+
+    Trained adapters are small next to the base weights and have a few dominant directions, so the
+    columns of each lora_B are shrunk by a geometric decay (a random adapter would use all r equally).
+    """
     config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=TARGETS, init_lora_weights=False)
     model = get_peft_model(load_base(base), config)
+    decay = 0.02 * 0.5 ** torch.arange(r, dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_B["default"].weight *= decay
     model.peft_config["default"].base_model_name_or_path = str(base)
     model.save_pretrained(folder)
     with torch.no_grad():
@@ -110,11 +119,10 @@ def main() -> int:
             exact.get_submodule(module).weight += delta
     tokens = torch.arange(0, 128, 7).unsqueeze(0)
     base_logits, exact_logits = logits(load_base(base), tokens), logits(exact, tokens)
+    change = torch.linalg.norm(exact_logits - base_logits)
     difference = torch.linalg.norm(logits(model, tokens) - exact_logits)
-    print(
-        f"relative logit difference vs exact sum: {difference / torch.linalg.norm(exact_logits):.4f} "
-        f"(relative to the adapters' logit change: {difference / torch.linalg.norm(exact_logits - base_logits):.4f})"
-    )
+    print(f"the three adapters change the logits by {change / torch.linalg.norm(base_logits):.2%} of their norm;")
+    print(f"the rank-8 merge reproduces that change to within {difference / change:.2%} (rank 28 would be exact)")
     return 0
 
 
