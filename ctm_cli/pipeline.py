@@ -275,7 +275,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
             "merge_report.json": json.dumps(report, indent=2) + "\n",
             "merge_report.md": render_markdown(report),
             "recipe.yaml": dump_recipe(recipe),
-            "README.md": render_model_card(report, request.push_to_hub or request.output.name),
+            "README.md": render_model_card(report, request.push_to_hub or request.output.absolute().name),
         },
         request.force,
     )

@@ -14,7 +14,7 @@ def check_push_target(repo_id: str) -> None:
 
     if not REPO_ID.match(repo_id):
         raise UsageError(f"--push-to-hub expects a Hub repo id org/name, got {repo_id!r}")
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise UsageError("--push-to-hub needs the network, but HF_HUB_OFFLINE=1")
     if get_token() is None:
         raise UsageError("--push-to-hub needs a Hub token: set HF_TOKEN or run `hf auth login`")

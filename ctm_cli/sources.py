@@ -69,6 +69,8 @@ def locate_source(source: str, revision: str | None = None) -> ResolvedSource:
         return ResolvedSource(source, path)
     snapshot = _download(source, hub)
     folder = snapshot / hub.subfolder if hub.subfolder else snapshot
+    if not (folder / ADAPTER_FILES[0]).is_file():
+        raise InputError(f"{source}: no {ADAPTER_FILES[0]} in {hub.name} at commit {snapshot.name}; not a PEFT adapter")
     return ResolvedSource(source, folder, hub, commit=snapshot.name)
 
 
@@ -77,11 +79,10 @@ def _download(source: str, hub: HubRef) -> Path:
 
     The cache, HF_TOKEN and HF_HUB_OFFLINE are huggingface_hub's own settings; offline, only the cache is read."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (  # where every huggingface_hub >= 0.23 exports them
         GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
-        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -102,11 +103,11 @@ def _download(source: str, hub: HubRef) -> Path:
         ) from exc
     except RevisionNotFoundError as exc:
         raise InputError(f"{source}: revision {hub.revision!r} not found in Hub repo {hub.repo}") from exc
-    except IncompleteSnapshotError as exc:
-        raise InputError(f"{source}: the cached snapshot is incomplete and the Hub cannot be reached") from exc
     except LocalEntryNotFoundError as exc:
+        if getattr(exc, "snapshot_path", None):  # IncompleteSnapshotError of newer huggingface_hub
+            raise InputError(f"{source}: the cached snapshot is incomplete and the Hub cannot be reached") from exc
         where = f"not a local folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-        if constants.is_offline_mode():
+        if constants.HF_HUB_OFFLINE:
             raise InputError(f"{source}: {where}, and HF_HUB_OFFLINE=1 forbids downloading") from exc
         raise InputError(f"{source}: {where}, and the Hub cannot be reached") from exc
     except HFValidationError as exc:

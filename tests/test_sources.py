@@ -188,6 +188,14 @@ def test_missing_offline_is_one_clear_line(hub_pair, pair, tmp_path, source, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_hub_repo_without_adapter(hub_cache, pair):
+    commit = cache_repo(hub_cache, "org/model", {"README.md": b"not an adapter", "config.json": b"{}"})
+    result = run_ctm("inspect", "org/model")
+    assert result.exit_code == 3
+    line = single_error_line(result.stderr)
+    assert line == f"ctm: error: org/model: no adapter_config.json in org/model at commit {commit}; not a PEFT adapter"
+
+
 def test_only_adapter_files_are_required(hub_pair, hub_cache):
     """A cached tree listing that names files missing from the snapshot: only adapter files matter."""
     cache_module = pytest.importorskip("huggingface_hub._tree_cache")
