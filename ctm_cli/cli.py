@@ -263,7 +263,7 @@ def _bytes(count: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-@app.command(epilog="Examples:\n\n  ctm inspect merged/\n\n  ctm inspect org/name@v1.0 --json | jq .lora_modules")
+@app.command(epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules")
 def inspect(
     path: str = typer.Argument(..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout, only."),

@@ -17,6 +17,7 @@ from ctm_cli.cli import app
 from ctm_cli.errors import EXIT_CODES
 
 FLOAT32 = 4
+FAST = ["--method", "cat"]  # exact concatenation: no frame search, for tests about the command line itself
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +56,14 @@ def test_inspect_json_stdout_only(pair):
 
 
 def test_quiet_prints_nothing(pair, out_parent):
-    result = run_ctm("merge", *pair, "--rank", "4", "-o", out_parent / "out", "--quiet")
+    result = run_ctm("merge", *pair, *FAST, "-o", out_parent / "out", "--quiet")
     assert result.exit_code == 0, result.stderr
     assert (result.stdout, result.stderr) == ("", "")
     assert (out_parent / "out" / "adapter_model.safetensors").is_file()
 
 
 def test_default_output_goes_to_stderr(pair, out_parent):
-    result = run_ctm("merge", *pair, "--rank", "4", "-o", out_parent / "out")
+    result = run_ctm("merge", *pair, *FAST, "-o", out_parent / "out")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "merged 2 adapters" in result.stderr
@@ -130,9 +131,9 @@ def _raise(exception: BaseException):
 )
 def test_exit_codes(case, code, pair, make_adapter, out_parent, tmp_path, monkeypatch):
     out = out_parent / "out"
-    args = [*pair, "--rank", "4", "-o", out]
+    args = [*pair, *FAST, "-o", out]
     if case == "usage":
-        args += ["--method", "no-such-method"]
+        args += ["--beta", "2"]
     elif case == "bad-input":
         args = [pair[0], tmp_path / "missing", "-o", out]
     elif case == "incompatible":
@@ -202,7 +203,7 @@ def fake_api(monkeypatch):
 
 def test_push_to_hub(pair, out_parent, fake_api):
     out = out_parent / "out"
-    result = run_ctm("merge", *pair, "--rank", "4", "-o", out, "--push-to-hub", "me/merged", "--private", "--json")
+    result = run_ctm("merge", *pair, *FAST, "-o", out, "--push-to-hub", "me/merged", "--private", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["pushed_to"] == "https://huggingface.co/me/merged"
     files = sorted(p.name for p in out.iterdir())
@@ -213,7 +214,7 @@ def test_push_to_hub(pair, out_parent, fake_api):
 
 def test_push_failure_keeps_the_output(pair, out_parent, fake_api, monkeypatch):
     monkeypatch.setattr(fake_api, "fail", True)
-    result = run_ctm("merge", *pair, "--rank", "4", "-o", out_parent / "out", "--push-to-hub", "me/merged")
+    result = run_ctm("merge", *pair, *FAST, "-o", out_parent / "out", "--push-to-hub", "me/merged")
     assert result.exit_code == 5
     assert "pushing to the Hub failed (ConnectionError: network is unreachable)" in result.stderr
     assert (out_parent / "out" / "adapter_model.safetensors").is_file()

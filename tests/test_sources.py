@@ -126,11 +126,11 @@ def test_inspect_from_offline_cache(hub_pair, pair):
 
 def test_merge_from_offline_cache(hub_pair, pair, tmp_path):
     hub_out, local_out = tmp_path / "hub", tmp_path / "local"
-    result = run_ctm("merge", "org/a", f"org/b@{hub_pair['b-v1']}", "--rank", "4", "-o", hub_out, "--json")
+    result = run_ctm("merge", "org/a", f"org/b@{hub_pair['b-v1']}", "--method", "cat", "-o", hub_out, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [i["revision"] for i in report["inputs"]] == [hub_pair["a"], hub_pair["b-v1"]]
-    assert run_ctm("merge", *pair, "--rank", "4", "-o", local_out).exit_code == 0
+    assert run_ctm("merge", *pair, "--method", "cat", "-o", local_out).exit_code == 0
     hub_tensors = load_file(str(hub_out / "adapter_model.safetensors"))
     local_tensors = load_file(str(local_out / "adapter_model.safetensors"))
     assert hub_tensors.keys() == local_tensors.keys()
