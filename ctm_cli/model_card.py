@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 
 TAGS = ["lora", "merge", "ctm"]
+# What the Hub accepts as `base_model`: a model id (`gpt2`, `org/name`); a local path is left out of the metadata.
+_MODEL_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def _cell(value: Any) -> str:
@@ -15,7 +18,8 @@ def _cell(value: Any) -> str:
 
 def _front_matter(report: dict[str, Any]) -> str:
     bases = {item["base_model"] for item in report["inputs"] if item["base_model"]}
-    data: dict[str, Any] = {"base_model": bases.pop()} if len(bases) == 1 else {}
+    base = bases.pop() if len(bases) == 1 else None
+    data: dict[str, Any] = {"base_model": base} if base and _MODEL_ID.match(base) else {}
     data.update(library_name="peft", tags=TAGS)
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 

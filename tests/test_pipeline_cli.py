@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import ctm_cli.pipeline
 from ctm_cli.cli import app
 from ctm_cli.errors import EXIT_CODES
+from ctm_cli.model_card import render_model_card
 
 FLOAT32 = 4
 FAST = ["--method", "cat"]  # exact concatenation: no frame search, for tests about the command line itself
@@ -171,6 +172,17 @@ def test_model_card(merged, pair):
         assert row in body
     assert "PeftModel.from_pretrained(base, 'out')" in body
     assert {"README.md", "recipe.yaml", "merge_report.json", "merge_report.md"} <= set(listing(out))
+
+
+def test_model_card_leaves_local_base_paths_out_of_the_metadata(merged):
+    report = json.loads((merged[0] / "merge_report.json").read_text())
+    for item in report["inputs"]:
+        item["base_model"] = "/models/llama|base"
+    text = render_model_card(report, "merged")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert "base_model" not in front and front["library_name"] == "peft"
+    assert "AutoModelForCausalLM.from_pretrained('/models/llama|base')" in text
+    assert "`/models/llama|base`" in text
 
 
 class FakeHfApi:
