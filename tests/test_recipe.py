@@ -181,7 +181,9 @@ def test_build_recipe_overrides(tmp_path):
 
 @pytest.fixture
 def pair(make_adapter) -> list[Path]:
-    return [make_adapter(r=8, alpha=16, seed=51), make_adapter(r=4, alpha=8, seed=52)]
+    """Two adapters on q_proj and v_proj only: two module groups keep the CtM merges here quick."""
+    targets = ("q_proj", "v_proj")
+    return [make_adapter(r=8, alpha=16, seed=51, targets=targets), make_adapter(r=4, alpha=8, seed=52, targets=targets)]
 
 
 def write_recipe(folder: Path, adapters: list[Path], **fields) -> Path:
