@@ -15,11 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ctm_cli import __version__
-from ctm_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
+from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
+from ctm_cli.recipe import DEFAULTS
 
 app = typer.Typer(
     name="ctm",
     help="Merge several LoRA adapters into one low-rank adapter with Compress-then-Merge.",
+    epilog="Exit codes:\n" + "\n".join(f"{code:>4}  {meaning}" for code, meaning in EXIT_CODES.items()),
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -105,83 +107,174 @@ class _ProgressBar:
             self._progress.stop()
 
 
-@app.command()
+def _given(ctx: typer.Context) -> set[str]:
+    """Names of the parameters typed on the command line: only those override a recipe.
+
+    Compared by name: typer >= 0.2x ships its own copy of click, so the enum class depends on the version."""
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+
+
+def _overrides(ctx: typer.Context, param: list[str]) -> dict[str, Any]:
+    """The recipe fields the user gave as flags or arguments, parsed."""
+    given = _given(ctx)
+    recipe_fields = ("sources", "rank", "method", "rule", "beta", "seed", "dtype", "device")
+    overrides = {name: ctx.params[name] for name in recipe_fields if name in given}
+    if "output" in given:
+        overrides["output"] = str(ctx.params["output"])
+    if "weights" in given:
+        overrides["weights"] = _parse_floats(ctx.params["weights"], "--weights")
+    params = _parse_params(param)
+    if "lambda_" in given:
+        params["lambda"] = ctx.params["lambda_"]
+    if params:
+        overrides["params"] = params
+    return overrides
+
+
+def _quiet_hub_downloads() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
+@app.command(
+    epilog="Examples:\n"
+    "ctm merge math/ code/ org/chat-lora@v1.0 --rank 16 -o merged/\n"
+    "ctm merge a/ b/ --rule ta --lambda 0.8 --weights 1,0.5 -o merged/ --force\n"
+    "ctm merge --config configs/ties.yaml --rank 8 -o merged/\n"
+    "ctm merge a/ b/ -o merged/ --dry-run --json\n"
+    "ctm merge a/ b/ -o merged/ --push-to-hub me/merged-lora --private"
+)
 def merge(
-    sources: list[str] = typer.Argument(..., help="Adapter folders or Hub repos (org/name[@revision])."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output folder for the merged adapter."),
-    rank: int = typer.Option(16, "--rank", "-r", help="Rank of the merged adapter."),
-    method: str = typer.Option("ctm", "--method", "-m", help="Merge method (ctm, cat)."),
-    rule: str = typer.Option("ta", "--rule", help="Merging rule (ta, mean)."),
+    ctx: typer.Context,
+    sources: list[str] | None = typer.Argument(
+        None, help="Adapter folders or Hub repos: org/name, org/name@rev, hf://org/name\\[@rev]\\[/subfolder]."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML recipe (see configs/); flags given here override its values."
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (or `output:` in the recipe)."),
+    rank: int = typer.Option(DEFAULTS.rank, "--rank", "-r", help="Rank of the merged adapter."),
+    method: str = typer.Option(DEFAULTS.method, "--method", "-m", help="Merge method (ctm, cat)."),
+    rule: str = typer.Option(DEFAULTS.rule, "--rule", help="Merging rule (ta, mean)."),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 1,0.5."),
-    lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the ta rule."),
+    lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the rule (same as -p lambda=X)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Rule parameter NAME=VALUE (repeatable)."),
-    beta: float = typer.Option(1.0, "--beta", help="CtM balancing β in [0, 1] (1 = off, 0 = equal tasks)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    beta: float = typer.Option(DEFAULTS.beta, "--beta", help="CtM balancing β in \\[0, 1] (1 = off, 0 = equal tasks)."),
+    device: str = typer.Option(DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for rules that use randomness."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for rules that use randomness."),
     max_memory_mb: int = typer.Option(2048, "--max-memory", help="Working-memory budget per group, MiB."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Resolve sources, check everything and print the plan; write nothing."
+    ),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", metavar="ORG/NAME", help="Upload the merged folder to this Hub repo (needs HF_TOKEN)."
+    ),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (with --push-to-hub)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report (or the plan) as JSON on stdout, only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary output."),
 ) -> None:
     """Merge adapters into one rank-r PEFT adapter.
 
-    Example: ctm merge math/ code/ org/chat-lora@main --rank 16 --rule ta -o merged/
+    The output folder gets the adapter, merge_report.json/.md, recipe.yaml (repeats the merge) and a model card.
     """
-    from ctm_cli.pipeline import MergeRequest, run_merge
+    from ctm_cli.pipeline import MergeRequest, plan_merge, run_merge
+    from ctm_cli.recipe import build_recipe
 
     def action() -> dict:
-        params = _parse_params(param)
-        if lambda_ is not None:
-            params["lambda"] = lambda_
-        request = MergeRequest(
-            sources=sources,
-            output=output,
-            rank=rank,
-            method=method,
-            rule=rule,
-            rule_params=params,
-            weights=_parse_floats(weights, "--weights"),
-            beta=beta,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            max_memory=max_memory_mb * 1024**2,
-            force=force,
+        if private and push_to_hub is None:
+            raise UsageError("--private only applies with --push-to-hub")
+        recipe = build_recipe(config, _overrides(ctx, param))
+        request = MergeRequest.from_recipe(
+            recipe, max_memory=max_memory_mb * 1024**2, force=force, push_to_hub=push_to_hub, private=private
         )
+        if quiet:
+            _quiet_hub_downloads()
+        if dry_run:
+            return plan_merge(request)
         bar = _ProgressBar(quiet or as_json)
         try:
             return run_merge(request, bar.start, bar.advance)
         finally:
             bar.stop()
 
-    report = _run(action)
+    result = _run(action)
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result, indent=2))
+    elif dry_run:
+        _print_plan(result)
     elif not quiet:
-        summary = report["summary"]
-        worst = summary["max_relative_error"]
-        stderr.print(
-            f"merged {len(sources)} adapters → {escape(str(output))} (rank {summary['output_rank']}, "
-            f"{summary['modules']} modules, {summary['seconds']:.2f} s"
-            + (f", worst relative error {worst:.3%})" if worst is not None else ")"),
-            highlight=False,
-            soft_wrap=True,
+        _print_merged(result)
+
+
+def _print_merged(report: dict) -> None:
+    summary = report["summary"]
+    worst = summary["max_relative_error"]
+    stderr.print(
+        f"merged {len(report['inputs'])} adapters → {escape(report['recipe']['output'])} "
+        f"(rank {summary['output_rank']}, {summary['modules']} modules, {summary['seconds']:.2f} s"
+        + (f", worst relative error {worst:.3%})" if worst is not None else ")"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if "pushed_to" in report:
+        stderr.print(f"pushed to {escape(report['pushed_to'])}", highlight=False, soft_wrap=True)
+
+
+def _print_plan(plan: dict) -> None:
+    console = Console()
+    settings = plan["settings"]
+    console.print(
+        f"dry run: {len(plan['inputs'])} adapters → {escape(plan['output'])}, method {settings['method']}, "
+        f"rule {settings['rule']} {settings['rule_params']}, {len(plan['modules'])} modules, "
+        f"dtype {settings['dtype']} on {settings['device']}; nothing written",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for item in plan["inputs"]:
+        revision = f" @ {item['revision']}" if item["revision"] else ""
+        console.print(f"  {escape(item['source'])}{revision}: r={item['r']}, weight {item['weight']}", highlight=False)
+    table = Table(title="module groups (one device batch each)")
+    for column in ("shape", "input ranks", "modules", "device memory"):
+        table.add_column(column)
+    for group in plan["groups"]:
+        table.add_row(
+            "×".join(map(str, group["shape"])),
+            ",".join(map(str, group["ranks"])),
+            str(group["modules"]),
+            _bytes(group["device_bytes"]),
         )
+    console.print(table)
+    console.print(
+        f"estimated device memory {_bytes(plan['estimated_device_bytes'])}, "
+        f"output {_bytes(plan['estimated_output_bytes'])} ({plan['estimated_output_bytes']} bytes)",
+        highlight=False,
+    )
 
 
-@app.command()
+def _bytes(count: int) -> str:
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+@app.command(epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules")
 def inspect(
-    path: str = typer.Argument(..., help="Adapter folder or Hub repo."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    path: str = typer.Argument(..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout, only."),
     spectra: int = typer.Option(8, "--spectra", help="Singular values shown per module in the table."),
 ) -> None:
     """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra."""
     from ctm_cli.adapter import Adapter
-    from ctm_cli.sources import resolve_source
+    from ctm_cli.sources import locate_source
     from ctm_cli.summary import summarize
 
-    info = _run(lambda: summarize(Adapter(resolve_source(path), path)))
+    info = _run(lambda: summarize(Adapter(locate_source(path).folder, path)))
     if as_json:
         print(json.dumps(info, indent=2))
         return

@@ -1,4 +1,4 @@
-"""Error types of ctm and the stable process exit codes they map to."""
+"""Error types of ctm and the stable process exit codes they map to (a public interface: never renumber)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ EXIT_BAD_INPUT = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_OUTPUT = 5
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "internal error (set CTM_DEBUG=1 for a traceback)",
+    EXIT_USAGE: "usage error: bad option, recipe or setting",
+    EXIT_BAD_INPUT: "bad input: adapter missing or malformed, Hub repo not found or unreachable",
+    EXIT_INCOMPATIBLE: "adapters that cannot be merged together",
+    EXIT_OUTPUT: "output: exists (use --force), not writable, or the Hub push failed",
+    EXIT_INTERRUPTED: "interrupted; nothing was written",
+}
 
 
 class CtmError(Exception):

@@ -18,11 +18,15 @@ from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
-from ctm_cli.methods import MergeSettings, get_method
+from ctm_cli.methods import MergeSettings, Method, get_method
+from ctm_cli.model_card import render_model_card
+from ctm_cli.plan import describe_plan
+from ctm_cli.publish import check_push_target, push_folder
+from ctm_cli.recipe import AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
-from ctm_cli.rules import get_rule
-from ctm_cli.sources import resolve_source
-from ctm_cli.validate import check_compatible, check_rank
+from ctm_cli.rules import Rule, get_rule
+from ctm_cli.sources import ResolvedSource, locate_source
+from ctm_cli.validate import ModuleSpec, check_compatible, check_rank
 from ctm_cli.writer import check_output, write_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,6 +51,87 @@ class MergeRequest:
     seed: int = 0
     max_memory: int = DEFAULT_MAX_MEMORY
     force: bool = False
+    revisions: list[str | None] | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **options: Any) -> MergeRequest:
+        """The request for a recipe; `options` are the run options (force, max_memory, push_to_hub, private)."""
+        if recipe.output is None:
+            raise UsageError("no output folder: give -o/--output, or `output:` in the recipe")
+        return cls(
+            sources=[a.source for a in recipe.adapters],
+            revisions=[a.revision for a in recipe.adapters],
+            weights=[a.weight for a in recipe.adapters],
+            output=Path(recipe.output),
+            rank=recipe.rank,
+            method=recipe.method,
+            rule=recipe.rule,
+            rule_params=dict(recipe.params),
+            beta=recipe.beta,
+            device=recipe.device,
+            dtype=recipe.dtype,
+            seed=recipe.seed,
+            **options,
+        )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A merge after every check that needs no math: sources resolved, adapters read, settings validated."""
+
+    request: MergeRequest
+    method: Method
+    rule: Rule
+    rule_params: dict[str, float]
+    sources: list[ResolvedSource]
+    adapters: list[Adapter]
+    specs: list[ModuleSpec]
+    groups: list[list[ModuleSpec]]
+    weights: list[float]
+    device: torch.device
+    output_dtype: torch.dtype
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings as the report and the plan show them."""
+        return {
+            "method": self.method.name,
+            "rule": self.rule.name,
+            "rule_params": self.rule_params,
+            "rank": self.request.rank,
+            "beta": self.request.beta,
+            "weights": self.weights,
+            "seed": self.request.seed,
+            "device": str(self.device),
+            "dtype": str(self.output_dtype).removeprefix("torch."),
+        }
+
+    def recipe(self) -> Recipe:
+        """The recipe that repeats this merge exactly: resolved settings, Hub inputs pinned to their commits."""
+        request = self.request
+        return Recipe(
+            adapters=tuple(
+                AdapterEntry(source.name, weight, source.commit)
+                for source, weight in zip(self.sources, self.weights, strict=True)
+            ),
+            method=self.method.name,
+            rule=self.rule.name,
+            rank=request.rank,
+            params=dict(self.rule_params),
+            beta=request.beta,
+            seed=request.seed,
+            dtype=str(self.output_dtype).removeprefix("torch."),
+            device=request.device,
+            output=str(request.output),
+        )
+
+    def inputs(self) -> list[dict[str, Any]]:
+        """Each input as the report describes it."""
+        return [
+            describe_input(adapter, weight, source.commit)
+            for adapter, weight, source in zip(self.adapters, self.weights, self.sources, strict=True)
+        ]
 
 
 def _check_weights(weights: list[float] | None, count: int) -> list[float]:
@@ -98,9 +183,8 @@ def output_config(adapters: list[Adapter], ranks: dict[str, int]) -> dict[str, A
     return config
 
 
-def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progress: Callable[[int], None]) -> dict:
-    """Run one merge end to end and return its report; nothing is written unless it all succeeds."""
-    started = time.perf_counter()
+def _prepare(request: MergeRequest) -> _Prepared:
+    """Validate the settings, resolve and read the sources, check they fit together, group the modules."""
     method, rule = get_method(request.method), get_rule(request.rule)
     rule_params = rule.resolve(request.rule_params)
     if method.needs_linear_rule and not rule.linear:
@@ -108,38 +192,74 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     if not 0.0 <= request.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
     check_output(request.output, request.force)
-    adapters = [Adapter(resolve_source(source), source) for source in request.sources]
+    if request.push_to_hub is not None:
+        check_push_target(request.push_to_hub)
+    revisions = request.revisions or [None] * len(request.sources)
+    sources = [locate_source(source, revision) for source, revision in zip(request.sources, revisions, strict=True)]
+    adapters = [Adapter(source.folder, source.source) for source in sources]
     specs = check_compatible(adapters)
     weights = _check_weights(request.weights, len(adapters))
     check_rank(specs, request.rank, method.writes_total_rank)
-    device = resolve_device(request.device)
-    output_dtype = _output_dtype(adapters, request.dtype)
-    settings = MergeSettings(
-        rank=request.rank,
+    return _Prepared(
+        request=request,
+        method=method,
         rule=rule,
         rule_params=rule_params,
-        weights=torch.tensor(weights, dtype=torch.float64),
+        sources=sources,
+        adapters=adapters,
+        specs=specs,
+        groups=plan_groups(specs, request.max_memory),
+        weights=weights,
+        device=resolve_device(request.device),
+        output_dtype=_output_dtype(adapters, request.dtype),
+    )
+
+
+def plan_merge(request: MergeRequest) -> dict:
+    """What `run_merge` would do, for --dry-run: every check runs, nothing is merged or written."""
+    prepared = _prepare(request)
+    plan = describe_plan(
+        prepared.adapters[0], prepared.specs, prepared.groups, prepared.method, request.rank, prepared.output_dtype
+    )
+    return {
+        "dry_run": True,
+        "output": str(request.output),
+        "push_to_hub": request.push_to_hub,
+        "settings": prepared.settings(),
+        "inputs": prepared.inputs(),
+        "recipe": recipe_data(prepared.recipe()),
+        **plan,
+    }
+
+
+def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progress: Callable[[int], None]) -> dict:
+    """Run one merge end to end and return its report; nothing is written unless it all succeeds."""
+    started = time.perf_counter()
+    prepared = _prepare(request)
+    settings = MergeSettings(
+        rank=request.rank,
+        rule=prepared.rule,
+        rule_params=prepared.rule_params,
+        weights=torch.tensor(prepared.weights, dtype=torch.float64),
         beta=request.beta,
         generator=torch.Generator().manual_seed(request.seed),
     )
-    on_start(len(specs))
+    on_start(len(prepared.specs))
     merged = merge_modules(
-        adapters, plan_groups(specs, request.max_memory), method, settings, device, output_dtype, on_progress
+        prepared.adapters,
+        prepared.groups,
+        prepared.method,
+        settings,
+        prepared.device,
+        prepared.output_dtype,
+        on_progress,
     )
-    config = output_config(adapters, {s.name: s.output_rank for s in merged.stats})
-    report_settings = {
-        "method": method.name,
-        "rule": rule.name,
-        "rule_params": rule_params,
-        "rank": config["r"],
-        "beta": request.beta,
-        "weights": weights,
-        "seed": request.seed,
-        "device": str(device),
-        "dtype": str(output_dtype).removeprefix("torch."),
-    }
-    inputs = [describe_input(a, w) for a, w in zip(adapters, weights, strict=True)]
+    config = output_config(prepared.adapters, {s.name: s.output_rank for s in merged.stats})
+    report_settings = {**prepared.settings(), "rank": config["r"]}
+    inputs = prepared.inputs()
+    recipe = prepared.recipe()
     report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
+    report["recipe"] = recipe_data(recipe)
     metadata = {
         "format": "pt",
         "ctm_version": __version__,
@@ -154,7 +274,11 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         {
             "merge_report.json": json.dumps(report, indent=2) + "\n",
             "merge_report.md": render_markdown(report),
+            "recipe.yaml": dump_recipe(recipe),
+            "README.md": render_model_card(report, request.push_to_hub or request.output.absolute().name),
         },
         request.force,
     )
+    if request.push_to_hub is not None:
+        report["pushed_to"] = push_folder(request.output, request.push_to_hub, request.private)
     return report

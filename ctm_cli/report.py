@@ -24,10 +24,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_input(adapter: Adapter, weight: float) -> dict[str, Any]:
-    """Where an input came from and what it is, for the report."""
+def describe_input(adapter: Adapter, weight: float, revision: str | None = None) -> dict[str, Any]:
+    """Where an input came from (with the Hub commit it was read at) and what it is, for the report."""
     return {
         "source": adapter.source,
+        "revision": revision,
         "path": str(adapter.folder),
         "base_model": adapter.base_model,
         "r": adapter.config["r"],
