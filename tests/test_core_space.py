@@ -106,8 +106,9 @@ def test_beta_zero_frame_ignores_an_adapters_scale(factors: tuple, factor: float
     frames = [cs.shared_frame(cs.balance(c, 0.0), rank) for c in (cores, scaled)]
     projector_u = [f.u[0] @ f.u[0].T for f in frames]
     projector_v = [f.v[0] @ f.v[0].T for f in frames]
-    assert torch.allclose(projector_u[0], projector_u[1], atol=1e-6)
-    assert torch.allclose(projector_v[0], projector_v[1], atol=1e-6)
+    # HOOI stops at a 1e-10 relative energy gain: subspace angles are then ~sqrt(1e-10) = 1e-5.
+    assert torch.allclose(projector_u[0], projector_u[1], atol=1e-4)
+    assert torch.allclose(projector_v[0], projector_v[1], atol=1e-4)
 
 
 @SETTINGS
