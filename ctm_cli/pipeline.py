@@ -18,7 +18,7 @@ from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
-from ctm_cli.methods import MergeSettings, get_method
+from ctm_cli.methods import MergeSettings, get_method, resolve_settings
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import get_rule
 from ctm_cli.sources import resolve_source
@@ -102,16 +102,14 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     """Run one merge end to end and return its report; nothing is written unless it all succeeds."""
     started = time.perf_counter()
     method, rule = get_method(request.method), get_rule(request.rule)
-    rule_params = rule.resolve(request.rule_params)
-    if method.needs_linear_rule and not rule.linear:
-        raise UsageError(f"method {method.name} needs a linear rule (ta, mean); {rule.name} is not")
+    method_params, rule_params = resolve_settings(method, rule, request.rule_params)
     if not 0.0 <= request.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
     check_output(request.output, request.force)
     adapters = [Adapter(resolve_source(source), source) for source in request.sources]
     specs = check_compatible(adapters)
     weights = _check_weights(request.weights, len(adapters))
-    check_rank(specs, request.rank, method.writes_total_rank)
+    check_rank(specs, request.rank, method, rule)
     device = resolve_device(request.device)
     output_dtype = _output_dtype(adapters, request.dtype)
     settings = MergeSettings(
@@ -121,6 +119,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         weights=torch.tensor(weights, dtype=torch.float64),
         beta=request.beta,
         generator=torch.Generator().manual_seed(request.seed),
+        method_params=method_params,
     )
     on_start(len(specs))
     merged = merge_modules(
@@ -130,6 +129,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     report_settings = {
         "method": method.name,
         "rule": rule.name,
+        "method_params": method_params,
         "rule_params": rule_params,
         "rank": config["r"],
         "beta": request.beta,
