@@ -6,6 +6,7 @@ one kernel launch. Shapes: G modules, T adapters, R = Σ r_t, r the output rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,16 +144,23 @@ class Truncation:
 
 
 def truncate(
-    merged: torch.Tensor, rank: int, left_map: torch.Tensor | None = None, right_map: torch.Tensor | None = None
+    merged: torch.Tensor,
+    rank: int,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+    spectrum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Truncation:
     """Best rank-k split of ΔW = L · merged · Rmᵀ into LoRA maps, the singular values shared evenly.
 
     Returns to_b = L·P_k·√S_k and to_a = √S_k·Q_kᵀ·Rmᵀ (L, Rm default to the identity), so that
     lora_B = b_cat @ to_b, lora_A = to_a @ a_cat when L, Rm map the concatenated factors to the frame.
+    `spectrum` remaps the kept singular values first (a spectral rule's rank-k form; a negative value
+    puts its sign into to_b). lost_energy is measured on `merged`.
     """
     p, s, qh = torch.linalg.svd(merged, full_matrices=False)
-    root = s[..., :rank].sqrt()
-    to_b = p[..., :rank] * root.unsqueeze(-2)
+    kept = s[..., :rank] if spectrum is None else spectrum(s[..., :rank])
+    root = kept.abs().sqrt()
+    to_b = p[..., :rank] * (kept.sign() * root).unsqueeze(-2)
     to_a = qh[..., :rank, :] * root.unsqueeze(-1)
     if left_map is not None:
         to_b = left_map @ to_b

@@ -11,7 +11,8 @@ What the report's figures mean, for every method:
   full-rank merge of that rule. With a nonlinear rule only mtc has a full-rank reference at hand
   (the rule applied to the full updates, which it forms anyway), so it reports the truncation
   error against it; the others report None, as forming that reference would cost what they avoid.
-- truncation_loss (mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r.
+- truncation_loss (mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r (for
+  a spectral rule, of the weighted sum it cuts before remapping the spectrum).
 """
 
 from __future__ import annotations
@@ -19,12 +20,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.errors import UsageError
-from ctm_cli.rules import Param, Rule, linear_coefficients, linear_rule_names, resolve_params, top_fraction_mask
+from ctm_cli.rules import (
+    Param,
+    Rule,
+    linear_coefficients,
+    linear_rule_names,
+    resolve_params,
+    top_fraction_mask,
+    weighted_sum,
+)
 
 KMEANS_MAX_ITERATIONS = 100
 
@@ -173,6 +183,27 @@ def _apply_rule(stack: torch.Tensor, settings: MergeSettings) -> torch.Tensor:
     return settings.rule.function(stack, settings.weights, settings.rule_params, settings.generator)
 
 
+def _merge_and_cut(
+    stack: torch.Tensor,
+    settings: MergeSettings,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+) -> cs.Truncation:
+    """The rule's result cut to settings.rank by SVD.
+
+    A spectral rule (iso_c) flattens the spectrum, and a flat spectrum has no best rank-r part, so
+    for it the weighted sum is cut first and its top r singular values are remapped: the rule's
+    rank-r form. Its lost_energy is then that of the weighted sum.
+    """
+    rule = settings.rule
+    if not rule.spectral:
+        return cs.truncate(_apply_rule(stack, settings), settings.rank, left_map, right_map)
+    total = weighted_sum(stack, settings.weights)
+    size = max(total.shape[-2:])
+    spectrum = partial(rule.spectrum, params=settings.rule_params, size=size)
+    return cs.truncate(total, settings.rank, left_map, right_map, spectrum=spectrum)
+
+
 # ---------------------------------------------------------------------------------------------- ctm
 
 
@@ -232,7 +263,7 @@ def merge_then_compress(group: FactorGroup, settings: MergeSettings) -> MergeRes
     rule = settings.rule
     if rule.linear or rule.spectral:
         space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
-        cut = cs.truncate(_apply_rule(space.cores, settings), settings.rank, space.left, space.right)
+        cut = _merge_and_cut(space.cores, settings, space.left, space.right)
         lora_b, lora_a = _from_core_maps(group, cut)
         loss = cut.lost_energy
     else:
@@ -243,7 +274,13 @@ def merge_then_compress(group: FactorGroup, settings: MergeSettings) -> MergeRes
         lora_b = torch.stack([cut.to_b for cut in cuts])
         lora_a = torch.stack([cut.to_a for cut in cuts])
         loss = torch.stack([cut.lost_energy for cut in cuts]).to(torch.float64)
-    return _result(group, settings, lora_b, lora_a, relative_error=loss.sqrt(), truncation_loss=loss)
+    error = loss.sqrt()
+    if rule.spectral:  # the reference is the full-rank rule, not the weighted sum that was cut
+        full = _apply_rule(space.cores, settings)
+        error = cs.lowrank_relative_error(
+            lora_b, lora_a, group.b_cat.to(torch.float64) @ (space.left @ full), space.right.mT @ group.a_cat.to(torch.float64)
+        )
+    return _result(group, settings, lora_b, lora_a, relative_error=error, truncation_loss=loss)
 
 
 # ---------------------------------------------------------------------------------------------- core
@@ -258,7 +295,7 @@ def merge_then_compress(group: FactorGroup, settings: MergeSettings) -> MergeRes
 def core_space_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """Core Space merging (Panariello et al. 2025): the rule on the cores, optionally cut to rank r."""
     space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
-    cut = cs.truncate(_apply_rule(space.cores, settings), settings.rank, space.left, space.right)
+    cut = _merge_and_cut(space.cores, settings, space.left, space.right)
     lora_b, lora_a = _from_core_maps(group, cut)
     return _result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy)
 
@@ -277,7 +314,7 @@ def knots(group: FactorGroup, settings: MergeSettings) -> MergeResult:
 
     [C_1 … C_T] = U S [V_1 … V_T]ᵀ (R × T·R) gives [ΔW_1 … ΔW_T] = (Q_B U) S [Q_A V_1 … Q_A V_T]ᵀ, so
     the task-specific right factors are X_t = S V_tᵀ Q_Aᵀ (R × in), as in the paper. The rule merges
-    them; the output Q_B U · rule(X) is cut to rank r by the SVD of rule(X) (R × in).
+    them (in float64); the output Q_B U · rule(X) is cut to rank r by the SVD of rule(X) (R × in).
     """
     space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
     modules, tasks, total, _ = space.cores.shape
@@ -285,9 +322,8 @@ def knots(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     u, s, vh = torch.linalg.svd(concatenated, full_matrices=False)
     blocks = vh.reshape(modules, total, tasks, total).transpose(-3, -2)  # (G, T, R, R): V_tᵀ in core coordinates
     to_inputs = (s[:, None, :, None] * blocks) @ space.right.mT.unsqueeze(-3)
-    right_factors = to_inputs.to(group.a_cat.dtype) @ group.a_cat.unsqueeze(-3)
-    merged = _apply_rule(right_factors, settings).to(torch.float64)
-    cut = cs.truncate(merged, settings.rank, left_map=space.left @ u)
+    right_factors = to_inputs @ group.a_cat.to(torch.float64).unsqueeze(-3)
+    cut = _merge_and_cut(right_factors, settings, left_map=space.left @ u)
     dtype = group.b_cat.dtype
     lora_b, lora_a = group.b_cat @ cut.to_b.to(dtype), cut.to_a.to(dtype)
     return _result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy)

@@ -19,6 +19,8 @@ from ctm_cli.core_space import polar
 from ctm_cli.errors import UsageError
 
 RuleFunction = Callable[[torch.Tensor, torch.Tensor, dict[str, float], torch.Generator | None], torch.Tensor]
+# Of a spectral rule: (singular values (..., k) in decreasing order, parameters, max(m, n)) -> new values.
+SpectrumMap = Callable[[torch.Tensor, dict[str, float], int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,22 @@ class Rule:
 
     `linear`: the result is Σ_t c_t X_t for coefficients c_t that do not depend on the matrices, so
     it commutes with any change of basis (and with truncation-free concatenation).
-    `spectral`: the result depends on the stack only through the SVD of the weighted sum, so it also
-    commutes with orthonormal changes of basis (it runs exactly in core space).
+    `spectrum` (spectral rules): the result is U · spectrum(S) · Vᵀ for the SVD U S Vᵀ of Σ w_t X_t, so
+    it commutes with orthonormal changes of basis (it runs exactly in core space), and its rank-k form
+    is the map applied to the top k triplets of the sum.
     """
 
     name: str
     function: RuleFunction
     doc: str
     linear: bool
-    spectral: bool = False
+    spectrum: SpectrumMap | None = None
     params: dict[str, Param] = field(default_factory=dict)
+
+    @property
+    def spectral(self) -> bool:
+        """Whether the rule only remaps the singular values of the weighted sum."""
+        return self.spectrum is not None
 
     def resolve(self, given: dict[str, float]) -> dict[str, float]:
         """Defaults filled in, unknown names and out-of-range values refused."""
@@ -86,17 +94,17 @@ RULES: dict[str, Rule] = {}
 
 LAMBDA = Param(1.0, -1e6, 1e6, "scaling λ applied to the merged matrix")
 DENSITY = Param(0.2, 0.0, 1.0, "fraction of entries kept by magnitude", open_low=True)
-SIGN_COUNT = Param(0, 0, 1, "sign election: 0 = by total mass (TIES), 1 = by count of signs", integer=True)
+SIGN_COUNT = Param(0, 0, 1, "sign election: 0 = by total mass (TIES), 1 = by count (even split: by mass)", integer=True)
 DROP_RATE = Param(0.9, 0.0, 1.0, "probability p of dropping an entry (kept ones are scaled by 1/(1-p))", open_high=True)
 
 
 def register(
-    name: str, doc: str, linear: bool, spectral: bool = False, **params: Param
+    name: str, doc: str, linear: bool, spectrum: SpectrumMap | None = None, **params: Param
 ) -> Callable[[RuleFunction], RuleFunction]:
     """Decorator adding a rule function to the registry under `name`."""
 
     def add(function: RuleFunction) -> RuleFunction:
-        RULES[name] = Rule(name=name, function=function, doc=doc, linear=linear, spectral=spectral, params=params)
+        RULES[name] = Rule(name=name, function=function, doc=doc, linear=linear, spectrum=spectrum, params=params)
         return function
 
     return add
@@ -151,7 +159,8 @@ def top_fraction_mask(matrices: torch.Tensor, density: float) -> torch.Tensor:
 def _disjoint_mean(stack: torch.Tensor, by_count: bool) -> torch.Tensor:
     """TIES' sign election and disjoint mean over the task axis of an already trimmed, weighted stack."""
     signs = stack.sign()
-    votes = signs.sum(dim=-3) if by_count else stack.sum(dim=-3)
+    mass = stack.sum(dim=-3)
+    votes = torch.where(signs.sum(dim=-3) != 0, signs.sum(dim=-3), mass.sign()) if by_count else mass
     elected = torch.where(votes >= 0, 1.0, -1.0).to(stack).unsqueeze(-3)
     agrees = signs == elected
     count = agrees.sum(dim=-3).clamp_min(1)
@@ -171,11 +180,11 @@ def _drop_and_rescale(stack: torch.Tensor, drop_rate: float, generator: torch.Ge
     return stack * keep / (1.0 - drop_rate)
 
 
-def _numerical_rank_mask(singular_values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Singular values above max(m, n)·eps·σ_max (as matrix_rank counts them)."""
+def _numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tensor:
+    """Singular values above max(m, n)·eps·σ_max (as matrix_rank counts them); `size` is max(m, n)."""
     eps = torch.finfo(singular_values.dtype).eps
     largest = singular_values[..., :1]
-    return singular_values > max(shape) * eps * largest
+    return singular_values > size * eps * largest
 
 
 @register("ta", "task arithmetic: λ · Σ w_t X_t", linear=True, **{"lambda": LAMBDA})
@@ -211,8 +220,10 @@ def ties(
     """TIES-Merging (Yadav et al. 2023) on the weighted matrices w_t X_t.
 
     Trim: keep each matrix's `density` fraction of entries by magnitude. Elect: per entry the sign of
-    the summed kept values (sign_count=0) or of the summed signs (1); ties go to +. Disjoint mean: the
-    mean of the kept values with the elected sign (zero where none). Times λ.
+    the summed kept values (sign_count=0) or of the summed signs (1; an even split is decided by the
+    summed values); an exact zero goes to +. Breaking even splits by mass rather than always to +
+    keeps the rule equivariant to sign flips of the basis, which SVD-based frames leave arbitrary.
+    Disjoint mean: the mean of the kept values with the elected sign (zero where none). Times λ.
     """
     return params["lambda"] * _ties(stack, weights, params["density"], bool(params["sign_count"]))
 
@@ -268,7 +279,7 @@ def task_singular_vectors(
     keep = max(1, min(m, n) // tasks)
     u, s, vh = torch.linalg.svd(stack * _task_weights(stack, weights), full_matrices=False)
     u, s, vh = u[..., :keep], s[..., :keep], vh[..., :keep, :]
-    s = s * _numerical_rank_mask(s, (m, n))
+    s = s * _numerical_rank_mask(s, max(m, n))
     present = (s > 0).to(stack.dtype)
     u_cat = (u * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], m, tasks * keep)
     v_cat = (vh.mT * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], n, tasks * keep)
@@ -276,11 +287,18 @@ def task_singular_vectors(
     return params["lambda"] * (polar(u_cat) * sigma.unsqueeze(-2)) @ polar(v_cat).mT
 
 
+def isotropic_spectrum(singular_values: torch.Tensor, params: dict[str, float], size: int) -> torch.Tensor:
+    """Iso-C's spectrum: the numerically nonzero singular values replaced by their mean, times λ."""
+    present = _numerical_rank_mask(singular_values, size).to(singular_values.dtype)
+    mean = (singular_values * present).sum(dim=-1, keepdim=True) / present.sum(dim=-1, keepdim=True).clamp_min(1)
+    return params["lambda"] * mean * present
+
+
 @register(
     "iso_c",
     "Iso-C: SVD of Σ w_t X_t with its nonzero singular values replaced by their mean; × λ",
     linear=False,
-    spectral=True,
+    spectrum=isotropic_spectrum,
     **{"lambda": LAMBDA},
 )
 def isotropic_common(
@@ -289,9 +307,7 @@ def isotropic_common(
     """Iso-C (Marczak et al. 2025): flatten the spectrum of the sum over its numerical rank."""
     total = weighted_sum(stack, weights)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    present = _numerical_rank_mask(s, tuple(total.shape[-2:])).to(s.dtype)
-    mean = (s * present).sum(dim=-1, keepdim=True) / present.sum(dim=-1, keepdim=True).clamp_min(1)
-    return params["lambda"] * (u * (mean * present).unsqueeze(-2)) @ vh
+    return (u * isotropic_spectrum(s, params, max(total.shape[-2:])).unsqueeze(-2)) @ vh
 
 
 @register(

@@ -49,9 +49,11 @@ def mean(xs: Matrices, w: Sequence[float]) -> np.ndarray:
 
 
 def ties(xs: Matrices, w: Sequence[float], density: float = 0.2, by_count: bool = False, lam: float = 1.0):
-    """Trim each w_t X_t, elect signs (mass or count, ties to +), mean of the agreeing kept entries, × λ."""
+    """Trim each w_t X_t, elect signs (mass, or count with even splits by mass; zero to +), mean of the
+    agreeing kept entries, × λ."""
     trimmed = [trim(wt * x, density) for wt, x in zip(w, xs, strict=True)]
-    votes = sum(np.sign(t) for t in trimmed) if by_count else sum(trimmed)
+    mass, count = sum(trimmed), sum(np.sign(t) for t in trimmed)
+    votes = np.where(count != 0, count, mass) if by_count else mass
     sign = np.where(votes >= 0, 1.0, -1.0)
     agree = [np.sign(t) == sign for t in trimmed]
     total = sum(np.where(a, t, 0.0) for a, t in zip(agree, trimmed, strict=True))
@@ -153,6 +155,24 @@ def truncated(x: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
     return u[:, :rank] * s[:rank] @ vh[:rank], float(energy[rank:].sum() / energy.sum())
 
 
+def iso_c_at_rank(xs: Matrices, w: Sequence[float], rank: int, lam: float = 1.0) -> tuple[np.ndarray, float]:
+    """Iso-C's rank-k form: the top k triplets of Σ w_t X_t with their (nonzero) values replaced by their
+    mean; and the share of the sum's energy beyond k."""
+    total = ta(xs, w)
+    u, s, vh = np.linalg.svd(total, full_matrices=False)
+    top = s[:rank][s[:rank] > max(total.shape) * EPS * s[0]]
+    energy = s**2
+    flat = lam * top.mean() * u[:, : len(top)] @ vh[: len(top)]
+    return flat, float(energy[rank:].sum() / energy.sum())
+
+
+def cut_rule(rule: Rule, rank: int, name: str = "", w: Sequence[float] = (), lam: float = 1.0):
+    """The merge-and-cut a method applies: truncated(rule(xs)), or Iso-C's rank-k form for iso_c."""
+    if name == "iso_c":
+        return lambda xs: iso_c_at_rank(xs, w, rank, lam)
+    return lambda xs: truncated(rule(xs), rank)
+
+
 def draws(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The uniform float32 draws torch makes for a stack of `shape` from a fresh generator with `seed`."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
@@ -166,9 +186,9 @@ def ctm(bs, as_, rank: int, rule: Rule, beta: float = 1.0) -> np.ndarray:
     return space.q_b @ frame.u @ merged @ frame.v.T @ space.q_a.T
 
 
-def mtc(bs, as_, rank: int, rule: Rule) -> tuple[np.ndarray, float]:
-    """Merge-then-compress: the rule on the full updates, then the truncated SVD."""
-    return truncated(rule(updates(bs, as_)), rank)
+def mtc(bs, as_, cut: Callable) -> tuple[np.ndarray, float]:
+    """Merge-then-compress: the rule on the full updates, cut to rank (see cut_rule)."""
+    return cut(updates(bs, as_))
 
 
 def svd_core_space(bs, as_) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -178,21 +198,21 @@ def svd_core_space(bs, as_) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     return q_b, q_a, [q_b.T @ d @ q_a for d in updates(bs, as_)]
 
 
-def core(bs, as_, rank: int, rule: Rule) -> tuple[np.ndarray, float]:
+def core(bs, as_, cut: Callable) -> tuple[np.ndarray, float]:
     """Core Space merging: rule on the cores, cut to rank by SVD, mapped back."""
     q_b, q_a, cores = svd_core_space(bs, as_)
-    merged, lost = truncated(rule(cores), rank)
+    merged, lost = cut(cores)
     return q_b @ merged @ q_a.T, lost
 
 
-def knots(bs, as_, rank: int, rule: Rule) -> tuple[np.ndarray, float]:
+def knots(bs, as_, cut: Callable) -> tuple[np.ndarray, float]:
     """KnOTS in full space: [ΔW_1 … ΔW_T] = U S [V_1 … V_T]ᵀ (nonzero σ only), rule on S V_tᵀ, U·merged."""
     deltas = updates(bs, as_)
     u, s, vh = np.linalg.svd(np.hstack(deltas), full_matrices=False)
     k = int(np.sum(s > max(u.shape[0], vh.shape[1]) * EPS * s[0]))
     n = deltas[0].shape[1]
     right = [s[:k, None] * vh[:k, t * n : (t + 1) * n] for t in range(len(deltas))]
-    merged, lost = truncated(rule(right), rank)
+    merged, lost = cut(right)
     return u[:, :k] @ merged, lost
 
 
