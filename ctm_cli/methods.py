@@ -173,10 +173,10 @@ def _result(
     return MergeResult(lora_b=lora_b, lora_a=lora_a, **figures)
 
 
-def _from_core_maps(group: FactorGroup, cut: cs.Truncation) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_core_maps(group: FactorGroup, to_b: torch.Tensor, to_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lora_B = b_cat @ to_b, lora_A = to_a @ a_cat, in the factors' dtype."""
     dtype = group.b_cat.dtype
-    return group.b_cat @ cut.to_b.to(dtype), cut.to_a.to(dtype) @ group.a_cat
+    return group.b_cat @ to_b.to(dtype), to_a.to(dtype) @ group.a_cat
 
 
 def _apply_rule(stack: torch.Tensor, settings: MergeSettings) -> torch.Tensor:
@@ -218,7 +218,8 @@ def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeRes
     frame = cs.shared_frame(cs.balance(space.cores, settings.beta), settings.rank)
     coordinates = cs.project(space.cores, frame.u, frame.v)
     merged = _apply_rule(coordinates, settings)
-    lora_b, lora_a = _from_core_maps(group, cs.truncate(merged, settings.rank, space.left @ frame.u, space.right @ frame.v))
+    cut = cs.truncate(merged, settings.rank, space.left @ frame.u, space.right @ frame.v)
+    lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
     kept = torch.linalg.matrix_norm(coordinates).square() / torch.linalg.matrix_norm(space.cores).square()
     whole = torch.linalg.matrix_norm(space.cores)
     return _result(
@@ -264,7 +265,7 @@ def merge_then_compress(group: FactorGroup, settings: MergeSettings) -> MergeRes
     if rule.linear or rule.spectral:
         space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
         cut = _merge_and_cut(space.cores, settings, space.left, space.right)
-        lora_b, lora_a = _from_core_maps(group, cut)
+        lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
         loss = cut.lost_energy
     else:
         cuts = [
@@ -278,7 +279,10 @@ def merge_then_compress(group: FactorGroup, settings: MergeSettings) -> MergeRes
     if rule.spectral:  # the reference is the full-rank rule, not the weighted sum that was cut
         full = _apply_rule(space.cores, settings)
         error = cs.lowrank_relative_error(
-            lora_b, lora_a, group.b_cat.to(torch.float64) @ (space.left @ full), space.right.mT @ group.a_cat.to(torch.float64)
+            lora_b,
+            lora_a,
+            group.b_cat.to(torch.float64) @ (space.left @ full),
+            space.right.mT @ group.a_cat.to(torch.float64),
         )
     return _result(group, settings, lora_b, lora_a, relative_error=error, truncation_loss=loss)
 
@@ -296,7 +300,7 @@ def core_space_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult
     """Core Space merging (Panariello et al. 2025): the rule on the cores, optionally cut to rank r."""
     space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
     cut = _merge_and_cut(space.cores, settings, space.left, space.right)
-    lora_b, lora_a = _from_core_maps(group, cut)
+    lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
     return _result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy)
 
 
@@ -417,7 +421,9 @@ def lora_lego(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     norms = b64.square().sum(dim=-2) + a64.square().sum(dim=-1)
     order = torch.sort(norms, dim=-1, descending=True, stable=True).indices
     clusters = settings.rank
-    sorted_assignment = kmeans(torch.gather(points, 1, order.unsqueeze(-1).expand_as(points)), clusters, settings.generator)
+    sorted_assignment = kmeans(
+        torch.gather(points, 1, order.unsqueeze(-1).expand_as(points)), clusters, settings.generator
+    )
     assignment = torch.empty_like(sorted_assignment).scatter_(1, order, sorted_assignment)
     members = torch.nn.functional.one_hot(assignment, clusters).to(torch.float64)  # (G, R, k)
     counts = members.sum(dim=-2)
@@ -496,10 +502,10 @@ def iso_cts(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """Iso-CTS (Marczak et al. 2025) at rank r, exactly, in core space.
 
     X_t = c_t C_t, Σ = Σ_t X_t. Split r into k common and s per task as the paper does: s =
-    round_half_up((r − ⌊r·iso_common⌋)/T) (at most ⌊r/T⌋), k = r − T·s. Common: the top-k singular triplets (U_c, σ_c, V_c) of Σ. Task t:
-    the top-s triplets of its residual X_t − U_c U_cᵀ X_t. The r left and r right vectors are each
-    orthogonalised (polar factor) and the spectrum set to the mean σ̄ of the r chosen singular values:
-    ΔW = σ̄ · U* V*ᵀ.
+    round_half_up((r − ⌊r·iso_common⌋)/T) (at most ⌊r/T⌋), k = r − T·s. Common: the top-k singular
+    triplets (U_c, σ_c, V_c) of Σ. Task t: the top-s triplets of its residual X_t − U_c U_cᵀ X_t.
+    The r left and r right vectors are each orthogonalised (polar factor) and the spectrum set to the
+    mean σ̄ of the r chosen singular values: ΔW = σ̄ · U* V*ᵀ.
     """
     space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
     coefficients = linear_coefficients(settings.rule, settings.weights, settings.rule_params, settings.generator)
@@ -515,5 +521,5 @@ def iso_cts(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     root = sigma.sqrt().view(-1, 1, 1)
     to_b = space.left @ cs.polar(left) * root
     to_a = (cs.polar(right) * root).mT @ space.right.mT
-    lora_b, lora_a = _from_core_maps(group, cs.Truncation(to_b, to_a, torch.zeros_like(sigma)))
+    lora_b, lora_a = _from_core_maps(group, to_b, to_a)
     return _result(group, settings, lora_b, lora_a)

@@ -228,7 +228,11 @@ def lego(bs, as_, rank: int, coefficients: Sequence[float], seed: int, max_itera
     members' mean ∞-norm, ΔW = √(R/r) Σ_k b̄_k ā_kᵀ."""
     out = bs[0].shape[0]
     units = np.array(
-        [np.concatenate([c * b[:, i], a[i]]) for c, b, a in zip(coefficients, bs, as_, strict=True) for i in range(a.shape[0])]
+        [
+            np.concatenate([c * b[:, i], a[i]])
+            for c, b, a in zip(coefficients, bs, as_, strict=True)
+            for i in range(a.shape[0])
+        ]
     )
     units = units[np.argsort(-np.sum(units**2, axis=1), kind="stable")]
     generator = torch.Generator().manual_seed(seed)
@@ -277,7 +281,9 @@ def robustmerge(bs, as_, coefficients: Sequence[float], density: float = 0.2) ->
         a_hat = trim(a, density)
         pruned_b.append(trim(c * b, density))
         kept_mass = np.abs(a_hat).sum(axis=1)
-        gains[t, : a.shape[0]] = np.where(kept_mass > 0, np.abs(a).sum(axis=1) / np.where(kept_mass > 0, kept_mass, 1), 0)
+        gains[t, : a.shape[0]] = np.where(
+            kept_mass > 0, np.abs(a).sum(axis=1) / np.where(kept_mass > 0, kept_mass, 1), 0
+        )
         a_sum[: a.shape[0]] += a_hat
     share = gains.sum(axis=0)
     for t, b_hat in enumerate(pruned_b):

@@ -7,13 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import merge_reference as ref
 import numpy as np
 import pytest
 import torch
 from conftest import run_ctm
 from test_e2e_peft import PREFIX, inputs_of, read_adapter, relative, written_deltas
 
-import merge_reference as ref
 from ctm_cli.errors import UsageError
 from ctm_cli.methods import METHODS, FactorGroup, MergeSettings, get_method, resolve_settings
 from ctm_cli.rules import RULES, get_rule
@@ -46,13 +46,18 @@ class Case:
         return [a.shape[0] for a in self.as_]
 
     def permuted(self, order: list[int]) -> Case:
-        return Case([self.bs[i] for i in order], [self.as_[i] for i in order], [self.weights[i] for i in order], self.rank)
+        return Case(
+            [self.bs[i] for i in order], [self.as_[i] for i in order], [self.weights[i] for i in order], self.rank
+        )
 
 
 def make_case(ranks: tuple[int, ...], out: int, inp: int, rank: int, seed: int) -> Case:
     rng = np.random.default_rng(seed)
     scales = rng.uniform(0.3, 3.0, size=len(ranks))
-    bs = [(rng.standard_normal((out, r)) * s).astype(np.float32).astype(np.float64) for r, s in zip(ranks, scales)]
+    bs = [
+        (rng.standard_normal((out, r)) * s).astype(np.float32).astype(np.float64)
+        for r, s in zip(ranks, scales, strict=True)
+    ]
     as_ = [rng.standard_normal((r, inp)).astype(np.float32).astype(np.float64) for r in ranks]
     weights = [1.0, 0.5, 2.0, 1.5][: len(ranks)]
     return Case(bs, as_, weights, rank)
@@ -103,7 +108,9 @@ def expected(method: str, rule: str, case: Case) -> tuple[np.ndarray, float | No
     tasks, total = len(case.bs), sum(case.ranks)
     out, inp = case.bs[0].shape[0], case.as_[0].shape[1]
     if method == "ctm":
-        return ref.ctm(case.bs, case.as_, case.rank, reference_rule(rule, case, (tasks, case.rank, case.rank)), 0.5), None
+        return ref.ctm(
+            case.bs, case.as_, case.rank, reference_rule(rule, case, (tasks, case.rank, case.rank)), 0.5
+        ), None
     lam = RULE_PARAMS[rule].get("lambda", 1.0)
     if method == "mtc":
         cut = ref.cut_rule(reference_rule(rule, case, (tasks, out, inp)), case.rank, rule, case.weights, lam)
@@ -221,7 +228,13 @@ def test_nonlinear_rules_report_an_error_only_for_mtc() -> None:
 def test_lego_output_is_scaled_by_root_of_units_per_cluster() -> None:
     data = CASES["T2"]
     [with_one_cluster], _ = merge("lego", "ta", data, rank=1)
-    units = np.array([np.concatenate([0.7 * c * b[:, i], a[i]]) for c, b, a in zip(data.weights, data.bs, data.as_) for i in range(a.shape[0])])
+    units = np.array(
+        [
+            np.concatenate([0.7 * c * b[:, i], a[i]])
+            for c, b, a in zip(data.weights, data.bs, data.as_, strict=True)
+            for i in range(a.shape[0])
+        ]
+    )
     centroid = units.mean(axis=0)
     centroid *= np.abs(units).max(axis=1).mean() / np.abs(centroid).max()
     out = data.bs[0].shape[0]
@@ -313,7 +326,9 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
     method = report["settings"]["method"]
     assert all((loss is not None) == (method in {"mtc", "core", "knots"}) for loss in losses)
     if method == "core":
-        exact = {name: ref.cat(scaled_bs(Bs, scales), As, [1.0, 1.0]) for name, (As, Bs, scales) in inputs_of(two).items()}
+        exact = {
+            name: ref.cat(scaled_bs(Bs, scales), As, [1.0, 1.0]) for name, (As, Bs, scales) in inputs_of(two).items()
+        }
         assert max(relative(written[n], exact[n]) for n in exact) < 1e-5
     if "--lambda" in args:
         assert report["settings"]["rule_params"] == {"density": 0.25, "lambda": 0.75, "sign_count": 0.0}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import merge_reference as ref
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import merge_reference as ref
 from ctm_cli.errors import UsageError
 from ctm_cli.rules import RULES, get_rule, linear_coefficients, top_fraction_mask
 
@@ -77,7 +77,10 @@ def test_rules_are_batched_over_leading_dimensions(name: str) -> None:
     batched = run_rule(name, stacks_, weights, {}, dtype=torch.float64)
     if name in RANDOM_RULES:  # the draws of a batch are the flattened draws of its members, in order
         uniform = ref.draws(stacks_.shape, seed=0)
-        singles = [[ref.apply_rule(name, list(s), weights, {}, u) for s, u in zip(row, urow)] for row, urow in zip(stacks_, uniform)]
+        singles = [
+            [ref.apply_rule(name, list(s), weights, {}, u) for s, u in zip(row, urow, strict=True)]
+            for row, urow in zip(stacks_, uniform, strict=True)
+        ]
     else:
         singles = [[run_rule(name, s, weights, {}, dtype=torch.float64) for s in row] for row in stacks_]
     np.testing.assert_allclose(batched, np.array(singles), rtol=1e-10, atol=1e-12)
