@@ -382,7 +382,7 @@ def kmeans(points: torch.Tensor, clusters: int, generator: torch.Generator | Non
     centers = torch.gather(points, 1, starts.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
     assignment = None
     for _ in range(KMEANS_MAX_ITERATIONS):
-        new_assignment = torch.cdist(points, centers).argmin(dim=-1)
+        new_assignment = torch.cdist(points, centers, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=-1)
         if assignment is not None and torch.equal(new_assignment, assignment):
             break
         assignment = new_assignment
