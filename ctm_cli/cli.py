@@ -154,12 +154,14 @@ def merge(
         None, "--config", "-c", help="YAML recipe (see configs/); flags given here override its values."
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (or `output:` in the recipe)."),
-    rank: int = typer.Option(DEFAULTS.rank, "--rank", "-r", help="Rank of the merged adapter."),
-    method: str = typer.Option(DEFAULTS.method, "--method", "-m", help="Merge method (ctm, cat)."),
-    rule: str = typer.Option(DEFAULTS.rule, "--rule", help="Merging rule (ta, mean)."),
+    rank: int = typer.Option(
+        DEFAULTS.rank, "--rank", "-r", help="Rank of the merged adapter (0 = full rank R: core, knots)."
+    ),
+    method: str = typer.Option(DEFAULTS.method, "--method", "-m", help="Merge method (see `ctm methods`)."),
+    rule: str = typer.Option(DEFAULTS.rule, "--rule", help="Merging rule (see `ctm methods`)."),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 1,0.5."),
     lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the rule (same as -p lambda=X)."),
-    param: list[str] = typer.Option([], "--param", "-p", help="Rule parameter NAME=VALUE (repeatable)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Rule or method parameter NAME=VALUE (repeatable)."),
     beta: float = typer.Option(DEFAULTS.beta, "--beta", help="CtM balancing β in \\[0, 1] (1 = off, 0 = equal tasks)."),
     device: str = typer.Option(DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16)."),
@@ -279,6 +281,27 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     _print_summary(info, spectra)
+
+
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """List the merge methods and rules with their parameters (default, range)."""
+    from ctm_cli.catalog import catalog
+
+    listing = catalog()
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return
+    console = Console()
+    for kind, extra in (("methods", "rank"), ("rules", "linear")):
+        table = Table(title=kind)
+        for column in ("name", "what it does", extra, "parameters (default, range)"):
+            table.add_column(column)
+        for entry in listing[kind]:
+            params = "\n".join(f"{n}={p['default']:g} {p['range']}" for n, p in entry["params"].items())
+            value = entry[extra] if isinstance(entry[extra], str) else ("yes" if entry[extra] else "no")
+            table.add_row(entry["name"], entry["doc"], value, params or "-")
+        console.print(table)
 
 
 def _print_summary(info: dict, spectra: int) -> None:

@@ -6,6 +6,7 @@ one kernel launch. Shapes: G modules, T adapters, R = Σ r_t, r the output rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,15 @@ class SharedFrame:
     total_energy: torch.Tensor  # (...,) Σ‖C̃_t‖²
 
 
-def _gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From X's Gram matrix XᵀX, the map to an orthonormal basis (Q = X @ map) and Qᵀ X itself."""
+def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From X's Gram matrix XᵀX, the map to an orthonormal basis (Q = X @ map) and Qᵀ X itself.
+
+    Q is X's left singular basis, its columns in decreasing order of singular value (numerically
+    absent directions give zero columns, at the end).
+    """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    largest = eigenvalues[..., -1:].clamp_min(torch.finfo(gram.dtype).tiny)
+    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
+    largest = eigenvalues[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
     kept = eigenvalues > GRAM_RELATIVE_TOLERANCE * largest
     root = torch.where(kept, eigenvalues.clamp_min(0).sqrt(), torch.zeros_like(eigenvalues))
     inverse_root = torch.where(kept, 1.0 / root.where(kept, torch.ones_like(root)), torch.zeros_like(root))
@@ -56,11 +62,12 @@ def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> Co
     """Lossless core space of concatenated scaled factors b_cat (..., out, R) and a_cat (..., R, in).
 
     Uses the R × R Gram matrices (in float64) instead of QRs of the tall factors: the same span,
-    at the cost of one small matrix product per side.
+    at the cost of one small matrix product per side. The bases are the singular bases of b_cat and
+    a_catᵀ (decreasing singular values), which fixes the coordinates element-wise rules see.
     """
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = _gram_frame(b64.mT @ b64)
-    right, r_a = _gram_frame(a64 @ a64.mT)
+    left, r_b = gram_frame(b64.mT @ b64)
+    right, r_a = gram_frame(a64 @ a64.mT)
     cores = torch.stack(
         [r_b[..., :, cols] @ r_a[..., :, cols].mT for cols in column_slices(ranks)],
         dim=-3,
@@ -127,16 +134,79 @@ def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return u.mT.unsqueeze(-3) @ cores @ v.unsqueeze(-3)
 
 
-def balanced_factors(
-    merged: torch.Tensor, left_map: torch.Tensor, right_map: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ΔW = (Q_B·L) · merged · (Q_A·Rm)ᵀ into LoRA maps with the singular values shared evenly.
+@dataclass(frozen=True)
+class Truncation:
+    """A merged matrix split into LoRA maps at rank k, and the share of its energy the cut dropped."""
 
-    Returns (to_b, to_a) with lora_B = b_cat @ to_b and lora_A = to_a @ a_cat; left_map/right_map are
-    the R × k maps from the concatenated factors to the frame (k = merged's size).
+    to_b: torch.Tensor  # (..., R or out, k)
+    to_a: torch.Tensor  # (..., k, R or in)
+    lost_energy: torch.Tensor  # (...,) Σ_{i>k} σ_i² / Σ σ_i² (0 for a zero matrix)
+
+
+def truncate(
+    merged: torch.Tensor,
+    rank: int,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+    spectrum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Truncation:
+    """Best rank-k split of ΔW = L · merged · Rmᵀ into LoRA maps, the singular values shared evenly.
+
+    Returns to_b = L·P_k·√S_k and to_a = √S_k·Q_kᵀ·Rmᵀ (L, Rm default to the identity), so that
+    lora_B = b_cat @ to_b, lora_A = to_a @ a_cat when L, Rm map the concatenated factors to the frame.
+    `spectrum` remaps the kept singular values first (a spectral rule's rank-k form; a negative value
+    puts its sign into to_b). lost_energy is measured on `merged`.
     """
-    p, s, qh = torch.linalg.svd(merged)
-    root = s.sqrt()
-    to_b = left_map @ (p * root.unsqueeze(-2))
-    to_a = (qh * root.unsqueeze(-1)) @ right_map.mT
-    return to_b, to_a
+    p, s, qh = torch.linalg.svd(merged, full_matrices=False)
+    kept = s[..., :rank] if spectrum is None else spectrum(s[..., :rank])
+    root = kept.abs().sqrt()
+    to_b = p[..., :rank] * (kept.sign() * root).unsqueeze(-2)
+    to_a = qh[..., :rank, :] * root.unsqueeze(-1)
+    if left_map is not None:
+        to_b = left_map @ to_b
+    if right_map is not None:
+        to_a = to_a @ right_map.mT
+    energy = s.square()
+    total = energy.sum(dim=-1)
+    lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return Truncation(to_b, to_a, torch.where(total > 0, lost, torch.zeros_like(total)))
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest matrix with orthonormal columns: P Qᵀ from the SVD P Σ Qᵀ (Procrustes)."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def _frobenius_squared(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """‖B·A‖² from the factors: Σ (BᵀB) ⊙ (AAᵀ), without forming B·A."""
+    return ((b.mT @ b) * (a @ a.mT)).sum(dim=(-2, -1)).clamp_min(0)
+
+
+def lowrank_relative_error(
+    b_out: torch.Tensor, a_out: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor
+) -> torch.Tensor:
+    """‖B_o A_o − B_r A_r‖ / ‖B_r A_r‖ in float64 from the factors alone (O((out+in)·k²) work)."""
+    b = torch.cat([b_out, -b_ref], dim=-1).to(torch.float64)
+    a = torch.cat([a_out, a_ref], dim=-2).to(torch.float64)
+    reference = _frobenius_squared(b_ref.to(torch.float64), a_ref.to(torch.float64))
+    return (_frobenius_squared(b, a) / reference.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+
+def energy_in_output_spaces(
+    b_out: torch.Tensor, a_out: torch.Tensor, b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]
+) -> torch.Tensor:
+    """Per task, ‖Π_col ΔW_t Π_row‖² / ‖ΔW_t‖²: the share of each update inside the output's column
+    and row spaces (1 for a task with no update). Shape (..., T)."""
+    b_out, a_out = b_out.to(torch.float64), a_out.to(torch.float64)
+    b_cat, a_cat = b_cat.to(torch.float64), a_cat.to(torch.float64)
+    to_columns, _ = gram_frame(b_out.mT @ b_out)
+    to_rows, _ = gram_frame(a_out @ a_out.mT)
+    left = to_columns.mT @ (b_out.mT @ b_cat)  # (..., k, R): Q_colᵀ B_cat
+    right = (a_cat @ a_out.mT) @ to_rows  # (..., R, k): A_cat Q_row
+    shares = []
+    for cols in column_slices(ranks):
+        kept = (left[..., cols] @ right[..., cols, :]).square().sum(dim=(-2, -1))
+        whole = _frobenius_squared(b_cat[..., cols], a_cat[..., cols, :])
+        shares.append(torch.where(whole > 0, kept / whole.clamp_min(1e-300), torch.ones_like(whole)))
+    return torch.stack(shares, dim=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 
 import torch
@@ -30,6 +30,7 @@ class ModuleStats:
     relative_error: float | None
     sweeps: int | None
     frame_energy: float | None
+    truncation_loss: float | None
     seconds: float
 
 
@@ -98,10 +99,11 @@ def merge_modules(
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
     weights = settings.weights.to(device)
-    settings = MergeSettings(**{**settings.__dict__, "weights": weights})
+    settings = replace(settings, weights=weights)
     for group in groups:
         started = time.perf_counter()
-        result = method.function(_load_group(adapters, group, device), settings)
+        group_settings = replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks)))
+        result = method.function(_load_group(adapters, group, device), group_settings)
         lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
         lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
         seconds = (time.perf_counter() - started) / len(group)
@@ -121,6 +123,7 @@ def merge_modules(
                     relative_error=_optional(result.relative_error, index, float),
                     sweeps=_optional(result.sweeps, index, int),
                     frame_energy=_optional(result.frame_energy, index, float),
+                    truncation_loss=_optional(result.truncation_loss, index, float),
                     seconds=seconds,
                 )
             )

@@ -18,7 +18,7 @@ from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
-from ctm_cli.methods import MergeSettings, Method, get_method
+from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import render_model_card
 from ctm_cli.plan import describe_plan
 from ctm_cli.publish import check_push_target, push_folder
@@ -84,6 +84,7 @@ class _Prepared:
     request: MergeRequest
     method: Method
     rule: Rule
+    method_params: dict[str, float]
     rule_params: dict[str, float]
     sources: list[ResolvedSource]
     adapters: list[Adapter]
@@ -98,6 +99,7 @@ class _Prepared:
         return {
             "method": self.method.name,
             "rule": self.rule.name,
+            "method_params": self.method_params,
             "rule_params": self.rule_params,
             "rank": self.request.rank,
             "beta": self.request.beta,
@@ -118,7 +120,7 @@ class _Prepared:
             method=self.method.name,
             rule=self.rule.name,
             rank=request.rank,
-            params=dict(self.rule_params),
+            params={**self.method_params, **self.rule_params},
             beta=request.beta,
             seed=request.seed,
             dtype=str(self.output_dtype).removeprefix("torch."),
@@ -186,9 +188,7 @@ def output_config(adapters: list[Adapter], ranks: dict[str, int]) -> dict[str, A
 def _prepare(request: MergeRequest) -> _Prepared:
     """Validate the settings, resolve and read the sources, check they fit together, group the modules."""
     method, rule = get_method(request.method), get_rule(request.rule)
-    rule_params = rule.resolve(request.rule_params)
-    if method.needs_linear_rule and not rule.linear:
-        raise UsageError(f"method {method.name} needs a linear rule (ta, mean); {rule.name} is not")
+    method_params, rule_params = resolve_settings(method, rule, request.rule_params)
     if not 0.0 <= request.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
     check_output(request.output, request.force)
@@ -199,11 +199,12 @@ def _prepare(request: MergeRequest) -> _Prepared:
     adapters = [Adapter(source.folder, source.source) for source in sources]
     specs = check_compatible(adapters)
     weights = _check_weights(request.weights, len(adapters))
-    check_rank(specs, request.rank, method.writes_total_rank)
+    check_rank(specs, request.rank, method, rule)
     return _Prepared(
         request=request,
         method=method,
         rule=rule,
+        method_params=method_params,
         rule_params=rule_params,
         sources=sources,
         adapters=adapters,
@@ -240,6 +241,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         rank=request.rank,
         rule=prepared.rule,
         rule_params=prepared.rule_params,
+        method_params=prepared.method_params,
         weights=torch.tensor(prepared.weights, dtype=torch.float64),
         beta=request.beta,
         generator=torch.Generator().manual_seed(request.seed),

@@ -22,7 +22,7 @@ def output_shapes(adapter: Adapter, specs: list[ModuleSpec], method: Method, ran
     shapes = {}
     for spec in specs:
         module = adapter.modules[spec.name]
-        output_rank = method.output_rank(rank, spec.total_rank)
+        output_rank = method.output_rank(rank, list(spec.ranks))
         shapes[module.a_key] = (output_rank, spec.in_features)
         shapes[module.b_key] = (spec.out_features, output_rank)
     return shapes
@@ -67,7 +67,7 @@ def describe_plan(
                 "name": spec.name,
                 "shape": [spec.out_features, spec.in_features],
                 "ranks": list(spec.ranks),
-                "output_rank": method.output_rank(rank, spec.total_rank),
+                "output_rank": method.output_rank(rank, list(spec.ranks)),
             }
             for spec in specs
         ],

@@ -52,6 +52,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The JSON report: inputs, settings, per-module statistics and their totals."""
     errors = [s.relative_error for s in stats if s.relative_error is not None]
+    losses = [s.truncation_loss for s in stats if s.truncation_loss is not None]
     per_adapter = [_mean([s.kept_energy[t] for s in stats]) for t in range(len(inputs))]
     return {
         "ctm_version": __version__,
@@ -63,6 +64,8 @@ def build_report(
             "mean_kept_energy_per_input": per_adapter,
             "mean_relative_error": _mean(errors),
             "max_relative_error": max(errors) if errors else None,
+            "mean_truncation_loss": _mean(losses),
+            "max_truncation_loss": max(losses) if losses else None,
             "seconds": seconds,
         },
         "modules": [asdict(s) for s in stats],
@@ -71,6 +74,27 @@ def build_report(
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def _error_line(settings: dict[str, Any], summary: dict[str, Any]) -> str:
+    if summary["mean_relative_error"] is None:
+        return (
+            f"- relative error: not computed ({settings['rule']} is nonlinear and {settings['method']} "
+            "never forms its full-space result)"
+        )
+    return (
+        f"- relative error against the full-rank {settings['rule']} merge: mean "
+        f"{_percent(summary['mean_relative_error'])}, worst {_percent(summary['max_relative_error'])}"
+    )
+
+
+def _truncation_lines(summary: dict[str, Any]) -> list[str]:
+    if summary["mean_truncation_loss"] is None:
+        return []
+    return [
+        f"- energy lost by the final truncation: mean {_percent(summary['mean_truncation_loss'])}, "
+        f"worst {_percent(summary['max_truncation_loss'])}"
+    ]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -83,8 +107,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"output rank **{summary['output_rank']}**, β = {settings['beta']}",
         f"- {summary['modules']} modules merged in {summary['seconds']:.2f} s on {settings['device']} "
         f"(ctm {report['ctm_version']})",
-        f"- relative error against the full-rank {settings['rule']} merge: mean "
-        f"{_percent(summary['mean_relative_error'])}, worst {_percent(summary['max_relative_error'])}",
+        _error_line(settings, summary),
+        *_truncation_lines(summary),
         "",
         "| input | r | alpha | weight | energy kept (mean over modules) |",
         "|---|---|---|---|---|",

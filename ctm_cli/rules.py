@@ -2,40 +2,84 @@
 
 A rule takes `stack` (..., T, m, n), `weights` (T,), its parameters and a torch.Generator, and
 returns the merged (..., m, n) matrix. The same rule runs on r × r coordinates (ctm), R × R cores
-(core) or full out × in updates (mtc).
+(core), the per-task right factors of KnOTS or full out × in updates (mtc). Randomness (dare) is
+drawn only from the generator, on the CPU, and then moved to the stack's device, so a seed gives
+the same draws on every device.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ctm_cli.core_space import polar
 from ctm_cli.errors import UsageError
 
 RuleFunction = Callable[[torch.Tensor, torch.Tensor, dict[str, float], torch.Generator | None], torch.Tensor]
+# Of a spectral rule: (singular values (..., k) in decreasing order, parameters, max(m, n)) -> new values.
+SpectrumMap = Callable[[torch.Tensor, dict[str, float], int], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Param:
-    """A rule parameter: default value, allowed closed range and a one-line meaning."""
+    """A rule or method parameter: default, allowed range (closed unless marked open) and meaning."""
 
     default: float
     low: float
     high: float
     doc: str
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+
+    def range_text(self) -> str:
+        """The allowed range as people write it, e.g. `[0, 1)` or `{0, 1}`."""
+        if self.integer:
+            return "{" + ", ".join(str(v) for v in range(int(self.low), int(self.high) + 1)) + "}"
+        return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+    def allows(self, value: float) -> bool:
+        """Whether `value` lies in the range (and is whole, for integer parameters)."""
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below and (not self.integer or float(value).is_integer())
+
+
+def resolve_params(owner: str, specs: dict[str, Param], given: dict[str, float]) -> dict[str, float]:
+    """Every parameter of `specs` with defaults filled in; out-of-range values refused naming the range."""
+    values = {name: float(given.get(name, spec.default)) for name, spec in specs.items()}
+    for name, value in values.items():
+        spec = specs[name]
+        if not spec.allows(value):
+            raise UsageError(f"{owner}: {name}={value:g} is out of range; allowed: {spec.range_text()}")
+    return values
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A registered merging rule."""
+    """A registered merging rule.
+
+    `linear`: the result is Σ_t c_t X_t for coefficients c_t that do not depend on the matrices, so
+    it commutes with any change of basis (and with truncation-free concatenation).
+    `spectrum` (spectral rules): the result is U · spectrum(S) · Vᵀ for the SVD U S Vᵀ of Σ w_t X_t, so
+    it commutes with orthonormal changes of basis (it runs exactly in core space), and its rank-k form
+    is the map applied to the top k triplets of the sum.
+    """
 
     name: str
     function: RuleFunction
     doc: str
     linear: bool
+    spectrum: SpectrumMap | None = None
     params: dict[str, Param] = field(default_factory=dict)
+
+    @property
+    def spectral(self) -> bool:
+        """Whether the rule only remaps the singular values of the weighted sum."""
+        return self.spectrum is not None
 
     def resolve(self, given: dict[str, float]) -> dict[str, float]:
         """Defaults filled in, unknown names and out-of-range values refused."""
@@ -43,24 +87,24 @@ class Rule:
         if unknown:
             allowed = ", ".join(sorted(self.params)) or "none"
             raise UsageError(f"rule {self.name!r} has no parameter {unknown[0]!r} (it takes: {allowed})")
-        values = {name: float(given.get(name, spec.default)) for name, spec in self.params.items()}
-        for name, value in values.items():
-            spec = self.params[name]
-            if not spec.low <= value <= spec.high:
-                raise UsageError(f"rule {self.name}: {name}={value} is outside [{spec.low}, {spec.high}]")
-        return values
+        return resolve_params(f"rule {self.name}", self.params, given)
 
 
 RULES: dict[str, Rule] = {}
 
 LAMBDA = Param(1.0, -1e6, 1e6, "scaling λ applied to the merged matrix")
+DENSITY = Param(0.2, 0.0, 1.0, "fraction of entries kept by magnitude", open_low=True)
+SIGN_COUNT = Param(0, 0, 1, "sign election: 0 = by total mass (TIES), 1 = by count (even split: by mass)", integer=True)
+DROP_RATE = Param(0.9, 0.0, 1.0, "probability p of dropping an entry (kept ones are scaled by 1/(1-p))", open_high=True)
 
 
-def register(name: str, doc: str, linear: bool, **params: Param) -> Callable[[RuleFunction], RuleFunction]:
+def register(
+    name: str, doc: str, linear: bool, spectrum: SpectrumMap | None = None, **params: Param
+) -> Callable[[RuleFunction], RuleFunction]:
     """Decorator adding a rule function to the registry under `name`."""
 
     def add(function: RuleFunction) -> RuleFunction:
-        RULES[name] = Rule(name=name, function=function, doc=doc, linear=linear, params=params)
+        RULES[name] = Rule(name=name, function=function, doc=doc, linear=linear, spectrum=spectrum, params=params)
         return function
 
     return add
@@ -73,9 +117,74 @@ def get_rule(name: str) -> Rule:
     return RULES[name]
 
 
+def linear_rule_names() -> list[str]:
+    """Names of the linear rules, for messages."""
+    return sorted(name for name, rule in RULES.items() if rule.linear)
+
+
+def linear_coefficients(
+    rule: Rule, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """The c_t of a linear rule (result = Σ c_t X_t), read off by applying it to one-hot 1 × 1 stacks."""
+    tasks = weights.shape[0]
+    one_hot = torch.eye(tasks, dtype=torch.float64, device=weights.device).view(tasks, tasks, 1, 1)
+    return rule.function(one_hot, weights, params, generator).view(tasks)
+
+
+def _task_weights(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return weights.to(stack).view(-1, 1, 1)
+
+
 def weighted_sum(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_t w_t X_t over the task axis (-3)."""
-    return (stack * weights.to(stack).view(-1, 1, 1)).sum(dim=-3)
+    return (stack * _task_weights(stack, weights)).sum(dim=-3)
+
+
+def kept_count(size: int, density: float) -> int:
+    """How many of `size` entries a density keeps: the nearest whole number, at least 1."""
+    return min(size, max(1, math.floor(density * size + 0.5)))
+
+
+def top_fraction_mask(matrices: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of each (m, n) matrix's `kept_count(m·n, density)` largest-magnitude entries.
+
+    Entries tied with the smallest kept magnitude are all kept.
+    """
+    magnitudes = matrices.abs().flatten(-2)
+    size = magnitudes.shape[-1]
+    threshold = magnitudes.kthvalue(size - kept_count(size, density) + 1, dim=-1, keepdim=True).values
+    return (magnitudes >= threshold).view(matrices.shape)
+
+
+def _disjoint_mean(stack: torch.Tensor, by_count: bool) -> torch.Tensor:
+    """TIES' sign election and disjoint mean over the task axis of an already trimmed, weighted stack."""
+    signs = stack.sign()
+    mass = stack.sum(dim=-3)
+    votes = torch.where(signs.sum(dim=-3) != 0, signs.sum(dim=-3), mass.sign()) if by_count else mass
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(stack).unsqueeze(-3)
+    agrees = signs == elected
+    count = agrees.sum(dim=-3).clamp_min(1)
+    return (stack * agrees).sum(dim=-3) / count
+
+
+def _ties(stack: torch.Tensor, weights: torch.Tensor, density: float, by_count: bool) -> torch.Tensor:
+    weighted = stack * _task_weights(stack, weights)
+    trimmed = weighted * top_fraction_mask(weighted, density) if density < 1 else weighted
+    return _disjoint_mean(trimmed, by_count)
+
+
+def _drop_and_rescale(stack: torch.Tensor, drop_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: zero each entry with probability p, scale the rest by 1/(1-p); u ~ U[0,1) float32 on the CPU."""
+    uniform = torch.rand(stack.shape, generator=generator, dtype=torch.float32, device="cpu")
+    keep = (uniform >= drop_rate).to(stack.device)
+    return stack * keep / (1.0 - drop_rate)
+
+
+def _numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tensor:
+    """Singular values above max(m, n)·eps·σ_max (as matrix_rank counts them); `size` is max(m, n)."""
+    eps = torch.finfo(singular_values.dtype).eps
+    largest = singular_values[..., :1]
+    return singular_values > size * eps * largest
 
 
 @register("ta", "task arithmetic: λ · Σ w_t X_t", linear=True, **{"lambda": LAMBDA})
@@ -95,3 +204,122 @@ def weighted_mean(
     if total == 0:
         raise UsageError("rule mean: the weights sum to zero")
     return weighted_sum(stack, weights) / total
+
+
+@register(
+    "ties",
+    "TIES: keep each w_t X_t's top entries by magnitude, elect a sign per entry, average the agreeing ones; × λ",
+    linear=False,
+    density=DENSITY,
+    sign_count=SIGN_COUNT,
+    **{"lambda": LAMBDA},
+)
+def ties(
+    stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023) on the weighted matrices w_t X_t.
+
+    Trim: keep each matrix's `density` fraction of entries by magnitude. Elect: per entry the sign of
+    the summed kept values (sign_count=0) or of the summed signs (1; an even split is decided by the
+    summed values); an exact zero goes to +. Breaking even splits by mass rather than always to +
+    keeps the rule equivariant to sign flips of the basis, which SVD-based frames leave arbitrary.
+    Disjoint mean: the mean of the kept values with the elected sign (zero where none). Times λ.
+    """
+    return params["lambda"] * _ties(stack, weights, params["density"], bool(params["sign_count"]))
+
+
+@register(
+    "dare",
+    "DARE: drop entries with probability p, rescale by 1/(1-p), then task arithmetic λ · Σ w_t X_t",
+    linear=False,
+    drop_rate=DROP_RATE,
+    **{"lambda": LAMBDA},
+)
+def dare(
+    stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """DARE (Yu et al. 2024) then task arithmetic; the drop mask comes from the seeded generator."""
+    return params["lambda"] * weighted_sum(_drop_and_rescale(stack, params["drop_rate"], generator), weights)
+
+
+@register(
+    "dare_ties",
+    "DARE then TIES: random drop and rescale, optional magnitude trim (density), sign election, disjoint mean; × λ",
+    linear=False,
+    drop_rate=DROP_RATE,
+    density=Param(1.0, 0.0, 1.0, "fraction kept by the TIES trim after the drop (1 = no trim)", open_low=True),
+    sign_count=SIGN_COUNT,
+    **{"lambda": LAMBDA},
+)
+def dare_ties(
+    stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """DARE's random drop and rescale, then TIES (trim by `density`, 1 = none as in PEFT and MergeKit)."""
+    dropped = _drop_and_rescale(stack, params["drop_rate"], generator)
+    return params["lambda"] * _ties(dropped, weights, params["density"], bool(params["sign_count"]))
+
+
+@register(
+    "tsv",
+    "task singular vectors: each w_t X_t's top 1/T singular triplets, U's and V's orthogonalised, summed; × λ",
+    linear=False,
+    **{"lambda": LAMBDA},
+)
+def task_singular_vectors(
+    stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """TSV-Merge (Gargiulo et al. 2025).
+
+    Each task keeps its top k = max(1, ⌊min(m, n)/T⌋) singular triplets of w_t X_t (triplets with a
+    numerically zero singular value are left out, as their vectors are arbitrary). The kept U's and
+    V's are concatenated and each replaced by its polar factor (U → PQᵀ from U = PΣQᵀ); the result is
+    U⊥ · diag(σ) · V⊥ᵀ, times λ.
+    """
+    tasks, m, n = stack.shape[-3:]
+    keep = max(1, min(m, n) // tasks)
+    u, s, vh = torch.linalg.svd(stack * _task_weights(stack, weights), full_matrices=False)
+    u, s, vh = u[..., :keep], s[..., :keep], vh[..., :keep, :]
+    s = s * _numerical_rank_mask(s, max(m, n))
+    present = (s > 0).to(stack.dtype)
+    u_cat = (u * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], m, tasks * keep)
+    v_cat = (vh.mT * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], n, tasks * keep)
+    sigma = s.reshape(*stack.shape[:-3], tasks * keep)
+    return params["lambda"] * (polar(u_cat) * sigma.unsqueeze(-2)) @ polar(v_cat).mT
+
+
+def isotropic_spectrum(singular_values: torch.Tensor, params: dict[str, float], size: int) -> torch.Tensor:
+    """Iso-C's spectrum: the numerically nonzero singular values replaced by their mean, times λ."""
+    present = _numerical_rank_mask(singular_values, size).to(singular_values.dtype)
+    mean = (singular_values * present).sum(dim=-1, keepdim=True) / present.sum(dim=-1, keepdim=True).clamp_min(1)
+    return params["lambda"] * mean * present
+
+
+@register(
+    "iso_c",
+    "Iso-C: SVD of Σ w_t X_t with its nonzero singular values replaced by their mean; × λ",
+    linear=False,
+    spectrum=isotropic_spectrum,
+    **{"lambda": LAMBDA},
+)
+def isotropic_common(
+    stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """Iso-C (Marczak et al. 2025): flatten the spectrum of the sum over its numerical rank."""
+    total = weighted_sum(stack, weights)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return (u * isotropic_spectrum(s, params, max(total.shape[-2:])).unsqueeze(-2)) @ vh
+
+
+@register(
+    "magnitude_prune",
+    "magnitude pruning: keep the top entries of Σ w_t X_t by magnitude (density); × λ",
+    linear=False,
+    density=DENSITY,
+    **{"lambda": LAMBDA},
+)
+def magnitude_prune(
+    stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """The weighted sum with all but its `density` fraction of largest-magnitude entries zeroed, times λ."""
+    total = weighted_sum(stack, weights)
+    return params["lambda"] * total * top_fraction_mask(total, params["density"])

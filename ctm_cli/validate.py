@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ctm_cli.adapter import Adapter
 from ctm_cli.errors import IncompatibleError, InputError, UsageError
+from ctm_cli.methods import Method
+from ctm_cli.rules import Rule
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,6 @@ class ModuleSpec:
     def total_rank(self) -> int:
         """R = Σ r_t for this module."""
         return sum(self.ranks)
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank any merge of this module can have."""
-        return min(self.total_rank, self.out_features, self.in_features)
 
 
 def _refuse_unsupported(adapter: Adapter) -> None:
@@ -89,16 +86,25 @@ def check_compatible(adapters: list[Adapter]) -> list[ModuleSpec]:
     return specs
 
 
-def check_rank(specs: list[ModuleSpec], rank: int, writes_total_rank: bool) -> None:
-    """Refuse an output rank that is not positive or exceeds what some module can hold."""
-    if writes_total_rank:
+def check_rank(specs: list[ModuleSpec], rank: int, method: Method, rule: Rule) -> None:
+    """Refuse an output rank the method cannot write for some module, naming the allowed range.
+
+    Methods with a natural rank (cat, robustmerge) ignore --rank; core and knots take 0 for "no
+    truncation" (rank R); otherwise 1 ≤ rank ≤ the method's limit for every module.
+    """
+    if method.natural_rank is not None or (rank == 0 and method.zero_is_full):
         return
+    full = " (or 0 for the full rank R)" if method.zero_is_full else ""
     if rank <= 0:
-        raise UsageError(f"--rank must be a positive integer, got {rank}")
-    tightest = min(specs, key=lambda spec: spec.max_rank)
-    if rank > tightest.max_rank:
+        raise UsageError(f"--rank must be a positive integer for method {method.name}{full}, got {rank}")
+
+    def limit(spec: ModuleSpec) -> int:
+        return method.rank_limit(spec.total_rank, spec.out_features, spec.in_features, rule)
+
+    tightest = min(specs, key=limit)
+    if rank > limit(tightest):
         raise UsageError(
-            f"--rank {rank} is larger than possible: module {tightest.name} allows at most "
-            f"{tightest.max_rank} (min of R={tightest.total_rank}, out={tightest.out_features}, "
-            f"in={tightest.in_features}); choose 1..{tightest.max_rank}"
+            f"--rank {rank} is larger than possible for method {method.name}: module {tightest.name} allows at "
+            f"most {limit(tightest)} (R={tightest.total_rank}, out={tightest.out_features}, "
+            f"in={tightest.in_features}); choose 1..{limit(tightest)}{full}"
         )
