@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ctm_cli.errors import InputError
+from ctm_cli.errors import IncompatibleError, InputError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -67,8 +67,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise InputError(f"{path}: no peft_type field; not a PEFT adapter config")
     if peft_type != "LORA":
-        raise InputError(f"{path}: peft_type is {peft_type!r}; ctm merges LoRA adapters only")
+        raise IncompatibleError(f"{path}: peft_type is {peft_type!r}; ctm merges LoRA adapters only")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
             raise InputError(f"{path}: field {key!r} is missing or not a number")
@@ -85,8 +87,10 @@ class _BinReader:
             self._tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InputError(f"{path}: cannot be loaded as a weights-only torch file ({exc})") from exc
-        if not isinstance(self._tensors, dict):
-            raise InputError(f"{path}: expected a dict of tensors")
+        if not isinstance(self._tensors, dict) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in self._tensors.items()
+        ):
+            raise InputError(f"{path}: expected a dict of named tensors")
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -125,8 +129,8 @@ class _SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slices[key].get_shape())
 
-    def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype(), torch.float32)
+    def dtype(self, key: str) -> torch.dtype | None:
+        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype())
 
     def get(self, key: str) -> torch.Tensor:
         try:
@@ -141,6 +145,7 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
 
 
 class Adapter:
@@ -197,10 +202,13 @@ class Adapter:
             raise InputError(f"{self.weights_path}: module {name} has no {missing} factor")
         a_shape, b_shape = self._reader.shape(keys[a_name]), self._reader.shape(keys[b_name])
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise InputError(
-                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors; "
+            raise IncompatibleError(
+                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors (a convolution LoRA?); "
                 "only linear and embedding LoRA (2-d factors) can be merged"
             )
+        for key in (keys[a_name], keys[b_name]):
+            if self._reader.dtype(key) not in FLOAT_DTYPES:
+                raise InputError(f"{self.weights_path}: tensor {key} is not a float16/bfloat16/float32/float64 tensor")
         rank = a_shape[0]
         if b_shape[1] != rank:
             raise InputError(

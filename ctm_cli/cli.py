@@ -123,6 +123,12 @@ def merge(
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary output."),
+    modules_to_save: str | None = typer.Option(
+        None, "--modules-to-save", help="Non-LoRA tensors (heads): drop, first or mean (default: refuse)."
+    ),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Merge a module some adapters lack as a zero update for them."
+    ),
 ) -> None:
     """Merge adapters into one rank-r PEFT adapter.
 
@@ -148,6 +154,8 @@ def merge(
             seed=seed,
             max_memory=max_memory_mb * 1024**2,
             force=force,
+            modules_to_save=modules_to_save,
+            allow_missing=allow_missing,
         )
         bar = _ProgressBar(quiet or as_json)
         try:

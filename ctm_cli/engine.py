@@ -10,6 +10,7 @@ from itertools import groupby
 import torch
 
 from ctm_cli.adapter import Adapter
+from ctm_cli.errors import InputError
 from ctm_cli.methods import FactorGroup, MergeSettings, Method
 from ctm_cli.validate import ModuleSpec
 
@@ -67,18 +68,40 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpe
     return groups
 
 
+def _factors(adapter: Adapter, spec: ModuleSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, s·B) of one module on the device in the compute dtype; rank-0 zeros where the adapter lacks it."""
+    if spec.name not in adapter.modules:
+        empty = torch.zeros(0, dtype=COMPUTE_DTYPE, device=device)
+        return empty.reshape(0, spec.in_features), empty.reshape(spec.out_features, 0)
+    a, b = adapter.factors(spec.name)
+    scale = adapter.modules[spec.name].scale
+    return a.to(device=device, dtype=COMPUTE_DTYPE), b.to(device=device, dtype=COMPUTE_DTYPE) * scale
+
+
+def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> None:
+    """Name the first adapter file and module whose (scaled) factors hold NaN or infinite values."""
+    for spec in group:
+        for adapter in adapters:
+            if not all(bool(torch.isfinite(factor).all()) for factor in _factors(adapter, spec, device)):
+                raise InputError(f"{adapter.weights_path}: module {spec.name} has NaN or infinite values")
+
+
 def _load_group(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> FactorGroup:
     b_stack, a_stack = [], []
     for spec in group:
-        b_parts, a_parts = [], []
-        for adapter in adapters:
-            a, b = adapter.factors(spec.name)
-            scale = adapter.modules[spec.name].scale
-            b_parts.append(b.to(device=device, dtype=COMPUTE_DTYPE) * scale)
-            a_parts.append(a.to(device=device, dtype=COMPUTE_DTYPE))
+        a_parts, b_parts = zip(*(_factors(adapter, spec, device) for adapter in adapters), strict=True)
         b_stack.append(torch.cat(b_parts, dim=1))
         a_stack.append(torch.cat(a_parts, dim=0))
-    return FactorGroup(b_cat=torch.stack(b_stack), a_cat=torch.stack(a_stack), ranks=list(group[0].ranks))
+    b_cat, a_cat = torch.stack(b_stack), torch.stack(a_stack)
+    if not bool(torch.isfinite(b_cat).all() & torch.isfinite(a_cat).all()):
+        _refuse_non_finite(adapters, group, device)
+    return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
+
+
+def _output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
+    """The (A, B) weight keys of a module as the first adapter that has it spells them."""
+    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
+    return module.a_key, module.b_key
 
 
 def _optional(values: torch.Tensor | None, index: int, kind: type) -> float | int | None:
@@ -105,11 +128,10 @@ def merge_modules(
         lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
         lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
         seconds = (time.perf_counter() - started) / len(group)
-        module_keys = adapters[0].modules
         for index, spec in enumerate(group):
-            module = module_keys[spec.name]
-            tensors[module.a_key] = lora_a[index].contiguous()
-            tensors[module.b_key] = lora_b[index].contiguous()
+            a_key, b_key = _output_keys(adapters, spec.name)
+            tensors[a_key] = lora_a[index].contiguous()
+            tensors[b_key] = lora_b[index].contiguous()
             stats.append(
                 ModuleStats(
                     name=spec.name,

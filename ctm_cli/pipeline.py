@@ -18,16 +18,19 @@ from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
+from ctm_cli.extra_tensors import keep_extra_tensors
 from ctm_cli.methods import MergeSettings, get_method
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import get_rule
 from ctm_cli.sources import resolve_source
-from ctm_cli.validate import check_compatible, check_rank
+from ctm_cli.validate import check_compatible, check_rank, missing_modules
 from ctm_cli.writer import check_output, write_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that describe one adapter's training and no longer hold for the merge.
-_RESET_FIELDS = {"use_rslora": False, "inference_mode": True, "modules_to_save": None}
+_RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
+# Config fields that decide which modules PEFT wraps.
+_TARGETING_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 @dataclass
@@ -47,6 +50,8 @@ class MergeRequest:
     seed: int = 0
     max_memory: int = DEFAULT_MAX_MEMORY
     force: bool = False
+    modules_to_save: str | None = None
+    allow_missing: bool = False
 
 
 def _check_weights(weights: list[float] | None, count: int) -> list[float]:
@@ -69,31 +74,36 @@ def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype
     return found.pop() if len(found) == 1 else torch.float32
 
 
-def _union_targets(adapters: list[Adapter]) -> list[str] | str:
-    targets = [a.config.get("target_modules") for a in adapters]
-    if all(isinstance(t, list) for t in targets):
-        return sorted({name for t in targets for name in t})
-    if all(t == targets[0] for t in targets):
-        return targets[0]
-    names = adapters[0].modules
-    return sorted({name.removeprefix("base_model.model.") for name in names})
+def _comparable(value: Any) -> Any:
+    return sorted(map(repr, value)) if isinstance(value, list) else value
 
 
-def output_config(adapters: list[Adapter], ranks: dict[str, int]) -> dict[str, Any]:
+def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
+    """Config fields that make PEFT wrap exactly the merged modules: the inputs' own when they all agree and
+    each input has exactly those modules, else the explicit list of module paths (spellings and regexes differ)."""
+    fields = [{key: _comparable(a.config.get(key)) for key in _TARGETING_FIELDS} for a in adapters]
+    if all(f == fields[0] for f in fields) and all(set(a.modules) == set(names) for a in adapters):
+        return {key: adapters[0].config.get(key) for key in _TARGETING_FIELDS}
+    paths = sorted(name.removeprefix(MODEL_PREFIX) for name in names)
+    return {"target_modules": paths, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
+
+
+def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None) -> dict[str, Any]:
     """The merged adapter's config: the first input's fields, with the written ranks, scale 1 everywhere
-    (alpha = r, per module through rank/alpha patterns where a module's rank differs) and the union of targets."""
+    (alpha = r, per module through rank/alpha patterns where a module's rank differs), targets that wrap
+    exactly the merged modules, and the `modules_to_save` of the kept non-LoRA tensors."""
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(n.removeprefix(MODEL_PREFIX)): r for n, r in ranks.items() if r != rank}
     config = dict(adapters[0].config)
     config.update(_RESET_FIELDS)
-    layers = [a.config.get("layers_to_transform") for a in adapters]
+    config.update(_targeting(adapters, sorted(ranks)))
     config.update(
         r=rank,
         lora_alpha=rank,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        target_modules=_union_targets(adapters),
-        layers_to_transform=layers[0] if all(x == layers[0] for x in layers) else None,
+        modules_to_save=modules_to_save,
+        fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
     )
     return config
 
@@ -109,7 +119,8 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
     check_output(request.output, request.force)
     adapters = [Adapter(resolve_source(source), source) for source in request.sources]
-    specs = check_compatible(adapters)
+    specs = check_compatible(adapters, request.allow_missing)
+    kept = keep_extra_tensors(adapters, request.modules_to_save)
     weights = _check_weights(request.weights, len(adapters))
     check_rank(specs, request.rank, method.writes_total_rank)
     device = resolve_device(request.device)
@@ -126,7 +137,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     merged = merge_modules(
         adapters, plan_groups(specs, request.max_memory), method, settings, device, output_dtype, on_progress
     )
-    config = output_config(adapters, {s.name: s.output_rank for s in merged.stats})
+    config = output_config(adapters, {s.name: s.output_rank for s in merged.stats}, kept.modules_to_save)
     report_settings = {
         "method": method.name,
         "rule": rule.name,
@@ -139,7 +150,10 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         "dtype": str(output_dtype).removeprefix("torch."),
     }
     inputs = [describe_input(a, w) for a, w in zip(adapters, weights, strict=True)]
+    for item, missing in zip(inputs, missing_modules(adapters, specs), strict=True):
+        item["missing_modules"] = missing
     report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
+    report["extra_tensors"] = kept.report
     metadata = {
         "format": "pt",
         "ctm_version": __version__,
@@ -148,7 +162,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     }
     write_adapter(
         request.output,
-        merged.tensors,
+        merged.tensors | kept.tensors,
         config,
         metadata,
         {

@@ -66,7 +66,8 @@ def _replace(staging: Path, path: Path) -> None:
     path.rename(retired / path.name)
     try:
         staging.rename(path)
-    except OSError:
+    except BaseException:  # an OSError or an interrupt: put the old output back
         (retired / path.name).rename(path)
+        retired.rmdir()
         raise
     shutil.rmtree(retired, ignore_errors=True)
