@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,12 @@ MODEL_PREFIX = "base_model.model."
 # (module name, factor) from a weight key; PEFT drops the adapter name when saving.
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 _LFS_MAGIC = b"version https://git-lfs"
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: (.*?)(?: Please|$)", re.MULTILINE)
+
+
+def _first_line(text: str) -> str:
+    """The first non-blank line of a library's (possibly multi-line) error text."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,15 @@ class _BinReader:
     def __init__(self, path: Path):
         try:
             self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = _UNPICKLER_REASON.search(str(exc))
+            reason = found[1] if found else _first_line(str(exc))
+            raise InputError(
+                f"{path}: refused: the pickle holds code or objects other than tensors ({reason}); "
+                "ctm loads .bin files weights-only and never runs their code"
+            ) from exc
         except Exception as exc:
-            raise InputError(f"{path}: cannot be loaded as a weights-only torch file ({exc})") from exc
+            raise InputError(f"{path}: not a loadable torch file ({_first_line(str(exc))})") from exc
         if not isinstance(self._tensors, dict) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in self._tensors.items()
         ):
@@ -120,7 +134,7 @@ class _SafetensorsReader:
             self._keys = list(self._file.keys())
             self._slices = {key: self._file.get_slice(key) for key in self._keys}
         except Exception as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise InputError(f"{path}: not a readable safetensors file ({_first_line(str(exc))})") from exc
         self._path = path
 
     def names(self) -> list[str]:
@@ -136,7 +150,7 @@ class _SafetensorsReader:
         try:
             return self._file.get_tensor(key)
         except Exception as exc:
-            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({exc})") from exc
+            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({_first_line(str(exc))})") from exc
 
 
 _SAFETENSORS_DTYPES = {

@@ -67,7 +67,8 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except CtmError as exc:
-        stderr.print(f"[red]ctm: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        message = " ".join(str(exc).splitlines())  # always one line
+        stderr.print(f"[red]ctm: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("ctm: interrupted; nothing was written")
@@ -87,7 +88,14 @@ class _ProgressBar:
         self._progress = (
             None
             if quiet
-            else Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr)
+            else Progress(
+                TextColumn("merging"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=stderr,
+                transient=True,
+            )
         )
         self._task = None
 

@@ -70,27 +70,14 @@ def load_base(tiny_llama_dir) -> Callable[[], torch.nn.Module]:
     return load
 
 
-def _save_peft_adapter(
-    model,
-    folder: Path,
-    r: int,
-    alpha: float,
-    use_rslora: bool,
-    targets: tuple[str, ...],
-    seed: int,
-    base_model: str,
-    rank_pattern: dict[str, int] | None = None,
-) -> None:
+def save_peft_adapter(model, folder: Path, seed: int, base_model: str, **lora_options) -> Path:
+    """Save a real PEFT LoRA adapter (random, non-zero factors) of a copy of `model` to `folder`.
+
+    `lora_options` go to peft.LoraConfig; the config's base_model_name_or_path is set to `base_model`.
+    """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=list(targets),
-        rank_pattern=dict(rank_pattern or {}),
-        init_lora_weights=False,
-    )
+    config = LoraConfig(init_lora_weights=False, **lora_options)
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(folder)
@@ -98,6 +85,7 @@ def _save_peft_adapter(
     saved = json.loads(config_path.read_text())
     saved["base_model_name_or_path"] = base_model
     config_path.write_text(json.dumps(saved, indent=2))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +115,16 @@ def make_adapter(tmp_path_factory, tiny_llama_model) -> Callable[..., Path]:
             if overrides not in models:
                 models[overrides] = build_tiny_llama(**dict(overrides))
             folder = tmp_path_factory.mktemp(f"adapter-r{r}-s{seed}")
-            _save_peft_adapter(
-                models[overrides], folder, r, alpha, use_rslora, tuple(targets), seed, base_model, dict(patterns)
+            save_peft_adapter(
+                models[overrides],
+                folder,
+                seed,
+                base_model,
+                r=r,
+                lora_alpha=alpha,
+                use_rslora=use_rslora,
+                target_modules=list(targets),
+                rank_pattern=dict(patterns),
             )
             cache[key] = folder
         return cache[key]
@@ -147,3 +143,29 @@ def run_ctm(*args: str | Path, env: dict[str, str] | None = None):
 def listing(folder: Path) -> list[str]:
     """Every entry of a folder, hidden ones included, sorted."""
     return sorted(path.name for path in folder.iterdir())
+
+
+def single_error_line(stderr: str) -> str:
+    """The one non-blank line of stderr (fails if there are more)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def fails(args: list, code: int, parent: Path) -> str:
+    """Run `ctm ARGS`, expect exit `code`, an error line, and no change in `parent`; return stderr."""
+    before = listing(parent)
+    result = run_ctm(*args)
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert listing(parent) == before
+    line = single_error_line(result.stderr)
+    assert line.startswith("ctm: error:")
+    return line
+
+
+@pytest.fixture
+def out_parent(tmp_path) -> Path:
+    """An empty folder that holds only the output (so any stray file or temp folder shows)."""
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    return parent
