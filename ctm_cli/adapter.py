@@ -79,11 +79,45 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if peft_type != "LORA":
         raise IncompatibleError(f"{path}: peft_type is {peft_type!r}; ctm merges LoRA adapters only")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
-            raise InputError(f"{path}: field {key!r} is missing or not a number")
+        if not _is_number(config.get(key)):
+            raise InputError(f"{path}: field {key!r} is missing or not a finite number")
     if config["r"] <= 0:
         raise InputError(f"{path}: r must be positive, got {config['r']}")
+    for key, (is_valid, expected) in _OPTIONAL_FIELDS.items():
+        if config.get(key) is not None and not is_valid(config[key]):
+            raise InputError(f"{path}: field {key!r} must be {expected}, got {config[key]!r}")
     return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_pattern(value: Any) -> bool:
+    """A rank/alpha pattern: an object from valid regular expressions to finite numbers."""
+    if not isinstance(value, dict) or not all(_is_number(number) for number in value.values()):
+        return False
+    try:
+        for key in value:
+            re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        return False
+    return True
+
+
+# Optional config fields ctm reads: (check, what the value must be).
+_OPTIONAL_FIELDS = {
+    "use_rslora": (lambda value: isinstance(value, bool), "true or false"),
+    "fan_in_fan_out": (lambda value: isinstance(value, bool), "true or false"),
+    "rank_pattern": (_is_pattern, "an object of regular expressions to numbers"),
+    "alpha_pattern": (_is_pattern, "an object of regular expressions to numbers"),
+    "target_modules": (lambda value: isinstance(value, str) or _is_names(value), "a list of names or a regex"),
+    "modules_to_save": (_is_names, "a list of names"),
+}
 
 
 class _BinReader:

@@ -10,7 +10,7 @@ from itertools import groupby
 import torch
 
 from ctm_cli.adapter import Adapter
-from ctm_cli.errors import InputError
+from ctm_cli.errors import InputError, UsageError
 from ctm_cli.methods import FactorGroup, MergeSettings, Method
 from ctm_cli.validate import ModuleSpec
 
@@ -68,6 +68,10 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpe
     return groups
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
 def _factors(adapter: Adapter, spec: ModuleSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, s·B) of one module on the device in the compute dtype; rank-0 zeros where the adapter lacks it."""
     if spec.name not in adapter.modules:
@@ -82,7 +86,7 @@ def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], device:
     """Name the first adapter file and module whose (scaled) factors hold NaN or infinite values."""
     for spec in group:
         for adapter in adapters:
-            if not all(bool(torch.isfinite(factor).all()) for factor in _factors(adapter, spec, device)):
+            if not _finite(*_factors(adapter, spec, device)):
                 raise InputError(f"{adapter.weights_path}: module {spec.name} has NaN or infinite values")
 
 
@@ -93,9 +97,19 @@ def _load_group(adapters: list[Adapter], group: list[ModuleSpec], device: torch.
         b_stack.append(torch.cat(b_parts, dim=1))
         a_stack.append(torch.cat(a_parts, dim=0))
     b_cat, a_cat = torch.stack(b_stack), torch.stack(a_stack)
-    if not bool(torch.isfinite(b_cat).all() & torch.isfinite(a_cat).all()):
+    if not _finite(b_cat, a_cat):
         _refuse_non_finite(adapters, group, device)
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
+
+
+def _refuse_overflow(lora_a: torch.Tensor, lora_b: torch.Tensor, group: list[ModuleSpec], dtype: torch.dtype) -> None:
+    """Refuse merged factors that are not finite, in the compute dtype or once cast to the output dtype."""
+    name = group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
+    if not _finite(lora_a, lora_b):
+        raise InputError(f"{name}: the merged factors overflow float32 (input values times --weights too large)")
+    if not _finite(lora_a.to(dtype), lora_b.to(dtype)):
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise UsageError(f"{name}: the merged factors overflow {dtype_name}; use --dtype float32")
 
 
 def _output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
@@ -125,6 +139,7 @@ def merge_modules(
     for group in groups:
         started = time.perf_counter()
         result = method.function(_load_group(adapters, group, device), settings)
+        _refuse_overflow(result.lora_a, result.lora_b, group, output_dtype)
         lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
         lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
         seconds = (time.perf_counter() - started) / len(group)

@@ -29,8 +29,8 @@ from ctm_cli.writer import check_output, write_adapter
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that describe one adapter's training and no longer hold for the merge.
 _RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
-# Config fields that decide which modules PEFT wraps.
-_TARGETING_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+# Config fields that narrow down which of the target modules PEFT wraps.
+_LAYER_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 @dataclass
@@ -74,18 +74,25 @@ def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype
     return found.pop() if len(found) == 1 else torch.float32
 
 
-def _comparable(value: Any) -> Any:
-    return sorted(map(repr, value)) if isinstance(value, list) else value
+def _listed(path: str, targets: list[str]) -> bool:
+    """PEFT's rule for a list of target names: the module path itself or a suffix after a dot."""
+    return any(path == target or path.endswith(f".{target}") for target in targets)
 
 
 def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
-    """Config fields that make PEFT wrap exactly the merged modules: the inputs' own when they all agree and
-    each input has exactly those modules, else the explicit list of module paths (spellings and regexes differ)."""
-    fields = [{key: _comparable(a.config.get(key)) for key in _TARGETING_FIELDS} for a in adapters]
-    if all(f == fields[0] for f in fields) and all(set(a.modules) == set(names) for a in adapters):
-        return {key: adapters[0].config.get(key) for key in _TARGETING_FIELDS}
+    """Config fields that make PEFT wrap exactly the merged modules: the inputs' own list of target names when
+    they all share it, have exactly these modules and no layer filters, else the explicit list of module paths
+    (as when targets are spelled differently, given as regexes, or filtered by layer)."""
     paths = sorted(name.removeprefix(MODEL_PREFIX) for name in names)
-    return {"target_modules": paths, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
+    targets = adapters[0].config.get("target_modules")
+    compact = (
+        isinstance(targets, list)
+        and all(sorted(a.config.get("target_modules") or []) == sorted(targets) for a in adapters)
+        and all(set(a.modules) == set(names) for a in adapters)
+        and not any(a.config.get(key) for a in adapters for key in _LAYER_FIELDS)
+        and all(_listed(path, targets) for path in paths)
+    )
+    return {"target_modules": targets if compact else paths, **dict.fromkeys(_LAYER_FIELDS)}
 
 
 def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None) -> dict[str, Any]:

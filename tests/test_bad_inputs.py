@@ -190,6 +190,19 @@ def test_weights_not_finite(good, other, out_parent, weights):
     assert "--weights must be finite" in line
 
 
+@pytest.mark.parametrize(
+    ("options", "code", "words"),
+    [
+        (["--weights", "1e300,1"], 3, "overflow float32"),
+        (["--weights", "1e12,1", "--dtype", "float16"], 2, "overflow float16"),
+    ],
+    ids=["float32", "float16-output"],
+)
+def test_merged_factors_overflow(good, other, out_parent, options, code, words):
+    line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4", *options], code, out_parent)
+    assert words in line and "model.layers." in line
+
+
 def test_negative_weights_are_task_negation(good, other, out_parent):
     result = run_ctm("merge", good, other, "-o", out_parent / "out", "--rank", "4", "--weights", "1,-1")
     assert result.exit_code == 0, result.stderr
