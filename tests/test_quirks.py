@@ -163,6 +163,12 @@ def test_real_gpt2_score_head_first_and_mean(tmp_path, policy):
     want = heads[0] if policy == "first" else ((heads[0].double() + heads[1].double()) / 2).float()
     assert torch.equal(load_file(str(out / WEIGHTS))[SCORE], want)
     assert config_of(out)["modules_to_save"] == ["score"]  # PEFT saved `score` without listing it
+    if policy == "mean":  # GPT-2's architecture (random weights: the base model cannot be downloaded here)
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        torch.manual_seed(0)
+        base = GPT2ForSequenceClassification(GPT2Config(num_labels=6, pad_token_id=0)).eval()
+        check_peft_forward(lambda: copy.deepcopy(base), out, replaced={SCORE: want})
 
 
 @needs_shared
