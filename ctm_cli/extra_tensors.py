@@ -3,6 +3,7 @@ which of them the merged adapter keeps: refused by default, or dropped, taken fr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ def _carriers(adapters: list[Adapter]) -> dict[str, list[Adapter]]:
 
 
 def _load(adapter: Adapter, key: str) -> torch.Tensor:
-    tensor = adapter.tensor(key)
+    """A stored tensor as a contiguous copy of its own (a legacy .bin may hold views of shared storage)."""
+    tensor = adapter.tensor(key).clone(memory_format=torch.contiguous_format)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise InputError(f"{adapter.weights_path}: tensor {key} has NaN or infinite values")
     return tensor
@@ -66,7 +68,7 @@ def _mean(adapters: list[Adapter], key: str) -> torch.Tensor:
             )
     tensors = [_load(adapter, key) for adapter in adapters]
     total = sum(tensor.to(torch.float64) for tensor in tensors)
-    return (total / len(tensors)).to(torch.result_type(*tensors) if len(tensors) > 1 else tensors[0].dtype)
+    return (total / len(tensors)).to(functools.reduce(torch.promote_types, (tensor.dtype for tensor in tensors)))
 
 
 def _entry(key: str, action: str, adapters: list[Adapter]) -> dict[str, Any]:

@@ -84,10 +84,10 @@ def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
     they all share it, have exactly these modules and no layer filters, else the explicit list of module paths
     (as when targets are spelled differently, given as regexes, or filtered by layer)."""
     paths = sorted(name.removeprefix(MODEL_PREFIX) for name in names)
-    targets = adapters[0].config.get("target_modules")
+    lists = [a.config.get("target_modules") for a in adapters]
+    targets = lists[0]
     compact = (
-        isinstance(targets, list)
-        and all(sorted(a.config.get("target_modules") or []) == sorted(targets) for a in adapters)
+        all(isinstance(t, list) and sorted(t) == sorted(targets) for t in lists)
         and all(set(a.modules) == set(names) for a in adapters)
         and not any(a.config.get(key) for a in adapters for key in _LAYER_FIELDS)
         and all(_listed(path, targets) for path in paths)

@@ -209,18 +209,20 @@ def head_trained(folder: Path, key: str, seed: int) -> torch.Tensor:
 
 
 def test_peft_modules_to_save_mean_loads_in_peft(tiny_llama_model, load_base, tmp_path):
+    """Three adapters with a trained lm_head (modules_to_save), one stored in bfloat16: the mean head is float32."""
     lm_head = PREFIX + "lm_head.weight"
-    folders, heads = [], []
-    for seed in (41, 42):
+    folders = []
+    for seed in (41, 42, 43):
         folder = tmp_path / f"adapter-{seed}"
         options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
         folders.append(save_peft_adapter(tiny_llama_model, folder, seed, "tiny-llama", **options))
-        heads.append(head_trained(folder, lm_head, seed))
+        head_trained(folder, lm_head, seed)
+    folders[2] = stored_as(folders[2], tmp_path / "bf16", torch.bfloat16)
     out = tmp_path / "out"
     merge(*folders, "--rank", "6", "--modules-to-save", "mean", "-o", out)
     check_against_reference(folders, out, 6)
-    mean = (heads[0] + heads[1]) / 2
-    torch.testing.assert_close(load_file(str(out / WEIGHTS))[lm_head], mean, rtol=0, atol=1e-7)
+    mean = (sum(load_file(str(folder / WEIGHTS))[lm_head].double() for folder in folders) / 3).float()
+    assert torch.equal(load_file(str(out / WEIGHTS))[lm_head], mean)
     assert config_of(out)["modules_to_save"] == ["lm_head"]
     check_peft_forward(load_base, out, replaced={lm_head: mean})
 
