@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ctm_cli.errors import InputError
+from ctm_cli.errors import IncompatibleError, InputError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -22,6 +23,12 @@ MODEL_PREFIX = "base_model.model."
 # (module name, factor) from a weight key; PEFT drops the adapter name when saving.
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 _LFS_MAGIC = b"version https://git-lfs"
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: (.*?)(?: Please|$)", re.MULTILINE)
+
+
+def _first_line(text: str) -> str:
+    """The first non-blank line of a library's (possibly multi-line) error text."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,50 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise InputError(f"{path}: no peft_type field; not a PEFT adapter config")
     if peft_type != "LORA":
-        raise InputError(f"{path}: peft_type is {peft_type!r}; ctm merges LoRA adapters only")
+        raise IncompatibleError(f"{path}: peft_type is {peft_type!r}; ctm merges LoRA adapters only")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), int | float) or isinstance(config.get(key), bool):
-            raise InputError(f"{path}: field {key!r} is missing or not a number")
+        if not _is_number(config.get(key)):
+            raise InputError(f"{path}: field {key!r} is missing or not a finite number")
     if config["r"] <= 0:
         raise InputError(f"{path}: r must be positive, got {config['r']}")
+    for key, (is_valid, expected) in _OPTIONAL_FIELDS.items():
+        if config.get(key) is not None and not is_valid(config[key]):
+            raise InputError(f"{path}: field {key!r} must be {expected}, got {config[key]!r}")
     return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_pattern(value: Any) -> bool:
+    """A rank/alpha pattern: an object from valid regular expressions to finite numbers."""
+    if not isinstance(value, dict) or not all(_is_number(number) for number in value.values()):
+        return False
+    try:
+        for key in value:
+            re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        return False
+    return True
+
+
+# Optional config fields ctm reads: (check, what the value must be).
+_OPTIONAL_FIELDS = {
+    "use_rslora": (lambda value: isinstance(value, bool), "true or false"),
+    "fan_in_fan_out": (lambda value: isinstance(value, bool), "true or false"),
+    "rank_pattern": (_is_pattern, "an object of regular expressions to numbers"),
+    "alpha_pattern": (_is_pattern, "an object of regular expressions to numbers"),
+    "target_modules": (lambda value: isinstance(value, str) or _is_names(value), "a list of names or a regex"),
+    "modules_to_save": (_is_names, "a list of names"),
+}
 
 
 class _BinReader:
@@ -83,10 +126,19 @@ class _BinReader:
     def __init__(self, path: Path):
         try:
             self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = _UNPICKLER_REASON.search(str(exc))
+            reason = found[1] if found else _first_line(str(exc))
+            raise InputError(
+                f"{path}: refused: the pickle holds code or objects other than tensors ({reason}); "
+                "ctm loads .bin files weights-only and never runs their code"
+            ) from exc
         except Exception as exc:
-            raise InputError(f"{path}: cannot be loaded as a weights-only torch file ({exc})") from exc
-        if not isinstance(self._tensors, dict):
-            raise InputError(f"{path}: expected a dict of tensors")
+            raise InputError(f"{path}: not a loadable torch file ({_first_line(str(exc))})") from exc
+        if not isinstance(self._tensors, dict) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in self._tensors.items()
+        ):
+            raise InputError(f"{path}: expected a dict of named tensors")
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -116,7 +168,7 @@ class _SafetensorsReader:
             self._keys = list(self._file.keys())
             self._slices = {key: self._file.get_slice(key) for key in self._keys}
         except Exception as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise InputError(f"{path}: not a readable safetensors file ({_first_line(str(exc))})") from exc
         self._path = path
 
     def names(self) -> list[str]:
@@ -125,14 +177,14 @@ class _SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slices[key].get_shape())
 
-    def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype(), torch.float32)
+    def dtype(self, key: str) -> torch.dtype | None:
+        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype())
 
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._file.get_tensor(key)
         except Exception as exc:
-            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({exc})") from exc
+            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({_first_line(str(exc))})") from exc
 
 
 _SAFETENSORS_DTYPES = {
@@ -141,6 +193,7 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
 
 
 class Adapter:
@@ -197,10 +250,13 @@ class Adapter:
             raise InputError(f"{self.weights_path}: module {name} has no {missing} factor")
         a_shape, b_shape = self._reader.shape(keys[a_name]), self._reader.shape(keys[b_name])
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise InputError(
-                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors; "
+            raise IncompatibleError(
+                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors (a convolution LoRA?); "
                 "only linear and embedding LoRA (2-d factors) can be merged"
             )
+        for key in (keys[a_name], keys[b_name]):
+            if self._reader.dtype(key) not in FLOAT_DTYPES:
+                raise InputError(f"{self.weights_path}: tensor {key} is not a float16/bfloat16/float32/float64 tensor")
         rank = a_shape[0]
         if b_shape[1] != rank:
             raise InputError(

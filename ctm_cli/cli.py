@@ -69,7 +69,8 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except CtmError as exc:
-        stderr.print(f"[red]ctm: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        message = " ".join(str(exc).splitlines())  # always one line
+        stderr.print(f"[red]ctm: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("ctm: interrupted; nothing was written")
@@ -89,7 +90,14 @@ class _ProgressBar:
         self._progress = (
             None
             if quiet
-            else Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr)
+            else Progress(
+                TextColumn("merging"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=stderr,
+                transient=True,
+            )
         )
         self._task = None
 
@@ -117,7 +125,9 @@ def _given(ctx: typer.Context) -> set[str]:
 def _overrides(ctx: typer.Context, param: list[str]) -> dict[str, Any]:
     """The recipe fields the user gave as flags or arguments, parsed."""
     given = _given(ctx)
-    recipe_fields = ("sources", "rank", "method", "rule", "beta", "seed", "dtype", "device")
+    recipe_fields = (
+        "sources", "rank", "method", "rule", "beta", "seed", "dtype", "device", "modules_to_save", "allow_missing",
+    )  # fmt: skip
     overrides = {name: ctx.params[name] for name in recipe_fields if name in given}
     if "output" in given:
         overrides["output"] = str(ctx.params["output"])
@@ -177,6 +187,12 @@ def merge(
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (with --push-to-hub)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report (or the plan) as JSON on stdout, only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary output."),
+    modules_to_save: str | None = typer.Option(
+        None, "--modules-to-save", help="Non-LoRA tensors (heads): drop, first or mean (default: refuse)."
+    ),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Merge a module some adapters lack as a zero update for them."
+    ),
 ) -> None:
     """Merge adapters into one rank-r PEFT adapter.
 

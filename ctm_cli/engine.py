@@ -10,7 +10,8 @@ from itertools import groupby
 import torch
 
 from ctm_cli.adapter import Adapter
-from ctm_cli.methods import FactorGroup, MergeSettings, Method
+from ctm_cli.errors import InputError, UsageError
+from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.validate import ModuleSpec
 
 COMPUTE_DTYPE = torch.float32
@@ -68,18 +69,66 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpe
     return groups
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def _factors(adapter: Adapter, spec: ModuleSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, s·B) of one module on the device in the compute dtype; rank-0 zeros where the adapter lacks it."""
+    if spec.name not in adapter.modules:
+        empty = torch.zeros(0, dtype=COMPUTE_DTYPE, device=device)
+        return empty.reshape(0, spec.in_features), empty.reshape(spec.out_features, 0)
+    a, b = adapter.factors(spec.name)
+    scale = adapter.modules[spec.name].scale
+    return a.to(device=device, dtype=COMPUTE_DTYPE), b.to(device=device, dtype=COMPUTE_DTYPE) * scale
+
+
+def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> None:
+    """Name the first adapter file and module whose (scaled) factors hold NaN or infinite values."""
+    for spec in group:
+        for adapter in adapters:
+            if not _finite(*_factors(adapter, spec, device)):
+                raise InputError(f"{adapter.weights_path}: module {spec.name} has NaN or infinite values")
+
+
 def _load_group(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> FactorGroup:
     b_stack, a_stack = [], []
     for spec in group:
-        b_parts, a_parts = [], []
-        for adapter in adapters:
-            a, b = adapter.factors(spec.name)
-            scale = adapter.modules[spec.name].scale
-            b_parts.append(b.to(device=device, dtype=COMPUTE_DTYPE) * scale)
-            a_parts.append(a.to(device=device, dtype=COMPUTE_DTYPE))
+        a_parts, b_parts = zip(*(_factors(adapter, spec, device) for adapter in adapters), strict=True)
         b_stack.append(torch.cat(b_parts, dim=1))
         a_stack.append(torch.cat(a_parts, dim=0))
-    return FactorGroup(b_cat=torch.stack(b_stack), a_cat=torch.stack(a_stack), ranks=list(group[0].ranks))
+    b_cat, a_cat = torch.stack(b_stack), torch.stack(a_stack)
+    if not _finite(b_cat, a_cat):
+        _refuse_non_finite(adapters, group, device)
+    return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
+
+
+def _refuse_overflow(lora_a: torch.Tensor, lora_b: torch.Tensor, group: list[ModuleSpec], dtype: torch.dtype) -> None:
+    """Refuse merged factors that are not finite, in the compute dtype or once cast to the output dtype."""
+    name = group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
+    if not _finite(lora_a, lora_b):
+        raise InputError(f"{name}: the merged factors overflow float32 (input values times --weights too large)")
+    if not _finite(lora_a.to(dtype), lora_b.to(dtype)):
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise UsageError(f"{name}: the merged factors overflow {dtype_name}; use --dtype float32")
+
+
+def _merge_group(method: Method, factors: FactorGroup, settings: MergeSettings, group: list[ModuleSpec]) -> MergeResult:
+    """Run the method on one group; a linear-algebra breakdown (extreme values) becomes a clear usage error."""
+    try:
+        return method.function(factors, settings)
+    except torch.linalg.LinAlgError as exc:
+        name = group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
+        raise UsageError(
+            f"{name}: the merge broke down numerically ({str(exc).splitlines()[0]}); "
+            "check --weights and the inputs for extreme values"
+        ) from exc
+
+
+def _output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
+    """The (A, B) weight keys of a module as the first adapter that has it spells them."""
+    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
+    return module.a_key, module.b_key
 
 
 def _optional(values: torch.Tensor | None, index: int, kind: type) -> float | int | None:
@@ -103,15 +152,15 @@ def merge_modules(
     for group in groups:
         started = time.perf_counter()
         group_settings = replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks)))
-        result = method.function(_load_group(adapters, group, device), group_settings)
+        result = _merge_group(method, _load_group(adapters, group, device), group_settings, group)
+        _refuse_overflow(result.lora_a, result.lora_b, group, output_dtype)
         lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
         lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
         seconds = (time.perf_counter() - started) / len(group)
-        module_keys = adapters[0].modules
         for index, spec in enumerate(group):
-            module = module_keys[spec.name]
-            tensors[module.a_key] = lora_a[index].contiguous()
-            tensors[module.b_key] = lora_b[index].contiguous()
+            a_key, b_key = _output_keys(adapters, spec.name)
+            tensors[a_key] = lora_a[index].contiguous()
+            tensors[b_key] = lora_b[index].contiguous()
             stats.append(
                 ModuleStats(
                     name=spec.name,

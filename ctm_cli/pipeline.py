@@ -18,6 +18,7 @@ from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
+from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import render_model_card
 from ctm_cli.plan import describe_plan
@@ -26,12 +27,14 @@ from ctm_cli.recipe import AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
-from ctm_cli.validate import ModuleSpec, check_compatible, check_rank
+from ctm_cli.validate import ModuleSpec, check_compatible, check_rank, missing_modules
 from ctm_cli.writer import check_output, write_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that describe one adapter's training and no longer hold for the merge.
-_RESET_FIELDS = {"use_rslora": False, "inference_mode": True, "modules_to_save": None}
+_RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
+# Config fields that narrow down which of the target modules PEFT wraps.
+_LAYER_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 @dataclass
@@ -54,6 +57,8 @@ class MergeRequest:
     revisions: list[str | None] | None = None
     push_to_hub: str | None = None
     private: bool = False
+    modules_to_save: str | None = None
+    allow_missing: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **options: Any) -> MergeRequest:
@@ -73,6 +78,8 @@ class MergeRequest:
             device=recipe.device,
             dtype=recipe.dtype,
             seed=recipe.seed,
+            modules_to_save=recipe.modules_to_save,
+            allow_missing=recipe.allow_missing,
             **options,
         )
 
@@ -89,6 +96,7 @@ class _Prepared:
     sources: list[ResolvedSource]
     adapters: list[Adapter]
     specs: list[ModuleSpec]
+    kept: KeptTensors
     groups: list[list[ModuleSpec]]
     weights: list[float]
     device: torch.device
@@ -126,13 +134,16 @@ class _Prepared:
             dtype=str(self.output_dtype).removeprefix("torch."),
             device=request.device,
             output=str(request.output),
+            modules_to_save=request.modules_to_save,
+            allow_missing=request.allow_missing,
         )
 
     def inputs(self) -> list[dict[str, Any]]:
         """Each input as the report describes it."""
+        missing = missing_modules(self.adapters, self.specs)
         return [
-            describe_input(adapter, weight, source.commit)
-            for adapter, weight, source in zip(self.adapters, self.weights, self.sources, strict=True)
+            {**describe_input(adapter, weight, source.commit), "missing_modules": lacking}
+            for adapter, weight, source, lacking in zip(self.adapters, self.weights, self.sources, missing, strict=True)
         ]
 
 
@@ -156,31 +167,43 @@ def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype
     return found.pop() if len(found) == 1 else torch.float32
 
 
-def _union_targets(adapters: list[Adapter]) -> list[str] | str:
-    targets = [a.config.get("target_modules") for a in adapters]
-    if all(isinstance(t, list) for t in targets):
-        return sorted({name for t in targets for name in t})
-    if all(t == targets[0] for t in targets):
-        return targets[0]
-    names = adapters[0].modules
-    return sorted({name.removeprefix("base_model.model.") for name in names})
+def _listed(path: str, targets: list[str]) -> bool:
+    """PEFT's rule for a list of target names: the module path itself or a suffix after a dot."""
+    return any(path == target or path.endswith(f".{target}") for target in targets)
 
 
-def output_config(adapters: list[Adapter], ranks: dict[str, int]) -> dict[str, Any]:
+def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
+    """Config fields that make PEFT wrap exactly the merged modules: the inputs' own list of target names when
+    they all share it, have exactly these modules and no layer filters, else the explicit list of module paths
+    (as when targets are spelled differently, given as regexes, or filtered by layer)."""
+    paths = sorted(name.removeprefix(MODEL_PREFIX) for name in names)
+    lists = [a.config.get("target_modules") for a in adapters]
+    targets = lists[0]
+    compact = (
+        all(isinstance(t, list) and sorted(t) == sorted(targets) for t in lists)
+        and all(set(a.modules) == set(names) for a in adapters)
+        and not any(a.config.get(key) for a in adapters for key in _LAYER_FIELDS)
+        and all(_listed(path, targets) for path in paths)
+    )
+    return {"target_modules": targets if compact else paths, **dict.fromkeys(_LAYER_FIELDS)}
+
+
+def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None) -> dict[str, Any]:
     """The merged adapter's config: the first input's fields, with the written ranks, scale 1 everywhere
-    (alpha = r, per module through rank/alpha patterns where a module's rank differs) and the union of targets."""
+    (alpha = r, per module through rank/alpha patterns where a module's rank differs), targets that wrap
+    exactly the merged modules, and the `modules_to_save` of the kept non-LoRA tensors."""
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(n.removeprefix(MODEL_PREFIX)): r for n, r in ranks.items() if r != rank}
     config = dict(adapters[0].config)
     config.update(_RESET_FIELDS)
-    layers = [a.config.get("layers_to_transform") for a in adapters]
+    config.update(_targeting(adapters, sorted(ranks)))
     config.update(
         r=rank,
         lora_alpha=rank,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        target_modules=_union_targets(adapters),
-        layers_to_transform=layers[0] if all(x == layers[0] for x in layers) else None,
+        modules_to_save=modules_to_save,
+        fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
     )
     return config
 
@@ -197,7 +220,8 @@ def _prepare(request: MergeRequest) -> _Prepared:
     revisions = request.revisions or [None] * len(request.sources)
     sources = [locate_source(source, revision) for source, revision in zip(request.sources, revisions, strict=True)]
     adapters = [Adapter(source.folder, source.source) for source in sources]
-    specs = check_compatible(adapters)
+    specs = check_compatible(adapters, request.allow_missing)
+    kept = keep_extra_tensors(adapters, request.modules_to_save)
     weights = _check_weights(request.weights, len(adapters))
     check_rank(specs, request.rank, method, rule)
     return _Prepared(
@@ -209,6 +233,7 @@ def _prepare(request: MergeRequest) -> _Prepared:
         sources=sources,
         adapters=adapters,
         specs=specs,
+        kept=kept,
         groups=plan_groups(specs, request.max_memory),
         weights=weights,
         device=resolve_device(request.device),
@@ -256,12 +281,14 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         prepared.output_dtype,
         on_progress,
     )
-    config = output_config(prepared.adapters, {s.name: s.output_rank for s in merged.stats})
+    ranks = {s.name: s.output_rank for s in merged.stats}
+    config = output_config(prepared.adapters, ranks, prepared.kept.modules_to_save)
     report_settings = {**prepared.settings(), "rank": config["r"]}
     inputs = prepared.inputs()
     recipe = prepared.recipe()
     report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
     report["recipe"] = recipe_data(recipe)
+    report["extra_tensors"] = prepared.kept.report
     metadata = {
         "format": "pt",
         "ctm_version": __version__,
@@ -270,7 +297,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     }
     write_adapter(
         request.output,
-        merged.tensors,
+        merged.tensors | prepared.kept.tensors,
         config,
         metadata,
         {

@@ -60,6 +60,8 @@ class Recipe:
     dtype: str | None = None
     device: str = "auto"
     output: str | None = None
+    modules_to_save: str | None = None
+    allow_missing: bool = False
 
 
 RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
@@ -119,6 +121,13 @@ class _Reader:
             self.fail(node, key, f"expected an integer, got {_describe(node)}")
         return value
 
+    def boolean(self, node: Node, key: str) -> bool:
+        """A YAML boolean (true/false)."""
+        value = self._scalar(node)
+        if not isinstance(value, bool):
+            self.fail(node, key, f"expected true or false, got {_describe(node)}")
+        return value
+
     def _scalar(self, node: Node) -> Any:
         return self._constructor.construct_object(node, deep=True) if isinstance(node, ScalarNode) else None
 
@@ -162,13 +171,15 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
         "dtype": reader.optional_text,
         "device": reader.text,
         "output": reader.optional_text,
+        "modules_to_save": reader.optional_text,
+        "allow_missing": reader.boolean,
     }
     settings = {key: read(values[key], key) for key, read in readers.items() if key in values}
     if "params" in values:
         params = reader.mapping(values["params"], "params", None)
         settings["params"] = {name: reader.number(node, f"params.{name}") for name, node in params.items()}
-    if settings.get("rank", 1) <= 0:
-        reader.fail(values["rank"], "rank", f"must be a positive integer, got {settings['rank']}")
+    if settings.get("rank", 1) < 0:
+        reader.fail(values["rank"], "rank", f"must be 0 (full rank: core, knots) or positive, got {settings['rank']}")
     if not 0.0 <= settings.get("beta", 1.0) <= 1.0:
         reader.fail(values["beta"], "beta", f"must be in [0, 1], got {settings['beta']}")
     return settings

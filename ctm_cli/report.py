@@ -97,6 +97,22 @@ def _truncation_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _quirk_lines(report: dict[str, Any]) -> list[str]:
+    """What was done about inputs that lack modules and about non-LoRA tensors, if anything."""
+    lines = [
+        f"- {item['source']} lacks {len(item['missing_modules'])} modules (merged as zero updates): "
+        + ", ".join(item["missing_modules"][:WORST_SHOWN])
+        + (" ..." if len(item["missing_modules"]) > WORST_SHOWN else "")
+        for item in report["inputs"]
+        if item.get("missing_modules")
+    ]
+    lines += [
+        f"- non-LoRA tensor {entry['key']}: {entry['action']} ({', '.join(entry['from'])})"
+        for entry in report.get("extra_tensors", [])
+    ]
+    return ["", "Quirks handled:", "", *lines] if lines else []
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human summary: settings, inputs, totals and the worst modules first."""
     settings, summary = report["settings"], report["summary"]
@@ -130,5 +146,6 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {m['name']} | {m['out_features']}×{m['in_features']} | {_percent(m['relative_error'])} "
                 f"| {_percent(min(m['kept_energy']))} |"
             )
+    lines += _quirk_lines(report)
     lines += ["", "Per-module figures are in merge_report.json.", ""]
     return "\n".join(lines)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from ctm_cli.adapter import Adapter
+from ctm_cli.adapter import CONFIG_NAME, Adapter
 from ctm_cli.errors import IncompatibleError, InputError, UsageError
 from ctm_cli.methods import Method
 from ctm_cli.rules import Rule
@@ -26,23 +27,39 @@ class ModuleSpec:
         return sum(self.ranks)
 
 
+# Tensors of LoRA variants that a plain LoRA cannot express: (pattern of the key, config flag, what it is).
+_UNSUPPORTED = (
+    (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), "use_dora", "a DoRA adapter (lora_magnitude_vector)"),
+    (re.compile(r"\.lora_B\.bias$"), "lora_bias", "an adapter with a LoRA bias (lora_bias)"),
+    (re.compile(r"\.token_adapter\."), "trainable_token_indices", "an adapter with trainable tokens"),
+)
+
+
 def _refuse_unsupported(adapter: Adapter) -> None:
-    config = adapter.config
-    where = adapter.folder / "adapter_config.json"
-    if config.get("use_dora"):
-        raise InputError(f"{where}: DoRA adapters (use_dora) cannot be merged into a plain LoRA")
-    if config.get("lora_bias"):
-        raise InputError(f"{where}: adapters with a LoRA bias (lora_bias) are not supported")
-    if adapter.extra_keys:
-        shown = ", ".join(adapter.extra_keys[:3]) + (" ..." if len(adapter.extra_keys) > 3 else "")
-        raise IncompatibleError(
-            f"{adapter.weights_path}: carries {len(adapter.extra_keys)} non-LoRA tensors "
-            f"(modules_to_save: {shown}); ctm merges LoRA factors only and will not drop them silently"
-        )
+    """Refuse LoRA variants whose extra parameters a merged plain LoRA cannot carry, naming the file and why."""
+    for pattern, flag, what in _UNSUPPORTED:
+        keys = [key for key in adapter.extra_keys if pattern.search(key)]
+        if keys or adapter.config.get(flag):
+            where = adapter.weights_path if keys else adapter.folder / CONFIG_NAME
+            raise IncompatibleError(f"{where}: {what}; ctm merges plain LoRA factors only")
+    unknown = [key for key in adapter.extra_keys if ".lora_" in key]
+    if unknown:
+        raise InputError(f"{adapter.weights_path}: unrecognised LoRA tensor {unknown[0]}")
 
 
-def check_compatible(adapters: list[Adapter]) -> list[ModuleSpec]:
-    """The modules to merge, after checking base model, module sets and shapes agree across adapters."""
+def _missing_message(holder: Adapter, lacking: Adapter, names: list[str]) -> str:
+    more = f" (and {len(names) - 1} more: {', '.join(names[1:3])}{' ...' if len(names) > 3 else ''})"
+    return (
+        f"{lacking.folder}: has no module {names[0]}{more if len(names) > 1 else ''} that {holder.folder} has; "
+        "pass --allow-missing to treat a missing module as a zero update"
+    )
+
+
+def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> list[ModuleSpec]:
+    """The modules to merge, after checking base model, module sets and shapes agree across adapters.
+
+    With `allow_missing`, a module some adapters lack is merged with rank 0 (a zero update) for them.
+    """
     if len(adapters) < 2:
         raise UsageError("a merge needs at least two adapters")
     for adapter in adapters:
@@ -51,39 +68,44 @@ def check_compatible(adapters: list[Adapter]) -> list[ModuleSpec]:
     if len(bases) > 1:
         listing = "; ".join(f"{a.source}: {a.base_model}" for a in adapters)
         raise IncompatibleError(f"adapters were trained on different base models ({listing})")
-    first = adapters[0]
+    names = sorted(set().union(*(a.modules for a in adapters)))
+    if not allow_missing:
+        for holder in adapters:
+            for lacking in adapters:
+                missing = sorted(set(holder.modules) - set(lacking.modules))
+                if missing:
+                    raise IncompatibleError(_missing_message(holder, lacking, missing))
     specs = []
-    for adapter in adapters[1:]:
-        missing = sorted(set(first.modules) ^ set(adapter.modules))
-        if missing:
-            holder = first if missing[0] in first.modules else adapter
-            other = adapter if holder is first else first
-            raise IncompatibleError(
-                f"module {missing[0]} is in {holder.source} but not in {other.source}"
-                + (f" (and {len(missing) - 1} more modules differ)" if len(missing) > 1 else "")
-            )
-    for name, module in first.modules.items():
-        for adapter in adapters[1:]:
+    for name in names:
+        holders = [a for a in adapters if name in a.modules]
+        first = holders[0].modules[name]
+        for adapter in holders[1:]:
             other = adapter.modules[name]
             if (other.out_features, other.in_features, other.embedding) != (
-                module.out_features,
-                module.in_features,
-                module.embedding,
+                first.out_features,
+                first.in_features,
+                first.embedding,
             ):
                 raise IncompatibleError(
-                    f"module {name}: shape {module.out_features}×{module.in_features} in {first.source} "
-                    f"but {other.out_features}×{other.in_features} in {adapter.source}"
+                    f"{adapter.weights_path}: module {name} has shape {other.out_features}×{other.in_features}"
+                    f"{' (embedding)' if other.embedding else ''} but {first.out_features}×{first.in_features}"
+                    f"{' (embedding)' if first.embedding else ''} in {holders[0].weights_path}"
                 )
         specs.append(
             ModuleSpec(
                 name=name,
-                out_features=module.out_features,
-                in_features=module.in_features,
-                ranks=tuple(a.modules[name].rank for a in adapters),
-                embedding=module.embedding,
+                out_features=first.out_features,
+                in_features=first.in_features,
+                ranks=tuple(a.modules[name].rank if name in a.modules else 0 for a in adapters),
+                embedding=first.embedding,
             )
         )
     return specs
+
+
+def missing_modules(adapters: list[Adapter], specs: list[ModuleSpec]) -> list[list[str]]:
+    """Per adapter, the merged modules it lacks (merged as zero updates with --allow-missing)."""
+    return [[spec.name for spec in specs if spec.name not in adapter.modules] for adapter in adapters]
 
 
 def check_rank(specs: list[ModuleSpec], rank: int, method: Method, rule: Rule) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ctm_cli.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from ctm_cli.errors import OutputError
@@ -29,6 +30,18 @@ def check_output(path: Path, force: bool) -> None:
         raise OutputError(f"{parent}: not writable")
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding with its metadata in sorted order, so equal inputs give byte-identical files
+    (the library writes the metadata map in an order that changes from call to call)."""
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+
+
 def write_adapter(
     path: Path,
     tensors: dict[str, torch.Tensor],
@@ -45,7 +58,7 @@ def write_adapter(
     except OSError as exc:
         raise OutputError(f"{parent}: cannot create a temporary folder ({exc.strerror})") from exc
     try:
-        save_file(tensors, str(staging / SAFETENSORS_NAME), metadata=metadata)
+        (staging / SAFETENSORS_NAME).write_bytes(safetensors_bytes(tensors, metadata))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in text_files.items():
             (staging / name).write_text(text, encoding="utf-8")
@@ -66,7 +79,8 @@ def _replace(staging: Path, path: Path) -> None:
     path.rename(retired / path.name)
     try:
         staging.rename(path)
-    except OSError:
+    except BaseException:  # an OSError or an interrupt: put the old output back
         (retired / path.name).rename(path)
+        retired.rmdir()
         raise
     shutil.rmtree(retired, ignore_errors=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_ADAPTERS, listing, needs_shared, run_ctm
+from conftest import REAL_ADAPTERS, fails, listing, needs_shared, run_ctm, single_error_line
 from reference import config_scale, core_space
 from safetensors.torch import load_file
 
@@ -123,12 +123,6 @@ def test_inspect_minilm(task):
     check_spectra(info, folder)
 
 
-def single_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
 @needs_shared
 def test_inspect_lfs_pointer():
     folder = REAL_ADAPTERS / "lfs-pointer"
@@ -155,25 +149,6 @@ def test_merge_lfs_pointer(tmp_path):
 @pytest.fixture
 def pair(make_adapter) -> list[Path]:
     return [make_adapter(r=8, alpha=16, seed=21), make_adapter(r=4, alpha=8, seed=22)]
-
-
-@pytest.fixture
-def out_parent(tmp_path) -> Path:
-    """An empty folder that holds only the output (so any stray file or temp folder shows)."""
-    parent = tmp_path / "outputs"
-    parent.mkdir()
-    return parent
-
-
-def fails(args: list, code: int, parent: Path) -> str:
-    """Run `ctm ARGS`, expect exit `code`, an error line, and no change in `parent`; return stderr."""
-    before = listing(parent)
-    result = run_ctm(*args)
-    assert result.exit_code == code, (result.exit_code, result.stderr)
-    assert listing(parent) == before
-    line = single_error_line(result.stderr)
-    assert line.startswith("ctm: error:")
-    return line
 
 
 def test_different_base_models(make_adapter, pair, out_parent):

@@ -10,54 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_ctm
-from reference import config_scale, ctm_ta, exact_sum
-from safetensors import safe_open
+from conftest import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
+from reference import ctm_ta, exact_sum
 from safetensors.torch import load_file, save_file
 
-PREFIX = "base_model.model."
-WEIGHTS = "adapter_model.safetensors"
 # (r, alpha, use_rslora, seed) of the three adapters merged throughout.
 THREE = [(8, 16, False, 1), (4, 4, True, 2), (12, 24, False, 3)]
 CUSTOM = {"weights": [1.0, -0.5, 2.0], "lam": 0.7, "beta": 0.25}
 CUSTOM_ARGS = ["--weights", "1,-0.5,2", "--lambda", "0.7", "--beta", "0.25"]
-
-
-def read_adapter(folder: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Config and {module: (A, B)} in float64 of an adapter folder."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(str(folder / WEIGHTS))
-    modules = {}
-    for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            name = key.removesuffix(".lora_A.weight")
-            a = tensors[key].to(torch.float64).numpy()
-            b = tensors[f"{name}.lora_B.weight"].to(torch.float64).numpy()
-            modules[name] = (a, b)
-    return config, modules
-
-
-def written_deltas(folder: Path) -> dict[str, np.ndarray]:
-    """ΔW = scale · B · A of every module of a written adapter, the scale taken from its own config."""
-    config, modules = read_adapter(folder)
-    return {name: config_scale(config, name.removeprefix(PREFIX)) * (b @ a) for name, (a, b) in modules.items()}
-
-
-def inputs_of(folders: list[Path]) -> dict[str, tuple[list, list, list[float]]]:
-    """{module: (As, Bs, scales)} over the input adapters."""
-    read = [read_adapter(folder) for folder in folders]
-    names = sorted(read[0][1])
-    result = {}
-    for name in names:
-        factors = [modules[name] for _, modules in read]
-        scales = [config_scale(config, name.removeprefix(PREFIX)) for config, _ in read]
-        result[name] = ([a for a, _ in factors], [b for _, b in factors], scales)
-    return result
-
-
-def relative(x: np.ndarray, y: np.ndarray) -> float:
-    """‖x − y‖ / ‖y‖."""
-    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
 @pytest.fixture(scope="module")
@@ -198,11 +158,6 @@ def to_bfloat16(folder: Path, target: Path) -> Path:
     tensors = {key: value.to(torch.bfloat16).contiguous() for key, value in load_file(str(folder / WEIGHTS)).items()}
     save_file(tensors, str(target / WEIGHTS), metadata={"format": "pt"})
     return target
-
-
-def stored_dtypes(folder: Path) -> set[str]:
-    with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
-        return {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 (not a dict)
 
 
 def test_bfloat16_inputs(three, tmp_path):
