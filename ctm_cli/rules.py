@@ -148,10 +148,12 @@ def kept_count(size: int, density: float) -> int:
 def top_fraction_mask(matrices: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of each (m, n) matrix's `kept_count(m·n, density)` largest-magnitude entries.
 
-    Entries tied with the smallest kept magnitude are all kept.
+    Entries tied with the smallest kept magnitude are all kept; an empty matrix (a rank-0 input) keeps nothing.
     """
     magnitudes = matrices.abs().flatten(-2)
     size = magnitudes.shape[-1]
+    if size == 0:
+        return torch.zeros_like(matrices, dtype=torch.bool)
     threshold = magnitudes.kthvalue(size - kept_count(size, density) + 1, dim=-1, keepdim=True).values
     return (magnitudes >= threshold).view(matrices.shape)
 

@@ -33,6 +33,8 @@ from reference import ctm_ta
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ctm_cli.methods import METHODS
+
 GPT2_A, GPT2_B = REAL_ADAPTERS / "gpt2-c_attn-a", REAL_ADAPTERS / "gpt2-c_attn-b"
 DISTILBERT = REAL_ADAPTERS / "distilbert-imdb"
 SCORE = "base_model.model.score.weight"
@@ -419,3 +421,15 @@ def test_all_float16_inputs_give_float16(make_adapter, tmp_path):
     ]
     merge(*folders, "--rank", "4", "-o", tmp_path / "out")
     assert stored_dtypes(tmp_path / "out") == {"F16"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_allow_missing_works_with_every_method(make_adapter, load_base, tmp_path, method):
+    """A missing module is a rank-0 input: every method must take it (robustmerge's pruning once crashed on it)."""
+    folders = [
+        make_adapter(r=4, alpha=8, seed=61, targets=("q_proj", "v_proj")),
+        make_adapter(r=4, alpha=8, seed=62, targets=("q_proj", "k_proj")),
+    ]
+    out = tmp_path / "out"
+    merge(*folders, "--rank", "2", "--allow-missing", "--method", method, "-o", out)
+    check_peft_forward(load_base, out)
