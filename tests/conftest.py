@@ -15,6 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+# The tests merge tiny matrices: one thread avoids OpenMP start-up and contention costs that dwarf the work.
+torch.set_num_threads(1)
+
 SHARED = (Path(__file__).parents[1] / ".." / "shared").resolve()
 REAL_ADAPTERS = SHARED / "real-adapters"
 needs_shared = pytest.mark.skipif(not REAL_ADAPTERS.is_dir(), reason="../shared not present beside the clone")
