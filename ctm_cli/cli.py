@@ -94,6 +94,7 @@ class _ProgressBar:
                 TextColumn("merging"),
                 BarColumn(),
                 MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 console=stderr,
                 transient=True,
@@ -104,11 +105,14 @@ class _ProgressBar:
     def start(self, total: int) -> None:
         if self._progress is not None:
             self._progress.start()
-            self._task = self._progress.add_task("merge", total=total)
+            self._task = self._progress.add_task("merge", total=total, rate="")
 
     def advance(self, done: int) -> None:
         if self._progress is not None:
             self._progress.advance(self._task, done)
+            task = self._progress.tasks[0]
+            if task.elapsed:
+                self._progress.update(self._task, rate=f"{task.completed / task.elapsed:.1f} modules/s")
 
     def stop(self) -> None:
         if self._progress is not None:

@@ -7,13 +7,21 @@ one kernel launch. Shapes: G modules, T adapters, R = Σ r_t, r the output rank.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
 # are treated as numerically absent (they carry < 1e-12 of the energy).
 GRAM_RELATIVE_TOLERANCE = 1e-12
+# HOOI's top-r eigenvectors on CUDA: matrices up to this size (or twice the block) go to eigh directly
+# (CUDA's eigh is batched up to 32 × 32 and loops one matrix at a time above: ~1.6 ms per 128 × 128 on
+# an H100); larger ones are refined by block subspace iteration until the top-r subspace moves less
+# than the tolerance, or handed to eigh after SUBSPACE_MAX_ITERATIONS. The block (2r, at most 32,
+# at least r) keeps the Rayleigh–Ritz eigh batched.
+DIRECT_EIGH_MAX_SIZE = 32
+SUBSPACE_TOLERANCE = 1e-10
+SUBSPACE_MAX_ITERATIONS = 16
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,18 @@ def column_slices(ranks: list[int]) -> list[slice]:
     return [slice(start, start + rank) for start, rank in zip(starts, ranks, strict=True)]
 
 
+def _balancing_factors(norms: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-task factors (..., T) taking each norm to β‖C_t‖ + (1−β)·mean_s ‖C_s‖ (1 for a zero core)."""
+    target = beta * norms + (1.0 - beta) * norms.mean(dim=-1, keepdim=True)
+    return torch.where(
+        norms > 0, target / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.ones_like(norms)
+    )
+
+
 def balance(cores: torch.Tensor, beta: float) -> torch.Tensor:
     """CtM's balancing: rescale each task's core towards the mean norm (β=1: unchanged, β=0: equal)."""
-    norms = torch.linalg.matrix_norm(cores).unsqueeze(-1).unsqueeze(-1)
-    mean = norms.mean(dim=-3, keepdim=True)
-    target = beta * norms + (1.0 - beta) * mean
-    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return torch.where(norms > 0, cores / safe * target, cores)
+    factors = _balancing_factors(torch.linalg.matrix_norm(cores), beta)
+    return cores * factors.unsqueeze(-1).unsqueeze(-1)
 
 
 def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
@@ -95,43 +108,223 @@ def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
     return eigenvectors[..., -rank:].flip(-1)
 
 
-def _captured(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    projected = u.mT.unsqueeze(-3) @ cores @ v.unsqueeze(-3)
-    return projected.square().sum(dim=(-3, -2, -1))
+def _orthonormalize(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the columns by Cholesky QR done twice (orthonormal to float64 rounding up to a
+    condition number of ~1e7), and whether each matrix had full column rank (where not, it is unusable)."""
+    basis = columns
+    full_rank = torch.ones(columns.shape[:-2], dtype=torch.bool, device=columns.device)
+    for _ in range(2):
+        factor, info = torch.linalg.cholesky_ex(basis.mT @ basis)
+        full_rank = full_rank & (info == 0)
+        basis = torch.linalg.solve_triangular(factor, basis.mT, upper=False).mT
+    return basis, full_rank
 
 
-def shared_frame(cores: torch.Tensor, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500) -> SharedFrame:
-    """Rank-(r, r) partial Tucker of the cores (..., T, R, R) over their first two modes by HOOI.
+def leading_eigenvectors(
+    columns: torch.Tensor, start: torch.Tensor, rank: int, iterate: bool | None = None
+) -> torch.Tensor:
+    """Top eigenvectors of M = Y Yᵀ for Y = `columns` (..., R, K), largest first, as many as `start`
+    (..., R, p) has columns; the first `rank` are eigh's up to SUBSPACE_TOLERANCE (and sign).
 
-    Starts from the HOSVD and alternates the two factor updates (each the top-r eigenvectors of an
-    R × R Gram matrix) until the captured energy rises by less than `tolerance` (relative).
+    On CUDA a large M is solved by block subspace iteration with Rayleigh–Ritz from `start`
+    (orthonormal vectors near the answer, such as HOOI's previous sweep), all batched matrix
+    products: eigh there loops over matrices above 32 × 32 one at a time (on the CPU eigh is faster).
+    The p − r extra vectors speed convergence up to a rate λ_{p+1}/λ_r per step. Iteration stops once
+    the top-r subspace moves by less than the tolerance; a matrix that does not get there within
+    SUBSPACE_MAX_ITERATIONS (small eigengap, rank below p) is handed to eigh. `iterate` forces the
+    choice (None: by device and size).
     """
-    u = _top_eigenvectors((cores @ cores.mT).sum(dim=-3), rank)
-    v = _top_eigenvectors((cores.mT @ cores).sum(dim=-3), rank)
-    energy = start = _captured(cores, u, v)
-    sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=cores.device)
-    active = torch.ones(energy.shape, dtype=torch.bool, device=cores.device)
+    size, width = start.shape[-2:]
+    if iterate is None:
+        iterate = columns.is_cuda and size > max(DIRECT_EIGH_MAX_SIZE, 2 * width)
+    if not iterate:
+        return _top_eigenvectors(columns @ columns.mT, width)
+
+    def times(x: torch.Tensor) -> torch.Tensor:
+        return columns @ (columns.mT @ x)
+
+    vectors = start
+    for _ in range(SUBSPACE_MAX_ITERATIONS):
+        basis, full_rank = _orthonormalize(times(vectors))
+        usable = full_rank.unsqueeze(-1).unsqueeze(-1)
+        basis = torch.where(usable, basis, vectors)
+        _, rotation = torch.linalg.eigh(basis.mT @ times(basis))
+        ritz = basis @ rotation.flip(-1)
+        top, previous = ritz[..., :rank], vectors[..., :rank]
+        moved = torch.linalg.matrix_norm(top - previous @ (previous.mT @ top))
+        converged = full_rank & (moved <= SUBSPACE_TOLERANCE)
+        vectors = torch.where(usable, ritz, vectors)
+        if bool(converged.all()):
+            return vectors
+    stuck = ~converged.reshape(-1)
+    gram = columns.reshape(-1, *columns.shape[-2:])[stuck]
+    exact = _top_eigenvectors(gram @ gram.mT, width)
+    return vectors.reshape(-1, size, width).index_put((stuck.nonzero().squeeze(-1),), exact).reshape(start.shape)
+
+
+def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
+    """(..., T, R, k) → (..., R, T·k): every task's block side by side."""
+    return blocks.movedim(-3, -2).flatten(-2)
+
+
+def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_t ‖uᵀ C_t v‖² from the images C_tᵀ u (..., T, R, r) and v (..., R, r)."""
+    return (left_images.mT @ v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
+
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _hooi(
+    times_right: Operator,
+    times_left: Operator,
+    grams: tuple[torch.Tensor, torch.Tensor],
+    total: torch.Tensor,
+    rank: int,
+    tolerance: float,
+    max_sweeps: int,
+) -> SharedFrame:
+    """HOOI on cores given as the maps v ↦ [C_t v]_t and u ↦ [C_tᵀ u]_t (..., T, R, r), started from the
+    HOSVD: the top-r eigenvectors of the Gram matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is
+    carried as a block of up to 2r leading eigenvectors, the start of the next sweep's iteration."""
+    block = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
+    u_block, v_block = (_top_eigenvectors(gram, block) for gram in grams)
+    u, v = u_block[..., :rank], v_block[..., :rank]
+    energy = start = _frame_energy(times_left(u), v)
+    sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
+    active = torch.ones(energy.shape, dtype=torch.bool, device=energy.device)
     for _ in range(max_sweeps):
-        cv = cores @ v.unsqueeze(-3)
-        new_u = _top_eigenvectors((cv @ cv.mT).sum(dim=-3), rank)
-        cu = cores.mT @ new_u.unsqueeze(-3)
-        new_v = _top_eigenvectors((cu @ cu.mT).sum(dim=-3), rank)
-        new_energy = _captured(cores, new_u, new_v)
+        new_u_block = leading_eigenvectors(_task_columns(times_right(v)), u_block, rank)
+        left_images = times_left(new_u_block[..., :rank])
+        new_v_block = leading_eigenvectors(_task_columns(left_images), v_block, rank)
+        new_energy = _frame_energy(left_images, new_v_block[..., :rank])
         step = active.unsqueeze(-1).unsqueeze(-1)
-        u, v = torch.where(step, new_u, u), torch.where(step, new_v, v)
+        u_block, v_block = torch.where(step, new_u_block, u_block), torch.where(step, new_v_block, v_block)
+        u, v = u_block[..., :rank], v_block[..., :rank]
         sweeps = sweeps + active.to(torch.int64)
         gain = (new_energy - energy) / energy.clamp_min(torch.finfo(energy.dtype).tiny)
         energy = torch.where(active, new_energy, energy)
         active = active & (gain >= tolerance)
         if not bool(active.any()):
             break
-    total = cores.square().sum(dim=(-3, -2, -1))
     return SharedFrame(u=u, v=v, sweeps=sweeps, energy=energy, start_energy=start, total_energy=total)
+
+
+def shared_frame(cores: torch.Tensor, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500) -> SharedFrame:
+    """Rank-(r, r) partial Tucker of the cores (..., T, R, R) over their first two modes by HOOI.
+
+    Starts from the HOSVD and alternates the two factor updates (each the top-r eigenvectors of an
+    R × R Gram matrix, Σ_t C_t v vᵀ C_tᵀ and Σ_t C_tᵀ u uᵀ C_t) until the captured energy rises by
+    less than `tolerance` (relative).
+    """
+    return _hooi(
+        lambda v: cores @ v.unsqueeze(-3),
+        lambda u: cores.mT @ u.unsqueeze(-3),
+        ((cores @ cores.mT).sum(dim=-3), (cores.mT @ cores).sum(dim=-3)),
+        cores.square().sum(dim=(-3, -2, -1)),
+        rank,
+        tolerance,
+        max_sweeps,
+    )
 
 
 def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Coordinates M_t = uᵀ C_t v of every task's core in the shared frame (..., T, r, r)."""
     return u.mT.unsqueeze(-3) @ cores @ v.unsqueeze(-3)
+
+
+def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """[left[..., :, I_t] @ right[..., I_t, :]]_t (..., T, m, n): one product per task's columns I_t.
+
+    With equal ranks this is one batched product over a (T, r_t) view; otherwise one per task.
+    """
+    if len(set(ranks)) == 1:
+        tasks, rank = len(ranks), ranks[0]
+        return left.unflatten(-1, (tasks, rank)).movedim(-2, -3) @ right.unflatten(-2, (tasks, rank))
+    return torch.stack([left[..., :, cols] @ right[..., cols, :] for cols in column_slices(ranks)], dim=-3)
+
+
+@dataclass(frozen=True)
+class FactoredCores:
+    """The cores C_t = scales_t · b[..., :, I_t] · a[..., :, I_t]ᵀ, kept as their two R × R factors.
+
+    The T cores take T·R² numbers, the factors 2·R²: at T = 100 adapters of rank 16 (R = 1600) that is
+    2 GB against 41 MB per module in float64, and a product C_t v costs R·r_t·r instead of R²·r.
+    """
+
+    b: torch.Tensor  # (..., R, R), float64: Q_Bᵀ B_cat
+    a: torch.Tensor  # (..., R, R), float64: Q_Aᵀ A_catᵀ
+    ranks: list[int]
+    scales: torch.Tensor  # (..., T)
+
+    def _scaled(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks * self.scales.unsqueeze(-1).unsqueeze(-1)
+
+    def times_right(self, v: torch.Tensor) -> torch.Tensor:
+        """[C_t v]_t (..., T, R, r) for v (..., R, r)."""
+        return self._scaled(per_task_products(self.b, self.a.mT @ v, self.ranks))
+
+    def times_left(self, u: torch.Tensor) -> torch.Tensor:
+        """[C_tᵀ u]_t (..., T, R, r) for u (..., R, r)."""
+        return self._scaled(per_task_products(self.a, self.b.mT @ u, self.ranks))
+
+    def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Coordinates M_t = uᵀ C_t v (..., T, r, r), as `project` gives them for dense cores."""
+        return self._scaled(per_task_products(u.mT @ self.b, self.a.mT @ v, self.ranks))
+
+    def norms(self) -> torch.Tensor:
+        """‖C_t‖ (..., T) from the r_t × r_t blocks of bᵀb and aᵀa: ‖B A‖² = Σ (BᵀB) ⊙ (AᵀA)."""
+        products = (self.b.mT @ self.b) * (self.a.mT @ self.a)
+        squares = torch.stack([products[..., cols, cols].sum(dim=(-2, -1)) for cols in column_slices(self.ranks)], -1)
+        return squares.clamp_min(0).sqrt() * self.scales.abs()
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t), HOOI's HOSVD start, as b·D_a·bᵀ and a·D_b·aᵀ with D block-diagonal."""
+        weights = torch.repeat_interleave(self.scales.square(), torch.tensor(self.ranks, device=self.b.device), dim=-1)
+        blocks = torch.block_diag(*(torch.ones(rank, rank) for rank in self.ranks)).to(self.b)
+        mask = blocks * weights.unsqueeze(-1)
+        return self.b @ ((self.a.mT @ self.a) * mask) @ self.b.mT, self.a @ ((self.b.mT @ self.b) * mask) @ self.a.mT
+
+    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Σ_t c_t C_t (..., R, R) for coefficients (T,): a linear rule's exact result in core space."""
+        counts = torch.tensor(self.ranks, device=self.b.device)
+        columns = torch.repeat_interleave(coefficients.to(self.scales) * self.scales, counts, dim=-1)
+        return (self.b * columns.unsqueeze(-2)) @ self.a.mT
+
+    def dense(self) -> torch.Tensor:
+        """The cores themselves (..., T, R, R), as `core_space` gives them."""
+        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
+
+
+@dataclass(frozen=True)
+class FactoredCoreSpace:
+    """`CoreSpace` with the cores kept factored (see FactoredCores)."""
+
+    left: torch.Tensor  # (..., R, R), float64
+    right: torch.Tensor  # (..., R, R), float64
+    cores: FactoredCores
+
+
+def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
+    """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
+    b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
+    left, r_b = gram_frame(b64.mT @ b64)
+    right, r_a = gram_frame(a64 @ a64.mT)
+    scales = torch.ones(*r_b.shape[:-2], len(ranks), dtype=torch.float64, device=r_b.device)
+    return FactoredCoreSpace(left=left, right=right, cores=FactoredCores(r_b, r_a, list(ranks), scales))
+
+
+def balance_factored(cores: FactoredCores, beta: float) -> FactoredCores:
+    """`balance` of factored cores: only their scales change."""
+    return replace(cores, scales=cores.scales * _balancing_factors(cores.norms(), beta))
+
+
+def shared_frame_factored(
+    cores: FactoredCores, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500
+) -> SharedFrame:
+    """`shared_frame` of factored cores: the same HOOI, each C_t v taken as b_t (a_tᵀ v)."""
+    total = cores.norms().square().sum(dim=-1)
+    return _hooi(cores.times_right, cores.times_left, cores.grams(), total, rank, tolerance, max_sweeps)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,20 @@
-"""The streaming loop: one group of same-shaped modules at a time, from every adapter, on the device."""
+"""The streaming loop: one group of same-shaped modules at a time, from every adapter, on the device.
+
+While a group is merged, a background thread reads the next group's factors with plain file reads at
+the offsets in each safetensors header (never through mmap, whose touched pages would count in this
+process's memory for every input) and copies them to the device on a side stream. Host memory thus
+holds two groups' stored factors plus the merged output, whatever the number of adapters.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import groupby
+from pathlib import Path
 
 import torch
 
@@ -16,6 +25,9 @@ from ctm_cli.validate import ModuleSpec
 
 COMPUTE_DTYPE = torch.float32
 DEFAULT_MAX_MEMORY = 2 * 1024**3
+# Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
+ALIGNMENT = 64
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -51,8 +63,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def bytes_per_module(spec: ModuleSpec) -> int:
-    """Working memory of one module on the device: float32 factors, float64 Gram copies, outputs."""
-    return (spec.out_features + spec.in_features) * spec.total_rank * (4 + 8 + 4)
+    """Peak working memory of one module on the device for the core-space methods (ctm, core, cat, mtc
+    with a linear rule), with the output rank bounded by R: per column of the (out + in) × R factors,
+    the stored factors of this group and of the one read ahead (2 × 2 bytes in bf16, 8 in float32 worst
+    case: 16), float32 factors (4), two float64 copies alive in the core-space and report steps (16)
+    and the float32 + float64 outputs (12); plus three float64 T × R × R stacks of cores (the cores,
+    their balanced copy, one product)."""
+    columns = (spec.out_features + spec.in_features) * spec.total_rank
+    return columns * (16 + 4 + 16 + 12) + 3 * len(spec.ranks) * spec.total_rank**2 * 8
 
 
 def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpec]]:
@@ -69,37 +87,215 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpe
     return groups
 
 
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One stored factor inside a group's staging buffer."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def view(self, data: torch.Tensor) -> torch.Tensor:
+        """The factor as a tensor viewing `data` (the staging buffer or its copy on the device)."""
+        return data[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+class _SafetensorsFile:
+    """Tensors of a safetensors file read with plain reads at the offsets its header gives."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = path.open("rb", buffering=0)
+        try:
+            size = int.from_bytes(self._handle.read(8), "little")
+            header = json.loads(self._handle.read(size))
+        except (OSError, ValueError) as exc:
+            self._handle.close()
+            raise InputError(f"{path}: unreadable safetensors header ({exc})") from exc
+        self._start = 8 + size
+        self._entries = {key: value for key, value in header.items() if key != "__metadata__"}
+
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of a stored tensor."""
+        entry = self._entries[key]
+        return _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+
+    def read_into(self, key: str, target: torch.Tensor) -> None:
+        """Read the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
+        begin, end = self._entries[key]["data_offsets"]
+        view = memoryview(target.numpy())
+        self._handle.seek(self._start + begin)
+        done = 0
+        while done < end - begin:
+            count = self._handle.readinto(view[done:])
+            if not count:
+                raise InputError(f"{self.path}: ends inside tensor {key} (truncated file?)")
+            done += count
+
+    def close(self) -> None:
+        """Close the file."""
+        self._handle.close()
+
+
+class _AdapterTensors:
+    """Tensors of an adapter whose weights are not safetensors (a legacy .bin, already in memory)."""
+
+    def __init__(self, adapter: Adapter):
+        self._adapter = adapter
+
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of a stored tensor."""
+        tensor = self._adapter.tensor(key)
+        return tensor.dtype, tuple(tensor.shape)
+
+    def read_into(self, key: str, target: torch.Tensor) -> None:
+        """Copy the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
+        tensor = self._adapter.tensor(key)
+        target.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _tensor_source(adapter: Adapter) -> _SafetensorsFile | _AdapterTensors:
+    if adapter.weights_path.suffix == ".safetensors":
+        return _SafetensorsFile(adapter.weights_path)
+    return _AdapterTensors(adapter)
+
+
+@dataclass(frozen=True)
+class _RawGroup:
+    """A group's stored factors in one byte buffer (on the device, or the host buffer on the CPU):
+    per adapter, per module, the (A, B) pieces, or None where the adapter lacks the modules; and the
+    per-module LoRA scales (T, G)."""
+
+    data: torch.Tensor
+    pieces: list[list[tuple[_Piece, _Piece]] | None]
+    scales: torch.Tensor
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGNMENT) * ALIGNMENT
+
+
+class _GroupStream:
+    """The groups' raw factors in order, each next one read and sent to the device by a background
+    thread while the caller merges the current one. Use as a context manager."""
+
+    def __init__(self, adapters: list[Adapter], groups: list[list[ModuleSpec]], device: torch.device):
+        self._adapters, self._groups, self._device = adapters, groups, device
+        self._sources = [_tensor_source(adapter) for adapter in adapters]
+        self._buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-read")
+
+    def __enter__(self) -> _GroupStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        for source in self._sources:
+            source.close()
+
+    def __iter__(self) -> Iterator[_RawGroup]:
+        if not self._groups:
+            return
+        pending = self._reader.submit(self._fetch, 0)
+        for index in range(len(self._groups)):
+            raw = pending.result()
+            if index + 1 < len(self._groups):
+                pending = self._reader.submit(self._fetch, index + 1)
+            if self._copy_stream is not None:  # copied already; keep the side stream from reusing the memory early
+                for tensor in (raw.data, raw.scales):
+                    tensor.record_stream(torch.cuda.current_stream(self._device))
+            yield raw
+
+    def _layout(self, group: list[ModuleSpec]) -> tuple[list[list[tuple[_Piece, _Piece]] | None], int]:
+        pieces: list[list[tuple[_Piece, _Piece]] | None] = []
+        offset = 0
+        for source, adapter in zip(self._sources, self._adapters, strict=True):
+            if group[0].name not in adapter.modules:
+                pieces.append(None)
+                continue
+            rows = []
+            for spec in group:
+                module = adapter.modules[spec.name]
+                pair = []
+                for key in (module.a_key, module.b_key):
+                    piece = _Piece(offset, *source.describe(key))
+                    offset += _aligned(piece.nbytes)
+                    pair.append(piece)
+                rows.append((pair[0], pair[1]))
+            pieces.append(rows)
+        return pieces, offset
+
+    def _fetch(self, index: int) -> _RawGroup:
+        """Read group `index` into its staging buffer (two, used in turn) and copy it to the device."""
+        group = self._groups[index]
+        pieces, size = self._layout(group)
+        slot = index % 2
+        if self._buffers[slot].numel() < size:
+            self._buffers[slot] = torch.empty(size, dtype=torch.uint8)
+        buffer = self._buffers[slot]
+        for source, adapter, rows in zip(self._sources, self._adapters, pieces, strict=True):
+            for spec, pair in zip(group, rows, strict=True) if rows is not None else ():
+                module = adapter.modules[spec.name]
+                for key, piece in zip((module.a_key, module.b_key), pair, strict=True):
+                    source.read_into(key, buffer[piece.offset : piece.offset + piece.nbytes])
+        scales = torch.tensor(
+            [[a.modules[s.name].scale if s.name in a.modules else 0.0 for s in group] for a in self._adapters],
+            dtype=COMPUTE_DTYPE,
+        )
+        data = buffer[:size]
+        if self._copy_stream is not None:
+            with torch.cuda.stream(self._copy_stream):
+                data = data.to(self._device)
+                scales = scales.to(self._device)
+            self._copy_stream.synchronize()
+        return _RawGroup(data=data, pieces=pieces, scales=scales)
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+
 def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
-def _factors(adapter: Adapter, spec: ModuleSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, s·B) of one module on the device in the compute dtype; rank-0 zeros where the adapter lacks it."""
-    if spec.name not in adapter.modules:
-        empty = torch.zeros(0, dtype=COMPUTE_DTYPE, device=device)
-        return empty.reshape(0, spec.in_features), empty.reshape(spec.out_features, 0)
-    a, b = adapter.factors(spec.name)
-    scale = adapter.modules[spec.name].scale
-    return a.to(device=device, dtype=COMPUTE_DTYPE), b.to(device=device, dtype=COMPUTE_DTYPE) * scale
+def _task_factors(raw: _RawGroup, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, s·B) of one adapter for every module of the group, (G, r_t, in) and (G, out, r_t), float32."""
+    rows = raw.pieces[task]
+    a = torch.stack([a_piece.view(raw.data) for a_piece, _ in rows]).to(COMPUTE_DTYPE)
+    b = torch.stack([b_piece.view(raw.data) for _, b_piece in rows]).to(COMPUTE_DTYPE)
+    return a, b * raw.scales[task].view(-1, 1, 1)
 
 
-def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> None:
+def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup) -> None:
     """Name the first adapter file and module whose (scaled) factors hold NaN or infinite values."""
-    for spec in group:
-        for adapter in adapters:
-            if not _finite(*_factors(adapter, spec, device)):
-                raise InputError(f"{adapter.weights_path}: module {spec.name} has NaN or infinite values")
+    for task, adapter in enumerate(adapters):
+        if raw.pieces[task] is None:
+            continue
+        a, b = _task_factors(raw, task)
+        bad = ~(torch.isfinite(a).flatten(1).all(dim=1) & torch.isfinite(b).flatten(1).all(dim=1))
+        if bool(bad.any()):
+            name = group[int(bad.nonzero()[0, 0])].name
+            raise InputError(f"{adapter.weights_path}: module {name} has NaN or infinite values")
 
 
-def _load_group(adapters: list[Adapter], group: list[ModuleSpec], device: torch.device) -> FactorGroup:
-    b_stack, a_stack = [], []
-    for spec in group:
-        a_parts, b_parts = zip(*(_factors(adapter, spec, device) for adapter in adapters), strict=True)
-        b_stack.append(torch.cat(b_parts, dim=1))
-        a_stack.append(torch.cat(a_parts, dim=0))
-    b_cat, a_cat = torch.stack(b_stack), torch.stack(a_stack)
+def _load_group(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup) -> FactorGroup:
+    """The group's concatenated scaled factors on the device, from its raw stored factors."""
+    parts = [_task_factors(raw, task) for task in range(len(adapters)) if raw.pieces[task] is not None]
+    a_cat, b_cat = torch.cat([a for a, _ in parts], dim=-2), torch.cat([b for _, b in parts], dim=-1)
     if not _finite(b_cat, a_cat):
-        _refuse_non_finite(adapters, group, device)
+        _refuse_non_finite(adapters, group, raw)
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
 
 
@@ -149,33 +345,34 @@ def merge_modules(
     stats: list[ModuleStats] = []
     weights = settings.weights.to(device)
     settings = replace(settings, weights=weights)
-    for group in groups:
-        started = time.perf_counter()
-        group_settings = replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks)))
-        result = _merge_group(method, _load_group(adapters, group, device), group_settings, group)
-        _refuse_overflow(result.lora_a, result.lora_b, group, output_dtype)
-        lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
-        lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
-        seconds = (time.perf_counter() - started) / len(group)
-        for index, spec in enumerate(group):
-            a_key, b_key = _output_keys(adapters, spec.name)
-            tensors[a_key] = lora_a[index].contiguous()
-            tensors[b_key] = lora_b[index].contiguous()
-            stats.append(
-                ModuleStats(
-                    name=spec.name,
-                    out_features=spec.out_features,
-                    in_features=spec.in_features,
-                    ranks=spec.ranks,
-                    output_rank=lora_a.shape[1],
-                    kept_energy=[float(x) for x in result.kept_energy[index].tolist()],
-                    relative_error=_optional(result.relative_error, index, float),
-                    sweeps=_optional(result.sweeps, index, int),
-                    frame_energy=_optional(result.frame_energy, index, float),
-                    truncation_loss=_optional(result.truncation_loss, index, float),
-                    seconds=seconds,
+    with _GroupStream(adapters, groups, device) as stream:
+        for group, raw in zip(groups, stream, strict=True):
+            started = time.perf_counter()
+            group_settings = replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks)))
+            result = _merge_group(method, _load_group(adapters, group, raw), group_settings, group)
+            _refuse_overflow(result.lora_a, result.lora_b, group, output_dtype)
+            lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
+            lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
+            seconds = (time.perf_counter() - started) / len(group)
+            for index, spec in enumerate(group):
+                a_key, b_key = _output_keys(adapters, spec.name)
+                tensors[a_key] = lora_a[index].contiguous()
+                tensors[b_key] = lora_b[index].contiguous()
+                stats.append(
+                    ModuleStats(
+                        name=spec.name,
+                        out_features=spec.out_features,
+                        in_features=spec.in_features,
+                        ranks=spec.ranks,
+                        output_rank=lora_a.shape[1],
+                        kept_energy=[float(x) for x in result.kept_energy[index].tolist()],
+                        relative_error=_optional(result.relative_error, index, float),
+                        sweeps=_optional(result.sweeps, index, int),
+                        frame_energy=_optional(result.frame_energy, index, float),
+                        truncation_loss=_optional(result.truncation_loss, index, float),
+                        seconds=seconds,
+                    )
                 )
-            )
-        on_progress(len(group))
+            on_progress(len(group))
     stats.sort(key=lambda s: s.name)
     return MergeOutput(tensors=tensors, stats=stats)

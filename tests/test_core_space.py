@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from ctm_cli import core_space as cs
 from ctm_cli.methods import FactorGroup, MergeSettings, get_method
 from ctm_cli.rules import get_rule
 
+# CTM_TEST_DEVICE=cuda runs the math on the GPU (results must match the float64 references there too).
+DEVICE = torch.device(os.environ.get("CTM_TEST_DEVICE", "cpu"))
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -30,8 +34,8 @@ def factor_sets(draw: st.DrawFn, max_tasks: int = 4) -> tuple[list[np.ndarray], 
 
 
 def _group(b: list[np.ndarray], a: list[np.ndarray]) -> FactorGroup:
-    b_cat = torch.tensor(np.concatenate(b, axis=1), dtype=torch.float32).unsqueeze(0)
-    a_cat = torch.tensor(np.concatenate(a, axis=0), dtype=torch.float32).unsqueeze(0)
+    b_cat = torch.tensor(np.concatenate(b, axis=1), dtype=torch.float32, device=DEVICE).unsqueeze(0)
+    a_cat = torch.tensor(np.concatenate(a, axis=0), dtype=torch.float32, device=DEVICE).unsqueeze(0)
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=[x.shape[1] for x in b])
 
 
@@ -41,11 +45,11 @@ def _merge(group: FactorGroup, rank: int, beta: float = 1.0, weights: list[float
         rank=rank,
         rule=get_rule("ta"),
         rule_params={"lambda": 1.0},
-        weights=torch.tensor(weights or [1.0] * tasks, dtype=torch.float64),
+        weights=torch.tensor(weights or [1.0] * tasks, dtype=torch.float64, device=DEVICE),
         beta=beta,
     )
     result = get_method("ctm").function(group, settings_)
-    return (result.lora_b[0].double() @ result.lora_a[0].double()).numpy()
+    return (result.lora_b[0].double() @ result.lora_a[0].double()).cpu().numpy()
 
 
 def _relative(x: np.ndarray, y: np.ndarray) -> float:
@@ -61,10 +65,10 @@ def test_core_space_is_lossless(factors: tuple) -> None:
     q_b = group.b_cat[0].double() @ space.left[0]
     q_a = group.a_cat[0].double().T @ space.right[0]
     for q in (q_b, q_a):  # orthonormal columns, plus zero columns where the factors are rank-deficient
-        gram = (q.T @ q).numpy()
+        gram = (q.T @ q).cpu().numpy()
         assert np.allclose(gram, np.diag(np.round(np.diag(gram))), atol=1e-4)
     for t, (b_t, a_t) in enumerate(zip(b, a, strict=True)):
-        rebuilt = (q_b @ space.cores[0, t] @ q_a.T).numpy()
+        rebuilt = (q_b @ space.cores[0, t] @ q_a.T).cpu().numpy()
         assert _relative(rebuilt, b_t @ a_t) < 1e-5
 
 
@@ -76,8 +80,8 @@ def test_core_space_handles_rank_deficient_inputs() -> None:
     q_b = group.b_cat[0].double() @ space.left[0]
     q_a = group.a_cat[0].double().T @ space.right[0]
     assert torch.isfinite(space.cores).all()
-    assert _relative((q_b @ space.cores[0, 1] @ q_a.T).numpy(), 2.0 * b @ a) < 1e-5
-    assert np.abs((q_b @ space.cores[0, 2] @ q_a.T).numpy()).max() < 1e-6
+    assert _relative((q_b @ space.cores[0, 1] @ q_a.T).cpu().numpy(), 2.0 * b @ a) < 1e-5
+    assert np.abs((q_b @ space.cores[0, 2] @ q_a.T).cpu().numpy()).max() < 1e-6
 
 
 @SETTINGS
@@ -90,7 +94,7 @@ def test_hooi_never_keeps_less_than_hosvd(factors: tuple, rank: int) -> None:
     frame = cs.shared_frame(cores, rank)
     assert float(frame.energy[0]) >= float(frame.start_energy[0]) * (1 - 1e-12)
     assert float(frame.energy[0]) <= float(frame.total_energy[0]) * (1 + 1e-12)
-    eye = torch.eye(rank, dtype=torch.float64)
+    eye = torch.eye(rank, dtype=torch.float64, device=DEVICE)
     assert torch.allclose(frame.u[0].T @ frame.u[0], eye, atol=1e-10)
     assert torch.allclose(frame.v[0].T @ frame.v[0], eye, atol=1e-10)
 
@@ -153,11 +157,14 @@ def test_batched_modules_equal_one_by_one() -> None:
         b_cat=torch.cat([g.b_cat for g in groups]), a_cat=torch.cat([g.a_cat for g in groups]), ranks=[3, 5]
     )
     settings_ = MergeSettings(
-        rank=3, rule=get_rule("ta"), rule_params={"lambda": 1.0}, weights=torch.ones(2, dtype=torch.float64)
+        rank=3,
+        rule=get_rule("ta"),
+        rule_params={"lambda": 1.0},
+        weights=torch.ones(2, dtype=torch.float64, device=DEVICE),
     )
     result = get_method("ctm").function(stacked, settings_)
     for index, single in enumerate(singles):
-        batched = (result.lora_b[index].double() @ result.lora_a[index].double()).numpy()
+        batched = (result.lora_b[index].double() @ result.lora_a[index].double()).cpu().numpy()
         assert _relative(batched, single) < 1e-5
 
 

@@ -4,6 +4,7 @@ between methods, and the methods end to end through the CLI with real PEFT adapt
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ RULE_PARAMS = {
     "magnitude_prune": {"density": 0.3},
 }
 SEED = 3
+# CTM_TEST_DEVICE=cuda runs the methods on the GPU (results must match the float64 references there too).
+DEVICE = torch.device(os.environ.get("CTM_TEST_DEVICE", "cpu"))
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ CASES = {
 
 def group_of(cases: list[Case]) -> FactorGroup:
     return FactorGroup(
-        b_cat=torch.tensor(np.stack([np.hstack(c.bs) for c in cases]), dtype=torch.float32),
-        a_cat=torch.tensor(np.stack([np.vstack(c.as_) for c in cases]), dtype=torch.float32),
+        b_cat=torch.tensor(np.stack([np.hstack(c.bs) for c in cases]), dtype=torch.float32, device=DEVICE),
+        a_cat=torch.tensor(np.stack([np.vstack(c.as_) for c in cases]), dtype=torch.float32, device=DEVICE),
         ranks=cases[0].ranks,
     )
 
@@ -87,13 +90,13 @@ def merge(method: str, rule: str, case: Case | list[Case], rank: int | None = No
         rank=spec.output_rank(cases[0].rank if rank is None else rank, cases[0].ranks),
         rule=rule_spec,
         rule_params=rule_params,
-        weights=torch.tensor(cases[0].weights, dtype=torch.float64),
+        weights=torch.tensor(cases[0].weights, dtype=torch.float64, device=DEVICE),
         beta=0.5 if method == "ctm" else 1.0,
         generator=torch.Generator().manual_seed(SEED),
         method_params=method_params,
     )
     result = spec.function(group_of(cases), settings)
-    deltas = [(b.double() @ a.double()).numpy() for b, a in zip(result.lora_b, result.lora_a, strict=True)]
+    deltas = [(b.double() @ a.double()).cpu().numpy() for b, a in zip(result.lora_b, result.lora_a, strict=True)]
     return deltas, result
 
 

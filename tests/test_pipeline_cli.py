@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 import ctm_cli.pipeline
 from ctm_cli.cli import app
+from ctm_cli.engine import bytes_per_module
 from ctm_cli.errors import EXIT_CODES
 from ctm_cli.model_card import render_model_card
+from ctm_cli.validate import ModuleSpec
 
 FLOAT32 = 4
 FAST = ["--method", "cat"]  # exact concatenation: no frame search, for tests about the command line itself
@@ -87,8 +89,8 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     assert sum(g["modules"] for g in plan["groups"]) == 14
     assert sorted(tuple(g["shape"]) for g in plan["groups"]) == sorted({tuple(s) for s in shapes.values()})
     for group in plan["groups"]:
-        out_features, in_features = group["shape"]
-        assert group["device_bytes"] == group["modules"] * (out_features + in_features) * 12 * (4 + 8 + 4)
+        spec = ModuleSpec("m", *group["shape"], ranks=tuple(group["ranks"]), embedding=False)
+        assert group["device_bytes"] == group["modules"] * bytes_per_module(spec)
     assert plan["estimated_device_bytes"] == max(g["device_bytes"] for g in plan["groups"])
     # Output size: exact tensor bytes plus the header, against the file a real merge wrote.
     written = (merged[0] / "adapter_model.safetensors").stat().st_size

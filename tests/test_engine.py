@@ -1,0 +1,281 @@
+"""The streaming engine (explicit reads, read-ahead, group planning) and the core-space math it relies on
+for speed: Gram frames against QR on ill-conditioned factors, factored cores against dense ones, and
+subspace-iteration eigenvectors against eigh. CTM_TEST_DEVICE=cuda runs the math and the engine on the GPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import merge_reference as ref
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from ctm_cli import core_space as cs
+from ctm_cli import engine
+from ctm_cli.adapter import Adapter
+from ctm_cli.methods import FactorGroup, MergeSettings, get_method
+from ctm_cli.rules import get_rule
+from ctm_cli.validate import ModuleSpec, check_compatible
+
+DEVICE = torch.device(os.environ.get("CTM_TEST_DEVICE", "cpu"))
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _ta_settings(rank: int, tasks: int, beta: float = 1.0) -> MergeSettings:
+    return MergeSettings(
+        rank=rank,
+        rule=get_rule("ta"),
+        rule_params={"lambda": 1.0},
+        weights=torch.ones(tasks, dtype=torch.float64, device=DEVICE),
+        beta=beta,
+    )
+
+
+def _delta(result, index: int = 0) -> np.ndarray:
+    return (result.lora_b[index].double() @ result.lora_a[index].double()).cpu().numpy()
+
+
+def _relative(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+def _with_dtype(source: Path, folder: Path, dtype: torch.dtype, legacy: bool = False) -> Path:
+    """A copy of an adapter folder with its factors stored in `dtype` (as a legacy .bin if asked)."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    tensors = {key: value.to(dtype) for key, value in load_file(source / WEIGHTS_FILE).items()}
+    if legacy:
+        torch.save(tensors, folder / "adapter_model.bin")
+    else:
+        save_file(tensors, folder / WEIGHTS_FILE)
+    return folder
+
+
+@pytest.fixture
+def mixed_adapters(make_adapter, tmp_path) -> list[Adapter]:
+    """Four adapters of the tiny Llama stored as float32, bfloat16, float16 and a legacy float32 .bin."""
+    folders = [
+        make_adapter(r=4, seed=1),
+        _with_dtype(make_adapter(r=6, seed=2), tmp_path / "bf16", torch.bfloat16),
+        _with_dtype(make_adapter(r=2, seed=3), tmp_path / "f16", torch.float16),
+        _with_dtype(make_adapter(r=4, seed=4), tmp_path / "bin", torch.float32, legacy=True),
+    ]
+    return [Adapter(folder) for folder in folders]
+
+
+def _expected_group(adapters: list[Adapter], group: list[ModuleSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's concatenated factors built from the adapters' own readers, s·B scaled, float32."""
+    b_cat, a_cat = [], []
+    for spec in group:
+        pairs = [(adapter.factors(spec.name), adapter.modules[spec.name].scale) for adapter in adapters]
+        b_cat.append(torch.cat([b.float() * scale for (_, b), scale in pairs], dim=1))
+        a_cat.append(torch.cat([a.float() for (a, _), _ in pairs], dim=0))
+    return torch.stack(b_cat), torch.stack(a_cat)
+
+
+def test_streamed_groups_equal_the_stored_factors(mixed_adapters) -> None:
+    """Every group, read ahead into reused buffers (several groups per shape), equals the stored factors."""
+    specs = check_compatible(mixed_adapters)
+    groups = engine.plan_groups(specs, 2 * engine.bytes_per_module(specs[0]))
+    assert len(groups) > len({(s.out_features, s.in_features) for s in specs})
+    with engine._GroupStream(mixed_adapters, groups, DEVICE) as stream:
+        loaded = [engine._load_group(mixed_adapters, group, raw) for group, raw in zip(groups, stream, strict=True)]
+    for group, factors in zip(groups, loaded, strict=True):
+        b_cat, a_cat = _expected_group(mixed_adapters, group)
+        assert factors.b_cat.device.type == DEVICE.type
+        assert torch.equal(factors.b_cat.cpu(), b_cat) and torch.equal(factors.a_cat.cpu(), a_cat)
+        assert factors.ranks == [4, 6, 2, 4]
+
+
+def test_safetensors_inputs_are_never_read_through_mmap(make_adapter, monkeypatch) -> None:
+    """The engine reads safetensors files itself: the adapter's (memory-mapped) tensor access is never used."""
+    adapters = [Adapter(make_adapter(r=4, seed=seed)) for seed in (1, 2)]
+    specs = check_compatible(adapters)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read through the adapter's memory map")
+
+    monkeypatch.setattr(Adapter, "factors", refuse)
+    monkeypatch.setattr(Adapter, "tensor", refuse)
+    merged = engine.merge_modules(
+        adapters, engine.plan_groups(specs, 10**9), get_method("cat"), _ta_settings(8, 2), DEVICE, torch.float32
+    )
+    assert len(merged.tensors) == 2 * len(specs)
+
+
+def test_merge_does_not_depend_on_the_group_size(make_adapter) -> None:
+    adapters = [Adapter(make_adapter(r=r, seed=seed)) for r, seed in ((4, 1), (6, 2), (2, 3))]
+    specs = check_compatible(adapters)
+    outputs = []
+    for budget in (1, 10**10):  # one module per group, then one group per shape
+        groups = engine.plan_groups(specs, budget)
+        outputs.append(
+            engine.merge_modules(adapters, groups, get_method("ctm"), _ta_settings(4, 3), DEVICE, torch.float32)
+        )
+    assert outputs[0].tensors.keys() == outputs[1].tensors.keys()
+    for key, tensor in outputs[0].tensors.items():
+        assert torch.allclose(tensor, outputs[1].tensors[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_groups_fit_the_budget() -> None:
+    specs = [ModuleSpec(f"m{i}", 64 + 32 * (i % 3), 48, (4, 8), embedding=False) for i in range(30)]
+    budget = 5 * engine.bytes_per_module(specs[0])
+    groups = engine.plan_groups(specs, budget)
+    assert sorted(s.name for g in groups for s in g) == sorted(s.name for s in specs)
+    for group in groups:
+        assert len({(s.out_features, s.in_features, s.ranks) for s in group}) == 1
+        assert len(group) == 1 or len(group) * engine.bytes_per_module(group[0]) <= budget
+    assert engine.plan_groups(specs[:1], 1) == [specs[:1]]  # over budget alone: still merged, on its own
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="device memory is measured on CUDA only")
+def test_device_memory_stays_within_the_estimate(make_adapter) -> None:
+    """Peak device memory of a merge (after a warm-up that creates the library workspaces) stays within the
+    largest group's estimate plus the per-merge constants (a few MiB of solver workspace)."""
+    wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
+    adapters = [Adapter(make_adapter(r=16, seed=seed, model_overrides=wider)) for seed in range(4)]
+    specs = check_compatible(adapters)
+    groups = engine.plan_groups(specs, 10**10)
+    for _ in range(2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        engine.merge_modules(adapters, groups, get_method("ctm"), _ta_settings(16, 4), DEVICE, torch.float32)
+    peak = torch.cuda.max_memory_allocated() - baseline
+    estimate = max(len(g) * engine.bytes_per_module(g[0]) for g in groups)
+    assert peak <= estimate + 4 * 2**20, (peak, estimate)
+
+
+# ------------------------------------------------------------------------------------ core-space math
+
+
+def _ill_conditioned(rng, rows: int, columns: int, condition: float) -> np.ndarray:
+    """A rows × columns matrix with singular values spread log-evenly from 1 to 1/condition."""
+    left = np.linalg.qr(rng.standard_normal((rows, columns)))[0]
+    right = np.linalg.qr(rng.standard_normal((columns, columns)))[0]
+    return left @ np.diag(np.logspace(0, -np.log10(condition), columns)) @ right.T
+
+
+@pytest.mark.parametrize("condition", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("small_task", [1.0, 1e-3])
+def test_gram_core_space_matches_qr_on_ill_conditioned_factors(condition: float, small_task: float) -> None:
+    """The R × R Gram frames (float64) give the merge that thin QRs give, within float32 accuracy, for
+    factors whose columns are nearly dependent (condition number up to 1e6) and a task 1000× smaller."""
+    rng = np.random.default_rng(int(np.log10(condition)))
+    ranks = [4, 4, 4]
+    b_cat = _ill_conditioned(rng, 60, 12, condition).astype(np.float32).astype(np.float64)
+    a_cat = _ill_conditioned(rng, 50, 12, condition).T.astype(np.float32).astype(np.float64)
+    bs = [b_cat[:, cols] * (small_task if t == 2 else 1.0) for t, cols in enumerate(cs.column_slices(ranks))]
+    as_ = [a_cat[cols] for cols in cs.column_slices(ranks)]
+    group = FactorGroup(
+        b_cat=torch.tensor(np.hstack(bs), dtype=torch.float32, device=DEVICE).unsqueeze(0),
+        a_cat=torch.tensor(np.vstack(as_), dtype=torch.float32, device=DEVICE).unsqueeze(0),
+        ranks=ranks,
+    )
+    ctm = get_method("ctm").function
+    qr_merge = ref.ctm(bs, as_, 6, lambda xs: ref.ta(xs, [1.0] * 3), 1.0)
+    assert _relative(_delta(ctm(group, _ta_settings(6, 3))), qr_merge) < 1e-5
+    exact = sum(b @ a for b, a in zip(bs, as_, strict=True))
+    assert _relative(_delta(ctm(group, _ta_settings(12, 3))), exact) < 1e-5
+
+
+@st.composite
+def stacked_factors(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Float64 factors of G modules: B_cat (G, out, R), A_cat (G, R, in), equal or mixed ranks."""
+    tasks = draw(st.integers(2, 5))
+    ranks = (
+        [draw(st.integers(1, 5))] * tasks
+        if draw(st.booleans())
+        else draw(st.lists(st.integers(1, 5), min_size=tasks, max_size=tasks))
+    )
+    modules, out, inp = draw(st.integers(1, 3)), draw(st.integers(2, 30)), draw(st.integers(2, 30))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    b = torch.randn(modules, out, sum(ranks), generator=generator, dtype=torch.float64)
+    a = torch.randn(modules, sum(ranks), inp, generator=generator, dtype=torch.float64)
+    return b.to(DEVICE), a.to(DEVICE), ranks
+
+
+@SETTINGS
+@given(stacked_factors(), st.sampled_from([0.0, 0.25, 1.0]), st.integers(1, 4))
+def test_factored_cores_equal_dense_cores(factors: tuple, beta: float, rank: int) -> None:
+    """Factored cores give the dense cores, norms, balancing, HOSVD Grams, HOOI frame and coordinates."""
+    b, a, ranks = factors
+    rank = min(rank, sum(ranks), b.shape[-2], a.shape[-1])
+    dense, factored = cs.core_space(b, a, ranks), cs.factored_core_space(b, a, ranks)
+    assert torch.equal(dense.left, factored.left) and torch.equal(dense.right, factored.right)
+    scale = dense.cores.abs().max()
+    assert torch.allclose(factored.cores.dense(), dense.cores, atol=1e-12 * scale)
+    balanced, balanced_factored = cs.balance(dense.cores, beta), cs.balance_factored(factored.cores, beta)
+    assert torch.allclose(balanced_factored.dense(), balanced, atol=1e-11 * scale)
+    assert torch.allclose(balanced_factored.norms(), torch.linalg.matrix_norm(balanced), rtol=1e-10)
+    left_gram, right_gram = balanced_factored.grams()
+    assert torch.allclose(left_gram, (balanced @ balanced.mT).sum(dim=-3), atol=1e-10 * scale**2)
+    assert torch.allclose(right_gram, (balanced.mT @ balanced).sum(dim=-3), atol=1e-10 * scale**2)
+    frame, frame_factored = cs.shared_frame(balanced, rank), cs.shared_frame_factored(balanced_factored, rank)
+    assert torch.equal(frame.sweeps, frame_factored.sweeps)
+    assert torch.allclose(frame.energy, frame_factored.energy, rtol=1e-9)
+    coordinates = cs.project(dense.cores, frame.u, frame.v)
+    assert torch.allclose(factored.cores.project(frame.u, frame.v), coordinates, atol=1e-11 * scale)
+    coefficients = torch.linspace(-1.0, 2.0, len(ranks), dtype=torch.float64, device=DEVICE)
+    combined = (dense.cores * coefficients.view(-1, 1, 1)).sum(dim=-3)
+    assert torch.allclose(factored.cores.combine(coefficients), combined, atol=1e-11 * scale)
+
+
+def _psd_columns(generator: torch.Generator, size: int, width: int, gap: float) -> torch.Tensor:
+    """Y (4, size, width) whose Y Yᵀ has a spectrum falling by `gap` after its 6th eigenvalue."""
+    spectrum = torch.cat([torch.linspace(2.0, 1.0, 6), gap * torch.linspace(1.0, 0.1, width - 6)]).double()
+    left = torch.linalg.qr(torch.randn(4, size, width, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(4, width, width, generator=generator, dtype=torch.float64))[0]
+    return (left * spectrum.sqrt()) @ right.mT
+
+
+@pytest.mark.parametrize("gap", [0.05, 0.9, 0.0])
+@pytest.mark.parametrize("width", [6, 12])
+def test_subspace_iteration_gives_eighs_eigenvectors(gap: float, width: int) -> None:
+    """From a perturbed start of `width` vectors, the iterated top-6 eigenvectors are eigh's (up to sign),
+    whether the eigengap makes iteration fast (0.05), too slow for its cap (0.9 with no extra vectors:
+    eigh takes over), or the rank is exactly 6 (0.0: a rank-deficient block, also eigh's)."""
+    generator = torch.Generator().manual_seed(int(gap * 100) + width)
+    columns = _psd_columns(generator, 48, 20, gap).to(DEVICE)
+    _, eigenvectors = torch.linalg.eigh(columns @ columns.mT)
+    exact = eigenvectors[..., -6:].flip(-1)
+    block = eigenvectors[..., -width:].flip(-1)
+    noise = torch.randn(block.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    start = torch.linalg.qr(block + 0.05 * noise)[0]
+    found = cs.leading_eigenvectors(columns, start, 6, iterate=True)
+    assert found.shape == start.shape
+    eye = torch.eye(width, dtype=torch.float64, device=DEVICE)
+    assert torch.allclose(found.mT @ found, eye, atol=1e-12)
+    top = found[..., :6]
+    if gap > 0:  # with a null space of Y Yᵀ only the first 6 (non-degenerate) vectors are determined
+        cosines = (top.mT @ exact).diagonal(dim1=-2, dim2=-1).abs()
+        assert torch.allclose(cosines, torch.ones_like(cosines), atol=1e-9)
+    else:
+        assert torch.allclose(top @ top.mT, exact @ exact.mT, atol=1e-9)
+
+
+def test_ctm_with_large_core_spaces_matches_the_reference() -> None:
+    """R = 48 > 32: on CUDA HOOI takes its eigenvectors by subspace iteration; the merge is the reference's."""
+    rng = np.random.default_rng(5)
+    shared_b, shared_a = rng.standard_normal((40, 6)), rng.standard_normal((6, 36))
+    bs = [np.hstack([shared_b * (1 + t), rng.standard_normal((40, 6)) * 0.3]).astype(np.float32) for t in range(4)]
+    as_ = [np.vstack([shared_a, rng.standard_normal((6, 36)) * 0.3]).astype(np.float32) for _ in range(4)]
+    bs, as_ = [b.astype(np.float64) for b in bs], [a.astype(np.float64) for a in as_]
+    group = FactorGroup(
+        b_cat=torch.tensor(np.hstack(bs), dtype=torch.float32, device=DEVICE).unsqueeze(0),
+        a_cat=torch.tensor(np.vstack(as_), dtype=torch.float32, device=DEVICE).unsqueeze(0),
+        ranks=[12] * 4,
+    )
+    for beta in (1.0, 0.25):
+        result = get_method("ctm").function(group, _ta_settings(8, 4, beta))
+        expected = ref.ctm(bs, as_, 8, lambda xs: ref.ta(xs, [1.0] * 4), beta)
+        assert _relative(_delta(result), expected) < 1e-5
