@@ -213,15 +213,18 @@ def _merge_and_cut(
     "r, 1..min(R, out, in)",
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
-    """CtM (DESIGN §1): core space, balanced HOOI frame, rule on r × r coordinates, rank-r output."""
-    space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
-    frame = cs.shared_frame(cs.balance(space.cores, settings.beta), settings.rank)
-    coordinates = cs.project(space.cores, frame.u, frame.v)
+    """CtM (DESIGN §1): core space, balanced HOOI frame, rule on r × r coordinates, rank-r output.
+
+    The T cores stay factored (two R × R factors instead of T·R² numbers), so memory does not grow with T².
+    """
+    space = cs.factored_core_space(group.b_cat, group.a_cat, group.ranks)
+    frame = cs.shared_frame_factored(cs.balance_factored(space.cores, settings.beta), settings.rank)
+    coordinates = space.cores.project(frame.u, frame.v)
     merged = _apply_rule(coordinates, settings)
     cut = cs.truncate(merged, settings.rank, space.left @ frame.u, space.right @ frame.v)
     lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
-    kept = torch.linalg.matrix_norm(coordinates).square() / torch.linalg.matrix_norm(space.cores).square()
-    whole = torch.linalg.matrix_norm(space.cores)
+    whole = space.cores.norms()
+    kept = torch.linalg.matrix_norm(coordinates).square() / whole.square().clamp_min(1e-300)
     return _result(
         group,
         settings,
