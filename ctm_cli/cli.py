@@ -180,7 +180,9 @@ def merge(
     device: str = typer.Option(DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16)."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for rules that use randomness."),
-    max_memory_mb: int = typer.Option(2048, "--max-memory", help="Working-memory budget per group, MiB."),
+    max_memory_mb: int | None = typer.Option(
+        None, "--max-memory", help="Working-memory budget per group, MiB (default: 2048 on CPU, 1/4 of a GPU)."
+    ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Resolve sources, check everything and print the plan; write nothing."
@@ -210,7 +212,11 @@ def merge(
             raise UsageError("--private only applies with --push-to-hub")
         recipe = build_recipe(config, _overrides(ctx, param))
         request = MergeRequest.from_recipe(
-            recipe, max_memory=max_memory_mb * 1024**2, force=force, push_to_hub=push_to_hub, private=private
+            recipe,
+            max_memory=None if max_memory_mb is None else max_memory_mb * 1024**2,
+            force=force,
+            push_to_hub=push_to_hub,
+            private=private,
         )
         if quiet:
             _quiet_hub_downloads()

@@ -24,7 +24,10 @@ from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.validate import ModuleSpec
 
 COMPUTE_DTYPE = torch.float32
-DEFAULT_MAX_MEMORY = 2 * 1024**3
+CPU_MAX_MEMORY = 2 * 1024**3
+# On CUDA, the default budget is this fraction of the device's memory: HOOI time grows with the number
+# of groups (each group sweeps on its own), so fewer, larger groups are faster.
+CUDA_MEMORY_FRACTION = 0.25
 # Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
 ALIGNMENT = 64
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -60,6 +63,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def default_max_memory(device: torch.device) -> int:
+    """The per-group memory budget when --max-memory is not given: a quarter of a GPU, else 2 GiB."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_MEMORY_FRACTION)
+    return CPU_MAX_MEMORY
 
 
 def bytes_per_module(spec: ModuleSpec) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
-from ctm_cli.engine import DEFAULT_MAX_MEMORY, merge_modules, plan_groups, resolve_device
+from ctm_cli.engine import default_max_memory, merge_modules, plan_groups, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
@@ -52,7 +52,7 @@ class MergeRequest:
     device: str = "auto"
     dtype: str | None = None
     seed: int = 0
-    max_memory: int = DEFAULT_MAX_MEMORY
+    max_memory: int | None = None  # bytes per group; None: engine.default_max_memory(device)
     force: bool = False
     revisions: list[str | None] | None = None
     push_to_hub: str | None = None
@@ -224,6 +224,8 @@ def _prepare(request: MergeRequest) -> _Prepared:
     kept = keep_extra_tensors(adapters, request.modules_to_save)
     weights = _check_weights(request.weights, len(adapters))
     check_rank(specs, request.rank, method, rule)
+    device = resolve_device(request.device)
+    max_memory = request.max_memory if request.max_memory is not None else default_max_memory(device)
     return _Prepared(
         request=request,
         method=method,
@@ -234,9 +236,9 @@ def _prepare(request: MergeRequest) -> _Prepared:
         adapters=adapters,
         specs=specs,
         kept=kept,
-        groups=plan_groups(specs, request.max_memory),
+        groups=plan_groups(specs, max_memory),
         weights=weights,
-        device=resolve_device(request.device),
+        device=device,
         output_dtype=_output_dtype(adapters, request.dtype),
     )
 

@@ -205,7 +205,7 @@ def ctm_in_process(
     """The merge alone (`run_merge`) in this process, the device's peak memory during it and the engine's
     estimate of that peak (the largest group's bytes_per_module sum); with `profile`, a cProfile listing."""
     from ctm_cli.adapter import Adapter
-    from ctm_cli.engine import bytes_per_module, plan_groups
+    from ctm_cli.engine import bytes_per_module, default_max_memory, plan_groups
     from ctm_cli.pipeline import MergeRequest, run_merge
     from ctm_cli.validate import check_compatible
 
@@ -213,7 +213,8 @@ def ctm_in_process(
     request = MergeRequest(
         sources=[str(f) for f in folders], output=output, rank=rank, device=str(device), force=True, **options
     )
-    groups = plan_groups(check_compatible([Adapter(f) for f in folders]), request.max_memory)
+    budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
+    groups = plan_groups(check_compatible([Adapter(f) for f in folders]), budget)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
@@ -287,7 +288,7 @@ def read_memory(folders: list[Path], how: str) -> None:
     from ctm_cli.validate import check_compatible
 
     adapters = [Adapter(folder) for folder in folders]
-    groups = engine.plan_groups(check_compatible(adapters), engine.DEFAULT_MAX_MEMORY)
+    groups = engine.plan_groups(check_compatible(adapters), engine.default_max_memory(torch.device("cpu")))
     before = peak = resident_bytes()
     if how == "engine":
         with engine._GroupStream(adapters, groups, torch.device("cpu")) as stream:
