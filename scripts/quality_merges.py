@@ -1,0 +1,337 @@
+"""The merges of the merge-quality benchmark: what `ctm` offers, the tuning grid, and running the merges.
+
+Every ctm merge runs the real command line (`python -m ctm_cli merge ...`) in a subprocess; PEFT's
+`add_weighted_adapter` (`svd`, `ties_svd`) is the outside baseline and runs in-process.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+PEFT = "peft"
+BETA_METHODS = {"ctm"}  # methods the CLI's --beta acts on, when `ctm methods --json` does not say
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A merge method as the catalog describes it."""
+
+    name: str
+    linear_rules_only: bool = False
+    takes_beta: bool = False
+    fixed_rank: bool = False  # writes one rank whatever --rank says (cat: R, robustmerge: max r_t)
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """A merging rule and its parameters' defaults."""
+
+    name: str
+    linear: bool = True
+    params: dict[str, float] = field(default_factory=dict)
+
+
+# The outside baseline, as one more method whose rules are PEFT's add_weighted_adapter combination types.
+PEFT_METHOD = MethodInfo(PEFT)
+PEFT_RULES = (
+    RuleInfo("svd", True, {"lambda": 1.0}),
+    RuleInfo("ties_svd", False, {"lambda": 1.0, "density": 0.2}),
+)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Methods and rules the installed `ctm` offers, and where that list came from."""
+
+    methods: list[MethodInfo]
+    rules: list[RuleInfo]
+    source: str
+    pairs: frozenset[tuple[str, ...]] | None = None  # only these method+rule pairs, when set
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Values tried on the validation split; λ is swept by scaling, the others need one merge each.
+
+    λ starts on `lambdas`; while the best value sits on an edge the sweep goes on into `lower` / `upper`.
+    """
+
+    lambdas: tuple[float, ...] = (0.25, 0.375, 0.5, 0.75, 1.0, 1.5)
+    lower: tuple[float, ...] = (0.125, 0.0625)
+    upper: tuple[float, ...] = (2.0, 3.0)
+    betas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    merge_params: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"density": (0.1, 0.25, 0.5), "robust_density": (0.1, 0.2, 0.5)}
+    )
+
+
+def next_lambdas(grid: Grid, scores: dict[float, float]) -> list[float]:
+    """λ values still to try: the grid first, then one step further out while the best is on an edge."""
+    todo = [lam for lam in grid.lambdas if lam not in scores]
+    if todo:
+        return todo
+    best = max(sorted(scores), key=lambda lam: scores[lam] if math.isfinite(scores[lam]) else -math.inf)
+    if best == min(scores):
+        return [lam for lam in grid.lower if lam not in scores][:1]
+    if best == max(scores):
+        return [lam for lam in grid.upper if lam not in scores][:1]
+    return []
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One merge: `method`+`rule` at `rank` with rule parameters and β (engine `peft` for the baseline)."""
+
+    method: str
+    rule: str
+    rank: int
+    params: tuple[tuple[str, float], ...] = ()
+    beta: float | None = None
+    seed: int = 0
+
+    @property
+    def combo(self) -> str:
+        """The method+rule pair."""
+        return f"{self.method}+{self.rule}"
+
+    @property
+    def label(self) -> str:
+        """Human-readable name with every setting."""
+        parts = [self.combo, f"r={self.rank}"]
+        if self.beta is not None:
+            parts.append(f"β={self.beta:g}")
+        parts += [f"{'λ' if k == 'lambda' else k}={v:g}" for k, v in self.params]
+        return " ".join(parts)
+
+    @property
+    def folder_name(self) -> str:
+        """A file-system-safe unique name."""
+        beta = "" if self.beta is None else f"-b{self.beta:g}"
+        params = "".join(f"-{k}{v:g}" for k, v in self.params)
+        return f"{self.method}-{self.rule}-r{self.rank}{beta}{params}-s{self.seed}"
+
+    def with_param(self, name: str, value: float) -> MergeSpec:
+        """The same merge with one rule parameter set."""
+        params = dict(self.params)
+        params[name] = value
+        return replace(self, params=tuple(sorted(params.items())))
+
+    def param(self, name: str, default: float | None = None) -> float | None:
+        """A rule parameter's value, or `default`."""
+        return dict(self.params).get(name, default)
+
+    def cli_args(self) -> list[str]:
+        """The `ctm merge` options that make this merge."""
+        args = ["--method", self.method, "--rule", self.rule, "--rank", str(self.rank), "--seed", str(self.seed)]
+        if self.beta is not None:
+            args += ["--beta", repr(self.beta)]
+        for name, value in self.params:
+            args += ["--param", f"{name}={value!r}"]
+        return args
+
+
+def _entries(value) -> list[dict]:
+    """A catalog section as a list of dicts with a name, whether given as a list or a name → info mapping."""
+    if isinstance(value, dict):
+        return [{"name": name, **(info if isinstance(info, dict) else {})} for name, info in value.items()]
+    return [item if isinstance(item, dict) else {"name": str(item)} for item in value or []]
+
+
+def _param_defaults(value) -> dict[str, float]:
+    """Rule parameters and defaults from a mapping (name → spec or default) or a list of {name, default}."""
+    params = {}
+    for entry in _entries(value):
+        default = entry.get("default", entry.get("value"))
+        params[entry["name"]] = float(default) if isinstance(default, int | float) else None
+    return params
+
+
+def parse_catalog(payload: dict, source: str) -> Catalog:
+    """The catalog from `ctm methods --json` output, tolerant of list or mapping layouts."""
+    methods = [
+        MethodInfo(
+            name=m["name"],
+            linear_rules_only=bool(m.get("needs_linear_rule", m.get("linear_only", False))),
+            takes_beta=bool(m.get("takes_beta", m.get("uses_beta", m["name"] in BETA_METHODS))),
+            fixed_rank=bool(m.get("writes_total_rank", "ignored" in str(m.get("rank", "")))),
+            params=_param_defaults(m.get("params")),
+        )
+        for m in _entries(payload.get("methods"))
+    ]
+    rules = [
+        RuleInfo(name=r["name"], linear=bool(r.get("linear", True)), params=_param_defaults(r.get("params")))
+        for r in _entries(payload.get("rules"))
+    ]
+    return Catalog(methods=methods, rules=rules, source=source)
+
+
+def select(catalog: Catalog, only: Iterable[str] | None) -> Catalog:
+    """The catalog restricted to the named method+rule pairs (e.g. `ctm+ta`, `peft+svd`), or unchanged."""
+    if not only:
+        return catalog
+    return replace(catalog, pairs=frozenset(tuple(pair.split("+", 1)) for pair in only))
+
+
+def _registry_catalog() -> Catalog:
+    """The catalog read from ctm_cli's registries, for versions without `ctm methods`."""
+    from ctm_cli.methods import METHODS
+    from ctm_cli.rules import RULES
+
+    methods = [
+        MethodInfo(m.name, m.needs_linear_rule, m.name in BETA_METHODS, getattr(m, "writes_total_rank", False))
+        for m in METHODS.values()
+    ]
+    rules = [RuleInfo(r.name, r.linear, {k: p.default for k, p in r.params.items()}) for r in RULES.values()]
+    return Catalog(methods, rules, "ctm_cli registries (this ctm has no `methods` command)")
+
+
+def discover_catalog(env: dict[str, str]) -> Catalog:
+    """Methods and rules from `python -m ctm_cli methods --json`, or from the registries when it is missing."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ctm_cli", "methods", "--json"], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode == 0:
+        try:
+            return parse_catalog(json.loads(done.stdout), "`ctm methods --json`")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass
+    return _registry_catalog()
+
+
+def combos(catalog: Catalog) -> Iterator[tuple[MethodInfo, RuleInfo]]:
+    """Every method × rule pair the catalog allows (linear-only methods skip non-linear rules), then PEFT's."""
+    pairs = [(m, r) for m in catalog.methods for r in catalog.rules if r.linear or not m.linear_rules_only]
+    pairs += [(PEFT_METHOD, rule) for rule in PEFT_RULES]
+    for method, rule in pairs:
+        if catalog.pairs is None or (method.name, rule.name) in catalog.pairs:
+            yield method, rule
+
+
+def tuning_specs(method: MethodInfo, rule: RuleInfo, ranks: Iterable[int], grid: Grid, seed: int) -> list[MergeSpec]:
+    """The merges that tune one method+rule on validation: every grid value of β and of the parameters
+    (the rule's and the method's) that the grid names.
+
+    λ stays 1 here: it is swept afterwards by scaling the merged update, which is exact for a rule whose λ
+    multiplies its result (checked again on the final merge).
+    """
+    ranks = list(ranks)[:1] if method.fixed_rank else list(ranks)
+    betas = grid.betas if method.takes_beta else (None,)
+    tuned = [name for name in {**rule.params, **method.params} if name in grid.merge_params]
+    values = [grid.merge_params[name] for name in tuned]
+    specs = []
+    for rank, beta, chosen in itertools.product(ranks, betas, itertools.product(*values)):
+        spec = MergeSpec(method.name, rule.name, rank, beta=beta, seed=seed)
+        if "lambda" in rule.params:
+            spec = spec.with_param("lambda", 1.0)
+        for name, value in zip(tuned, chosen, strict=True):
+            spec = spec.with_param(name, value)
+        specs.append(spec)
+    return specs
+
+
+def default_spec(method: MethodInfo, rule: RuleInfo, rank: int, seed: int) -> MergeSpec:
+    """The merge as `ctm merge` makes it with no options beyond method, rule and rank (λ = 1, β = 1)."""
+    spec = MergeSpec(method.name, rule.name, rank, beta=1.0 if method.takes_beta else None, seed=seed)
+    params = {name: value for name, value in rule.params.items() if method.name == PEFT or name == "lambda"}
+    for name, value in sorted(params.items()):
+        spec = spec.with_param(name, value)
+    return spec
+
+
+def adapter_facts(folder: Path) -> dict:
+    """Output rank (the largest, rank_pattern included) and LoRA parameter count of a PEFT folder."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    ranks = [int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    count = 0
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
+        for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+            if ".lora_" in key:
+                shape = weights.get_slice(key).get_shape()
+                count += shape[0] * shape[1]
+    return {"rank": max(ranks), "parameters": count}
+
+
+def run_cli_merge(spec: MergeSpec, sources: list[Path], folder: Path, device: str, env: dict[str, str]) -> str | None:
+    """One `python -m ctm_cli merge`; None on success, else the error line it printed."""
+    command = [sys.executable, "-m", "ctm_cli", "merge", *map(str, sources), "-o", str(folder)]
+    command += [*spec.cli_args(), "--device", device, "--force", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit code {done.returncode}"]
+    return f"exit {done.returncode}: {lines[-1].strip()}"
+
+
+def merge_env(threads: int) -> dict[str, str]:
+    """Environment of the merge subprocesses: offline, few threads each so several run at once."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cli_merges(
+    specs: list[MergeSpec], sources: list[Path], root: Path, device: str, jobs: int
+) -> Iterator[tuple[MergeSpec, Path, str | None]]:
+    """Run the merges `jobs` at a time, yielding (spec, folder, error) as each one finishes."""
+    env = merge_env(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {
+            pool.submit(run_cli_merge, spec, sources, root / spec.folder_name, device, env): spec for spec in specs
+        }
+        for future in as_completed(futures):
+            spec = futures[future]
+            yield spec, root / spec.folder_name, future.result()
+
+
+class PeftMerger:
+    """PEFT's add_weighted_adapter over the task adapters, loaded once into one PeftModel."""
+
+    def __init__(self, base_cpu, sources: list[Path], device: torch.device):
+        from peft import PeftModel
+
+        self.names = [f"task{i}" for i in range(len(sources))]
+        base = copy.deepcopy(base_cpu).to(device)
+        self.model = PeftModel.from_pretrained(base, str(sources[0]), adapter_name=self.names[0])
+        for name, source in zip(self.names[1:], sources[1:], strict=True):
+            self.model.load_adapter(str(source), adapter_name=name)
+        self.model.to(device)
+
+    def merge(self, spec: MergeSpec, folder: Path) -> str | None:
+        """Write the merge `spec` (weights λ for every task) as a PEFT folder; None or an error line."""
+        name = "merged"
+        try:
+            self.model.add_weighted_adapter(
+                self.names,
+                [spec.param("lambda", 1.0)] * len(self.names),
+                name,
+                combination_type=spec.rule,
+                svd_rank=spec.rank,
+                svd_full_matrices=False,  # the same truncated result, without the unused full bases
+                density=spec.param("density"),
+            )
+            self.model.save_pretrained(str(folder), selected_adapters=[name])
+        except (ValueError, RuntimeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+        saved = folder / name
+        for path in saved.iterdir():
+            path.replace(folder / path.name)
+        saved.rmdir()
+        return None

@@ -1,0 +1,202 @@
+"""The encoder side of the merge-quality benchmark: zero-shot heads, scoring, LoRA training, adapter deltas.
+
+Every adapter (trained, merged by `ctm`, or merged by PEFT) is loaded with real PEFT, folded into the
+base weights, and kept as a per-weight delta ΔW; scoring sets W = W_base + scale · ΔW in place, so one
+model on the device scores everything and a rule's λ can be swept on validation without a new merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from quality_data import Tokens
+from quality_metrics import label_words
+
+TARGET_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MODEL_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training protocol of the benchmark's task adapters."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    learning_rate: float = 5e-4
+    epochs: int = 3
+    batch_size: int = 32
+
+
+def load_encoder(folder: Path, device: torch.device):
+    """The base encoder in float32 (whatever dtype it is stored in) and its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def embed(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as the model's own recipe makes them: mean over real tokens, L2-normalised."""
+    width = int(lengths.max())
+    ids = ids[:, :width].to(torch.long)
+    mask = (torch.arange(width, device=ids.device) < lengths.unsqueeze(1)).to(torch.long)
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return F.normalize(pooled, dim=-1)
+
+
+@torch.no_grad()
+def label_head(model, tokenizer, class_names: list[str], temperature: float) -> torch.Tensor:
+    """Frozen zero-shot head W = normalize(embed(label words)) / τ, one row per class, no bias."""
+    device = next(model.parameters()).device
+    encoded = tokenizer([label_words(n) for n in class_names], padding=True, return_tensors="pt")
+    lengths = encoded["attention_mask"].sum(dim=1)
+    return embed(model, encoded["input_ids"].to(device), lengths.to(device)) / temperature
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One split of all tasks as one set on the device: length-sorted batches, labels, each task's span."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (positions, ids, lengths)
+    labels: torch.Tensor
+    spans: dict[str, slice]
+
+
+def pool_split(tasks, split: str, device: torch.device, batch_size: int) -> Pool:
+    """Concatenate every task's `split` and cut it into batches of similar lengths (less padding, fewer calls)."""
+    ids = torch.cat([t.splits[split].tokens.ids for t in tasks])
+    lengths = torch.cat([t.splits[split].tokens.lengths for t in tasks])
+    labels = torch.cat([t.splits[split].labels for t in tasks]).to(device)
+    spans, start = {}, 0
+    for task in tasks:
+        spans[task.name] = slice(start, start + len(task.splits[split].labels))
+        start = spans[task.name].stop
+    order = torch.argsort(lengths, descending=True)
+    batches = []
+    for positions in order.split(batch_size):
+        width = int(lengths[positions].max())
+        batches.append((positions.to(device), ids[positions, :width].to(device), lengths[positions].to(device)))
+    return Pool(batches=batches, labels=labels, spans=spans)
+
+
+@torch.no_grad()
+def pooled_accuracy(model, pool: Pool, heads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each task's accuracy: the share of its examples whose highest cosine logit is the true class."""
+    embeddings = None
+    for positions, ids, lengths in pool.batches:
+        batch = embed(model, ids, lengths)
+        if embeddings is None:
+            embeddings = batch.new_empty((len(pool.labels), batch.shape[1]))
+        embeddings[positions] = batch
+    return {
+        task: float(((embeddings[span] @ heads[task].T).argmax(dim=1) == pool.labels[span]).float().mean())
+        for task, span in pool.spans.items()
+    }
+
+
+def train_adapter(
+    base, tokens: Tokens, labels: torch.Tensor, head: torch.Tensor, config: TrainConfig, seed: int, output: Path
+) -> Path:
+    """Train one LoRA against the frozen head (cross-entropy on cosine logits) and save it as a PEFT folder.
+
+    AdamW with a one-cycle schedule; the seed fixes the LoRA initialisation, dropout and the shuffles.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    device = head.device
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=TARGET_MODULES,
+        base_model_name_or_path=BASE_MODEL_ID,
+    )
+    model = get_peft_model(copy.deepcopy(base), lora).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch
+    )
+    shuffle = torch.Generator().manual_seed(seed)
+    for _ in range(config.epochs):
+        for index in torch.randperm(len(labels), generator=shuffle).split(config.batch_size):
+            logits = embed(model, tokens.ids[index].to(device), tokens.lengths[index].to(device)) @ head.T
+            loss = F.cross_entropy(logits, labels[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID
+    model.save_pretrained(output)
+    return output
+
+
+class AdapterReader:
+    """Reads adapters with real PEFT into per-weight deltas ΔW, through one PeftModel kept for the purpose.
+
+    Each folder is loaded as a named adapter, each LoRA layer's own `get_delta_weight` gives its ΔW (the
+    same update PEFT adds when merging), and the adapter is deleted again.
+    """
+
+    def __init__(self, base_cpu, anchor: Path, device: torch.device):
+        from peft import PeftModel
+
+        base = copy.deepcopy(base_cpu).to(device)
+        self.model = PeftModel.from_pretrained(base, str(anchor), adapter_name="anchor").to(device)
+        self.device = device
+        self._count = 0
+
+    @torch.no_grad()
+    def delta(self, folder: Path) -> dict[str, torch.Tensor]:
+        """ΔW by base-model weight name for every module the adapter in `folder` changes."""
+        from peft.tuners.lora import LoraLayer
+
+        self._count += 1
+        name = f"read{self._count}"
+        self.model.load_adapter(str(folder), adapter_name=name, torch_device=str(self.device))
+        try:
+            return {
+                f"{module_name.removeprefix(MODEL_PREFIX)}.weight": module.get_delta_weight(name).detach().clone()
+                for module_name, module in self.model.named_modules()
+                if isinstance(module, LoraLayer) and name in module.lora_A
+            }
+        finally:
+            self.model.delete_adapter(name)
+
+
+class Scorer:
+    """One model on the device whose weights are set to W_base + scale · ΔW before each scoring."""
+
+    def __init__(self, model, tasks, heads: dict[str, torch.Tensor], batch_size: int):
+        self.model = model
+        self.heads = heads
+        device = next(model.parameters()).device
+        self.pools = {split: pool_split(tasks, split, device, batch_size) for split in ("val", "test")}
+        self._params = dict(model.named_parameters())
+        self._base = {name: p.detach().clone() for name, p in self._params.items()}
+        self._touched: set[str] = set()
+
+    @torch.no_grad()
+    def apply(self, delta: dict[str, torch.Tensor] | None, scale: float = 1.0) -> None:
+        """Set the weights to the base plus `scale` times `delta` (None: the base alone)."""
+        delta = delta or {}
+        for name in self._touched - set(delta):
+            self._params[name].copy_(self._base[name])
+        for name, change in delta.items():
+            self._params[name].copy_(self._base[name] + scale * change.to(self._base[name].device))
+        self._touched = set(delta)
+
+    def score(self, split: str) -> dict[str, float]:
+        """Accuracy on every task's `split` with the weights as last applied."""
+        return pooled_accuracy(self.model, self.pools[split], self.heads)

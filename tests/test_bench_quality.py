@@ -1,0 +1,254 @@
+"""Unit tests of the merge-quality benchmark's pure parts: label words, NA/GR, ranking, grid, catalog, report."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from quality_data import DataLimits, carve_rows
+from quality_merges import (
+    Grid,
+    MergeSpec,
+    MethodInfo,
+    RuleInfo,
+    combos,
+    default_spec,
+    next_lambdas,
+    parse_catalog,
+    select,
+    tuning_specs,
+)
+from quality_metrics import (
+    best_config,
+    gain_retention,
+    label_words,
+    leave_one_task_out,
+    mean_and_spread,
+    normalized_accuracy,
+    rank_by_gr,
+    score_row,
+)
+from quality_report import aggregate, render_markdown
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("ABBR", "abbreviation"),
+        ("HUM", "human"),
+        ("ENTY", "entity"),
+        ("Sci/Tech", "science technology"),
+        ("not-offensive", "not offensive"),
+        ("Refund_not_showing_up", "refund not showing up"),
+        ("reverted_card_payment?", "reverted card payment"),
+        ("joy", "joy"),
+    ],
+)
+def test_label_words_expand_codes_and_separators(name, words):
+    assert label_words(name) == words
+
+
+def test_normalized_accuracy_and_gain_retention():
+    assert normalized_accuracy(0.45, 0.9) == pytest.approx(0.5)
+    assert gain_retention(0.7, 0.9, 0.5) == pytest.approx(0.5)
+    assert gain_retention(0.9, 0.9, 0.5) == pytest.approx(1.0)
+    assert gain_retention(0.5, 0.9, 0.5) == pytest.approx(0.0)
+    assert gain_retention(0.4, 0.9, 0.5) == pytest.approx(-0.25)
+    assert math.isnan(gain_retention(0.6, 0.5, 0.5))  # the adapter gained nothing: GR means nothing
+
+
+def test_score_row_means_per_task_values_and_skips_undefined_gr():
+    row = score_row({"a": 0.8, "b": 0.6}, {"a": 1.0, "b": 0.6}, {"a": 0.6, "b": 0.6})
+    assert row["tasks"]["a"] == pytest.approx({"accuracy": 0.8, "na": 0.8, "gr": 0.5, "floor_na": 0.6})
+    assert math.isnan(row["tasks"]["b"]["gr"])
+    assert row["mean"]["gr"] == pytest.approx(0.5)  # b's undefined GR is left out, not counted as 0
+    assert row["mean"]["na"] == pytest.approx(0.9)
+    assert row["mean"]["floor_na"] == pytest.approx(0.8)
+
+
+def test_rank_by_gr_orders_best_first_nan_last_ties_by_label():
+    rows = [
+        {"label": "b", "mean": {"gr": 0.5}},
+        {"label": "nan", "mean": {"gr": math.nan}},
+        {"label": "a", "mean": {"gr": 0.5}},
+        {"label": "c", "mean": {"gr": 0.9}},
+    ]
+    assert [r["label"] for r in rank_by_gr(rows)] == ["c", "a", "b", "nan"]
+
+
+def test_mean_and_spread():
+    assert mean_and_spread([0.2, 0.4]) == pytest.approx((0.3, math.sqrt(0.02)))
+    assert mean_and_spread([0.2]) == (0.2, 0.0)
+
+
+def test_leave_one_task_out_picks_on_the_others_and_scores_the_held_out_task():
+    per_task = {
+        "x": {"t1": 0.9, "t2": 0.9, "t3": 0.0},
+        "y": {"t1": 0.5, "t2": 0.5, "t3": 0.8},
+    }
+    assert best_config(per_task, ["t1", "t2", "t3"]) == "x"
+    result = leave_one_task_out(per_task)
+    folds = {f["held_out"]: f for f in result["folds"]}
+    assert result["overall_best"] == "x"
+    assert folds["t3"]["chosen"] == "x" and folds["t3"]["held_out_gr"] == 0.0
+    assert folds["t1"]["chosen"] == "y" and folds["t1"]["held_out_gr"] == 0.5  # y wins on t2 + t3
+    assert result["agreement"] == pytest.approx(1 / 3)
+    assert result["held_out_mean_gr"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+
+
+def test_val_carve_is_fixed_disjoint_and_independent_of_caps_on_test():
+    train, test = list(range(100)), list(range(100, 150))
+    first = carve_rows("sst2", train, test, DataLimits(val_size=10))
+    again = carve_rows("sst2", train, test, DataLimits(val_size=10, max_test=20))
+    assert first["val"] == again["val"] and len(first["val"]) == 10
+    assert not set(first["val"]) & set(first["train"]) and set(first["val"]) | set(first["train"]) == set(train)
+    assert first["test"] == test and len(again["test"]) == 20 and set(again["test"]) <= set(test)
+    assert carve_rows("trec", train, test, DataLimits(val_size=10))["val"] != first["val"]
+
+
+def test_parse_catalog_accepts_lists_and_mappings():
+    listed = parse_catalog(
+        {
+            "methods": [
+                {"name": "ctm", "rank": "r, 1..min(R, out, in)"},
+                {"name": "cat", "needs_linear_rule": True, "rank": "R (--rank is ignored)"},
+                {"name": "robustmerge", "params": {"robust_density": {"default": 0.2, "range": "(0, 1]"}}},
+            ],
+            "rules": [{"name": "ta", "linear": True, "params": {"lambda": {"default": 1.0}}}],
+        },
+        "json",
+    )
+    assert listed.methods == [
+        MethodInfo("ctm", False, True, False),
+        MethodInfo("cat", True, False, True),
+        MethodInfo("robustmerge", params={"robust_density": 0.2}),
+    ]
+    assert listed.rules == [RuleInfo("ta", True, {"lambda": 1.0})]
+    mapped = parse_catalog(
+        {"methods": {"mtc": {}}, "rules": {"ties": {"linear": False, "params": [{"name": "density", "default": 0.2}]}}},
+        "json",
+    )
+    assert mapped.methods == [MethodInfo("mtc")]
+    assert mapped.rules == [RuleInfo("ties", False, {"density": 0.2})]
+
+
+def test_combos_skip_nonlinear_rules_for_linear_only_methods():
+    catalog = parse_catalog(
+        {
+            "methods": [{"name": "ctm"}, {"name": "cat", "needs_linear_rule": True}],
+            "rules": [{"name": "ta"}, {"name": "ties", "linear": False}],
+        },
+        "json",
+    )
+    pairs = [(m.name, r.name) for m, r in combos(catalog)]
+    assert pairs == [("ctm", "ta"), ("ctm", "ties"), ("cat", "ta"), ("peft", "svd"), ("peft", "ties_svd")]
+    chosen = select(catalog, ["ctm+ties", "peft+svd"])
+    assert [(m.name, r.name) for m, r in combos(chosen)] == [("ctm", "ties"), ("peft", "svd")]
+
+
+def test_tuning_specs_cover_the_grid_with_lambda_one():
+    grid = Grid(lambdas=(0.5, 1.0), betas=(0.0, 1.0), merge_params={"density": (0.1, 0.5)})
+    ties = RuleInfo("ties", False, {"lambda": 1.0, "density": 0.2})
+    specs = tuning_specs(MethodInfo("ctm", takes_beta=True), ties, [8, 16], grid, seed=3)
+    assert len(specs) == 2 * 2 * 2  # ranks × β × density
+    assert all(s.param("lambda") == 1.0 and s.seed == 3 for s in specs)
+    assert {(s.rank, s.beta, s.param("density")) for s in specs} == {
+        (r, b, d) for r in (8, 16) for b in (0.0, 1.0) for d in (0.1, 0.5)
+    }
+    cat = tuning_specs(MethodInfo("cat", fixed_rank=True), RuleInfo("mean"), [8, 16], grid, seed=0)
+    assert [(s.rank, s.beta, s.params) for s in cat] == [(8, None, ())]  # rank R whatever --rank: merged once
+    robust = tuning_specs(MethodInfo("robustmerge", params={"robust_density": 0.2}), RuleInfo("ta"), [16], grid, 0)
+    assert robust == [MergeSpec("robustmerge", "ta", 16)]  # robust_density is not in this grid: left at its default
+    grid = Grid(merge_params={"robust_density": (0.1, 0.5)})
+    robust = tuning_specs(MethodInfo("robustmerge", params={"robust_density": 0.2}), RuleInfo("ta"), [16], grid, 0)
+    assert [s.param("robust_density") for s in robust] == [0.1, 0.5]  # a method parameter is tuned like a rule's
+
+
+def test_default_spec_is_the_cli_default_with_explicit_lambda():
+    ta = RuleInfo("ta", True, {"lambda": 1.0})
+    ties = RuleInfo("ties", False, {"lambda": 1.0, "density": 0.2})
+    assert default_spec(MethodInfo("ctm", takes_beta=True), ta, 16, 0).label == "ctm+ta r=16 β=1 λ=1"
+    assert default_spec(MethodInfo("mtc"), ties, 16, 0).cli_args()[-2:] == ["--param", "lambda=1.0"]
+
+
+def test_next_lambdas_sweeps_the_grid_then_walks_off_an_edge():
+    grid = Grid(lambdas=(0.5, 1.0), lower=(0.25, 0.125), upper=(2.0,))
+    assert next_lambdas(grid, {}) == [0.5, 1.0]
+    assert next_lambdas(grid, {0.5: 0.3, 1.0: 0.2}) == [0.25]
+    assert next_lambdas(grid, {0.25: 0.4, 0.5: 0.3, 1.0: 0.2}) == [0.125]
+    assert next_lambdas(grid, {0.125: 0.3, 0.25: 0.4, 0.5: 0.3, 1.0: 0.2}) == []  # interior best: done
+    assert next_lambdas(grid, {0.5: 0.2, 1.0: 0.3}) == [2.0]
+    assert next_lambdas(grid, {0.5: 0.2, 1.0: 0.3, 2.0: 0.4}) == []  # the grid's edge: stop
+
+
+def test_merge_spec_cli_args_and_names():
+    spec = MergeSpec("ctm", "ties", 16, beta=0.25, seed=1).with_param("lambda", 0.5).with_param("density", 0.25)
+    assert spec.cli_args() == [
+        "--method", "ctm", "--rule", "ties", "--rank", "16", "--seed", "1", "--beta", "0.25",
+        "--param", "density=0.25", "--param", "lambda=0.5",
+    ]  # fmt: skip
+    assert spec.label == "ctm+ties r=16 β=0.25 density=0.25 λ=0.5"
+    assert spec.folder_name == "ctm-ties-r16-b0.25-density0.25-lambda0.5-s1"
+
+
+def _final(kind, combo, gr_a, gr_b, beta=None):
+    test = score_row({"a": 0.6 + 0.4 * gr_a, "b": 0.5 + 0.5 * gr_b}, {"a": 1.0, "b": 1.0}, {"a": 0.6, "b": 0.5})
+    return {
+        "kind": kind,
+        "label": f"{combo} r=16 λ=0.5",
+        "combo": combo,
+        "rank": 16,
+        "beta": beta,
+        "params": {"lambda": 0.5},
+        "val_gr_estimate": test["mean"]["gr"],
+        "val": test,
+        "test": test,
+        "output_rank": 16,
+        "relative_size": 0.25,
+    }
+
+
+def test_aggregate_averages_seeds_and_ranks_rows_by_gr_and_renders():
+    def seed(number, rows):
+        return {
+            "seed": number,
+            "adapter_source": "test",
+            "floor": {"test": {"a": 0.6, "b": 0.5}},
+            "individual": {"test": {"a": 1.0, "b": 1.0}},
+            "final": rows,
+            "skipped": [{"label": "knots+ta r=16", "error": "exit 2: unknown method"}],
+            "tuning": [],
+            "leave_one_task_out": leave_one_task_out({"x": {"a": 0.5, "b": 0.4}, "y": {"a": 0.3, "b": 0.2}}),
+        }
+
+    seeds = [
+        seed(0, [_final("tuned", "ctm+ta", 0.5, 0.5), _final("tuned", "peft+svd", 0.25, 0.25)]),
+        seed(1, [_final("tuned", "ctm+ta", 0.7, 0.7), _final("tuned", "peft+svd", 0.25, 0.25)]),
+    ]
+    summary = aggregate(seeds)
+    tuned = summary["rows"]["tuned"]
+    assert [r["combo"] for r in tuned] == ["ctm+ta", "peft+svd"]
+    assert tuned[0]["mean"]["gr"] == pytest.approx(0.6)
+    assert tuned[0]["gr_spread"] == pytest.approx(math.sqrt(0.02))
+    assert tuned[0]["tasks"]["a"]["gr"] == pytest.approx(0.6)
+    assert summary["floor_na"] == pytest.approx(0.55)
+    settings = {
+        "command": "bench",
+        "device_name": "cpu",
+        "seeds": [0, 1],
+        "ranks": [16],
+        "quick": True,
+        "catalog": {"source": "test", "methods": [{"name": "ctm"}], "rules": [{"name": "ta"}]},
+        "grid": {},
+        "split_sizes": {"a": {"test": 2}},
+        "seconds": {"setup": 1.0},
+        "study_rank": 16,
+    }
+    text = render_markdown({"settings": settings, "summary": summary, "seeds": seeds})
+    assert "| 1 | ctm+ta | 16 | 16 | 0.250 | λ=0.5; λ=0.5 | " in text
+    assert "skipped `knots+ta r=16`: exit 2: unknown method" in text
