@@ -172,7 +172,9 @@ def merge(
         DEFAULTS.rank, "--rank", "-r", help="Rank of the merged adapter (0 = full rank R: core, knots)."
     ),
     method: str = typer.Option(DEFAULTS.method, "--method", "-m", help="Merge method (see `ctm methods`)."),
-    rule: str = typer.Option(DEFAULTS.rule, "--rule", help="Merging rule (see `ctm methods`)."),
+    rule: str | None = typer.Option(
+        None, "--rule", help="Merging rule (see `ctm methods`; default: ties for ctm, ta for the other methods)."
+    ),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 1,0.5."),
     lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the rule (same as -p lambda=X)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Rule or method parameter NAME=VALUE (repeatable)."),

@@ -90,6 +90,7 @@ class Method:
     natural_rank: the rank is set by the inputs (cat: R, robustmerge: max r_t) and --rank is ignored.
     zero_is_full: --rank 0 asks for no truncation, i.e. rank R (core, knots).
     rank_limit: the largest --rank a module of (R, out, in) allows with a given rule.
+    default_rule: the rule used when none is given.
     """
 
     name: str
@@ -101,6 +102,7 @@ class Method:
     zero_is_full: bool = False
     rank_limit: RankLimit = shape_rank_limit
     params: dict[str, Param] = field(default_factory=dict)
+    default_rule: str = "ta"
 
     def output_rank(self, rank: int, ranks: list[int]) -> int:
         """Rank of the adapter this method writes for a requested rank and the inputs' ranks."""
@@ -209,8 +211,11 @@ def _merge_and_cut(
 
 @register(
     "ctm",
-    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates",
+    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: ties)",
     "r, 1..min(R, out, in)",
+    # TIES on the shared frame's coordinates kept the most of each task's gain on the quality benchmark
+    # (docs/benchmarks.md); with a linear rule CtM equals merge-then-compress.
+    default_rule="ties",
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """CtM (DESIGN §1): core space, balanced HOOI frame, rule on r × r coordinates, rank-r output.

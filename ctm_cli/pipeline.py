@@ -45,7 +45,7 @@ class MergeRequest:
     output: Path
     rank: int = 16
     method: str = "ctm"
-    rule: str = "ta"
+    rule: str | None = None  # None: the method's default rule
     rule_params: dict[str, float] = field(default_factory=dict)
     weights: list[float] | None = None
     beta: float = 1.0
@@ -210,7 +210,8 @@ def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_sav
 
 def _prepare(request: MergeRequest) -> _Prepared:
     """Validate the settings, resolve and read the sources, check they fit together, group the modules."""
-    method, rule = get_method(request.method), get_rule(request.rule)
+    method = get_method(request.method)
+    rule = get_rule(request.rule or method.default_rule)
     method_params, rule_params = resolve_settings(method, rule, request.rule_params)
     if not 0.0 <= request.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")

@@ -52,7 +52,7 @@ class Recipe:
 
     adapters: tuple[AdapterEntry, ...] = ()
     method: str = "ctm"
-    rule: str = "ta"
+    rule: str | None = None  # None: the method's default rule (ties for ctm, ta for the others)
     rank: int = 16
     params: dict[str, float] = field(default_factory=dict)
     beta: float = 1.0
@@ -164,7 +164,7 @@ def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
 def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
     readers = {
         "method": reader.text,
-        "rule": reader.text,
+        "rule": reader.optional_text,
         "rank": reader.integer,
         "beta": reader.number,
         "seed": reader.integer,

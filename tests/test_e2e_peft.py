@@ -103,7 +103,7 @@ def test_peft_loads_merged_adapter(merged_default, three, load_base):
 def test_rank_at_least_total_rank_is_exact(make_adapter, tmp_path):
     folders = [make_adapter(r=4, alpha=8, seed=4), make_adapter(r=4, alpha=8, seed=5)]
     out = tmp_path / "out"
-    result = run_ctm("merge", *folders, "--rank", "8", "-o", out)
+    result = run_ctm("merge", *folders, "--rank", "8", "--rule", "ta", "-o", out)
     assert result.exit_code == 0, result.stderr
     written = written_deltas(out)
     for name, (As, Bs, scales) in inputs_of(folders).items():
@@ -166,14 +166,14 @@ def test_bfloat16_inputs(three, tmp_path):
     inputs = inputs_of(folders)  # the bfloat16 values, exactly, in float64
     expected = {name: ctm_ta(As, Bs, scales, 8).delta for name, (As, Bs, scales) in inputs.items()}
 
-    result = run_ctm("merge", *folders, "--rank", "8", "-o", tmp_path / "bf16")
+    result = run_ctm("merge", *folders, "--rank", "8", "--rule", "ta", "-o", tmp_path / "bf16")
     assert result.exit_code == 0, result.stderr
     assert stored_dtypes(tmp_path / "bf16") == {"BF16"}
     written = written_deltas(tmp_path / "bf16")
     for name, delta in expected.items():
         assert relative(written[name], delta) < 2e-2, name
 
-    result = run_ctm("merge", *folders, "--rank", "8", "--dtype", "float32", "-o", tmp_path / "f32")
+    result = run_ctm("merge", *folders, "--rank", "8", "--rule", "ta", "--dtype", "float32", "-o", tmp_path / "f32")
     assert result.exit_code == 0, result.stderr
     assert stored_dtypes(tmp_path / "f32") == {"F32"}
     written = written_deltas(tmp_path / "f32")
@@ -191,7 +191,7 @@ def test_rank_pattern_inputs(make_adapter, tmp_path, load_base):
     inputs = inputs_of(folders)
     assert {a.shape[0] for name, (As, _, _) in inputs.items() if "q_proj" in name for a in As} == {6}
     out = tmp_path / "out"
-    result = run_ctm("merge", *folders, "--rank", "4", "-o", out)
+    result = run_ctm("merge", *folders, "--rank", "4", "--rule", "ta", "-o", out)
     assert result.exit_code == 0, result.stderr
     written = written_deltas(out)
     for name, (As, Bs, scales) in inputs.items():

@@ -170,7 +170,7 @@ def test_model_card(merged, pair):
     body = text.split("---\n", 2)[2]
     for path in pair:
         assert f"| {path} | local |" in body
-    for row in ("| method | ctm |", "| rule | ta |", "| rank | 4 |", "| rule parameters | lambda=1.0 |"):
+    for row in ("| method | ctm |", "| rule | ties |", "| rank | 4 |"):
         assert row in body
     assert "PeftModel.from_pretrained(base, 'out')" in body
     assert {"README.md", "recipe.yaml", "merge_report.json", "merge_report.md"} <= set(listing(out))

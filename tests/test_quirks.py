@@ -43,7 +43,9 @@ TOLERANCE = 1e-5  # relative error of a float32 merge against the float64 refere
 
 
 def merge(*args) -> None:
-    result = run_ctm("merge", *args)
+    """`ctm merge ARGS`, with the ta rule unless ARGS name one: these tests compare with the CtM-TA reference."""
+    rule = () if "--rule" in args else ("--rule", "ta")
+    result = run_ctm("merge", *args, *rule)
     assert result.exit_code == 0, result.stderr
 
 

@@ -68,7 +68,7 @@ def test_defaults():
     assert recipe == Recipe(adapters=(AdapterEntry("a"), AdapterEntry("b")))
     assert (recipe.method, recipe.rule, recipe.rank, recipe.beta, recipe.seed, recipe.device) == (
         "ctm",
-        "ta",
+        None,  # the method's default rule: ties for ctm (methods.Method.default_rule)
         16,
         1.0,
         0,
@@ -204,7 +204,9 @@ def plan_settings(*args) -> dict:
 
 
 def test_only_given_flags_override(pair, tmp_path):
-    recipe = write_recipe(tmp_path, pair, rank=4, beta=0.5, seed=7, params={"lambda": 0.5}, output=str(tmp_path / "o"))
+    recipe = write_recipe(
+        tmp_path, pair, rule="ta", rank=4, beta=0.5, seed=7, params={"lambda": 0.5}, output=str(tmp_path / "o")
+    )
     from_file = plan_settings("--config", recipe)
     assert (from_file["rank"], from_file["beta"], from_file["seed"], from_file["rule_params"]) == (
         4,
@@ -228,8 +230,9 @@ def test_recipe_yaml_repeats_the_merge(pair, tmp_path):
     written = first / "recipe.yaml"
     assert load_recipe(written) == Recipe(
         adapters=(AdapterEntry(str(pair[0]), 1.0), AdapterEntry(str(pair[1]), -0.5)),
+        rule="ties",  # ctm's default rule, written out resolved
         rank=6,
-        params={"lambda": 0.8},
+        params={"lambda": 0.8, "density": 0.2, "sign_count": 0.0},
         beta=0.3,
         seed=5,
         dtype="float32",
