@@ -97,12 +97,6 @@ def _balancing_factors(norms: torch.Tensor, beta: float) -> torch.Tensor:
     )
 
 
-def balance(cores: torch.Tensor, beta: float) -> torch.Tensor:
-    """CtM's balancing: rescale each task's core towards the mean norm (β=1: unchanged, β=0: equal)."""
-    factors = _balancing_factors(torch.linalg.matrix_norm(cores), beta)
-    return cores * factors.unsqueeze(-1).unsqueeze(-1)
-
-
 def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
     _, eigenvectors = torch.linalg.eigh(gram)
     return eigenvectors[..., -rank:].flip(-1)
@@ -210,24 +204,6 @@ def _hooi(
     return SharedFrame(u=u, v=v, sweeps=sweeps, energy=energy, start_energy=start, total_energy=total)
 
 
-def shared_frame(cores: torch.Tensor, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500) -> SharedFrame:
-    """Rank-(r, r) partial Tucker of the cores (..., T, R, R) over their first two modes by HOOI.
-
-    Starts from the HOSVD and alternates the two factor updates (each the top-r eigenvectors of an
-    R × R Gram matrix, Σ_t C_t v vᵀ C_tᵀ and Σ_t C_tᵀ u uᵀ C_t) until the captured energy rises by
-    less than `tolerance` (relative).
-    """
-    return _hooi(
-        lambda v: cores @ v.unsqueeze(-3),
-        lambda u: cores.mT @ u.unsqueeze(-3),
-        ((cores @ cores.mT).sum(dim=-3), (cores.mT @ cores).sum(dim=-3)),
-        cores.square().sum(dim=(-3, -2, -1)),
-        rank,
-        tolerance,
-        max_sweeps,
-    )
-
-
 def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Coordinates M_t = uᵀ C_t v of every task's core in the shared frame (..., T, r, r)."""
     return u.mT.unsqueeze(-3) @ cores @ v.unsqueeze(-3)
@@ -284,12 +260,6 @@ class FactoredCores:
         blocks = torch.block_diag(*(torch.ones(rank, rank) for rank in self.ranks)).to(self.b)
         mask = blocks * weights.unsqueeze(-1)
         return self.b @ ((self.a.mT @ self.a) * mask) @ self.b.mT, self.a @ ((self.b.mT @ self.b) * mask) @ self.a.mT
-
-    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """Σ_t c_t C_t (..., R, R) for coefficients (T,): a linear rule's exact result in core space."""
-        counts = torch.tensor(self.ranks, device=self.b.device)
-        columns = torch.repeat_interleave(coefficients.to(self.scales) * self.scales, counts, dim=-1)
-        return (self.b * columns.unsqueeze(-2)) @ self.a.mT
 
     def dense(self) -> torch.Tensor:
         """The cores themselves (..., T, R, R), as `core_space` gives them."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,9 +90,9 @@ def test_core_space_handles_rank_deficient_inputs() -> None:
 def test_hooi_never_keeps_less_than_hosvd(factors: tuple, rank: int) -> None:
     b, a, _ = factors
     group = _group(b, a)
-    cores = cs.core_space(group.b_cat, group.a_cat, group.ranks).cores
+    cores = cs.factored_core_space(group.b_cat, group.a_cat, group.ranks).cores
     rank = min(rank, sum(group.ranks))
-    frame = cs.shared_frame(cores, rank)
+    frame = cs.shared_frame_factored(cores, rank)
     assert float(frame.energy[0]) >= float(frame.start_energy[0]) * (1 - 1e-12)
     assert float(frame.energy[0]) <= float(frame.total_energy[0]) * (1 + 1e-12)
     eye = torch.eye(rank, dtype=torch.float64, device=DEVICE)
@@ -104,10 +105,11 @@ def test_hooi_never_keeps_less_than_hosvd(factors: tuple, rank: int) -> None:
 def test_beta_zero_frame_ignores_an_adapters_scale(factors: tuple, factor: float) -> None:
     b, a, _ = factors
     rank = 2
-    cores = cs.core_space(_group(b, a).b_cat, _group(b, a).a_cat, [x.shape[1] for x in b]).cores
-    scaled = cores.clone()
-    scaled[:, 0] *= factor
-    frames = [cs.shared_frame(cs.balance(c, 0.0), rank) for c in (cores, scaled)]
+    cores = cs.factored_core_space(_group(b, a).b_cat, _group(b, a).a_cat, [x.shape[1] for x in b]).cores
+    one_scaled = torch.ones_like(cores.scales)
+    one_scaled[..., 0] = factor
+    scaled = replace(cores, scales=cores.scales * one_scaled)
+    frames = [cs.shared_frame_factored(cs.balance_factored(c, 0.0), rank) for c in (cores, scaled)]
     projector_u = [f.u[0] @ f.u[0].T for f in frames]
     projector_v = [f.v[0] @ f.v[0].T for f in frames]
     # HOOI stops at a 1e-10 relative energy gain: subspace angles are then ~sqrt(1e-10) = 1e-5.
@@ -170,8 +172,9 @@ def test_batched_modules_equal_one_by_one() -> None:
 
 @pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
 def test_balance_formula(beta: float) -> None:
-    cores = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    norms = torch.linalg.matrix_norm(cores)
-    balanced = cs.balance(cores, beta)
+    b, a = torch.randn(2, 20, 6, dtype=torch.float64), torch.randn(2, 6, 18, dtype=torch.float64)
+    cores = cs.factored_core_space(b, a, [1, 2, 3]).cores
+    norms = torch.linalg.matrix_norm(cores.dense())
+    balanced = cs.balance_factored(cores, beta)
     expected = norms * beta + (1 - beta) * norms.mean(dim=1, keepdim=True)
-    assert torch.allclose(torch.linalg.matrix_norm(balanced), expected)
+    assert torch.allclose(torch.linalg.matrix_norm(balanced.dense()), expected)
