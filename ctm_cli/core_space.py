@@ -285,14 +285,17 @@ def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[in
 
 
 def balance_factored(cores: FactoredCores, beta: float) -> FactoredCores:
-    """`balance` of factored cores: only their scales change."""
+    """CtM's balancing of the cores: rescale each task towards the mean norm (β=1: unchanged, β=0: equal norms);
+    only the per-task scales change."""
     return replace(cores, scales=cores.scales * _balancing_factors(cores.norms(), beta))
 
 
 def shared_frame_factored(
     cores: FactoredCores, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500
 ) -> SharedFrame:
-    """`shared_frame` of factored cores: the same HOOI, each C_t v taken as b_t (a_tᵀ v)."""
+    """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
+    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
+    rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
     total = cores.norms().square().sum(dim=-1)
     return _hooi(cores.times_right, cores.times_left, cores.grams(), total, rank, tolerance, max_sweeps)
 
