@@ -309,14 +309,25 @@ def _load_group(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
 
 
-def _refuse_overflow(lora_a: torch.Tensor, lora_b: torch.Tensor, group: list[ModuleSpec], dtype: torch.dtype) -> None:
-    """Refuse merged factors that are not finite, in the compute dtype or once cast to the output dtype."""
-    name = group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
+def _group_label(group: list[ModuleSpec]) -> str:
+    """The group's first module, and how many more, for error messages."""
+    return group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
+
+
+def _to_output(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, group: list[ModuleSpec], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged factors cast once to the output dtype and moved to the host; refuses factors that are not
+    finite, in the compute dtype or once cast."""
     if not _finite(lora_a, lora_b):
-        raise InputError(f"{name}: the merged factors overflow float32 (input values times --weights too large)")
-    if not _finite(lora_a.to(dtype), lora_b.to(dtype)):
+        raise InputError(
+            f"{_group_label(group)}: the merged factors overflow float32 (input values times --weights too large)"
+        )
+    lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+    if not _finite(lora_a, lora_b):
         dtype_name = str(dtype).removeprefix("torch.")
-        raise UsageError(f"{name}: the merged factors overflow {dtype_name}; use --dtype float32")
+        raise UsageError(f"{_group_label(group)}: the merged factors overflow {dtype_name}; use --dtype float32")
+    return lora_a.cpu(), lora_b.cpu()
 
 
 def _merge_group(method: Method, factors: FactorGroup, settings: MergeSettings, group: list[ModuleSpec]) -> MergeResult:
@@ -324,9 +335,8 @@ def _merge_group(method: Method, factors: FactorGroup, settings: MergeSettings, 
     try:
         return method.function(factors, settings)
     except torch.linalg.LinAlgError as exc:
-        name = group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
         raise UsageError(
-            f"{name}: the merge broke down numerically ({str(exc).splitlines()[0]}); "
+            f"{_group_label(group)}: the merge broke down numerically ({str(exc).splitlines()[0]}); "
             "check --weights and the inputs for extreme values"
         ) from exc
 
@@ -360,9 +370,7 @@ def merge_modules(
             started = time.perf_counter()
             group_settings = replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks)))
             result = _merge_group(method, _load_group(adapters, group, raw), group_settings, group)
-            _refuse_overflow(result.lora_a, result.lora_b, group, output_dtype)
-            lora_b = result.lora_b.to(device="cpu", dtype=output_dtype)
-            lora_a = result.lora_a.to(device="cpu", dtype=output_dtype)
+            lora_a, lora_b = _to_output(result.lora_a, result.lora_b, group, output_dtype)
             seconds = (time.perf_counter() - started) / len(group)
             for index, spec in enumerate(group):
                 a_key, b_key = _output_keys(adapters, spec.name)

@@ -23,7 +23,7 @@ from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import render_model_card
 from ctm_cli.plan import describe_plan
 from ctm_cli.publish import check_push_target, push_folder
-from ctm_cli.recipe import AdapterEntry, Recipe, dump_recipe, recipe_data
+from ctm_cli.recipe import DEFAULTS, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
@@ -43,15 +43,15 @@ class MergeRequest:
 
     sources: list[str]
     output: Path
-    rank: int = 16
-    method: str = "ctm"
-    rule: str | None = None  # None: the method's default rule
+    rank: int = DEFAULTS.rank
+    method: str = DEFAULTS.method
+    rule: str | None = DEFAULTS.rule  # None: the method's default rule
     rule_params: dict[str, float] = field(default_factory=dict)
     weights: list[float] | None = None
-    beta: float = 1.0
-    device: str = "auto"
-    dtype: str | None = None
-    seed: int = 0
+    beta: float = DEFAULTS.beta
+    device: str = DEFAULTS.device
+    dtype: str | None = DEFAULTS.dtype
+    seed: int = DEFAULTS.seed
     max_memory: int | None = None  # bytes per group; None: engine.default_max_memory(device)
     force: bool = False
     revisions: list[str | None] | None = None
