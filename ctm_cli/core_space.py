@@ -14,14 +14,13 @@ import torch
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
 # are treated as numerically absent (they carry < 1e-12 of the energy).
 GRAM_RELATIVE_TOLERANCE = 1e-12
-# HOOI's top-r eigenvectors on CUDA: matrices up to this size (or twice the block) go to eigh directly
-# (CUDA's eigh is batched up to 32 × 32 and loops one matrix at a time above: ~1.6 ms per 128 × 128 on
-# an H100); larger ones are refined by block subspace iteration until the top-r subspace moves less
-# than the tolerance, or handed to eigh after SUBSPACE_MAX_ITERATIONS. The block (2r, at most 32,
-# at least r) keeps the Rayleigh–Ritz eigh batched.
+# HOOI's half-sweeps on core spaces up to this size (or twice the block) solve eigh directly; larger ones
+# take one step of block subspace iteration from the previous sweep's block (see refine_eigenvectors).
+# The block (2r, at most 32, at least r) keeps the Rayleigh–Ritz eigh batched on CUDA (cuSOLVER batches
+# eigh up to 32 × 32 and loops one matrix at a time above).
 DIRECT_EIGH_MAX_SIZE = 32
-SUBSPACE_TOLERANCE = 1e-10
-SUBSPACE_MAX_ITERATIONS = 16
+# HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
+COMPACTION_FRACTION = 0.75
 
 
 @dataclass(frozen=True)
@@ -114,46 +113,27 @@ def _orthonormalize(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return basis, full_rank
 
 
-def leading_eigenvectors(
-    columns: torch.Tensor, start: torch.Tensor, rank: int, iterate: bool | None = None
-) -> torch.Tensor:
-    """Top eigenvectors of M = Y Yᵀ for Y = `columns` (..., R, K), largest first, as many as `start`
-    (..., R, p) has columns; the first `rank` are eigh's up to SUBSPACE_TOLERANCE (and sign).
+def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Leading eigenvectors of M = Y Yᵀ (Y = `columns`, (G, R, K)), as many as `block` (G, R, p) has
+    columns, largest first: one step of block subspace iteration with Rayleigh–Ritz from `block`.
 
-    On CUDA a large M is solved by block subspace iteration with Rayleigh–Ritz from `start`
-    (orthonormal vectors near the answer, such as HOOI's previous sweep), all batched matrix
-    products: eigh there loops over matrices above 32 × 32 one at a time (on the CPU eigh is faster).
-    The p − r extra vectors speed convergence up to a rate λ_{p+1}/λ_r per step. Iteration stops once
-    the top-r subspace moves by less than the tolerance; a matrix that does not get there within
-    SUBSPACE_MAX_ITERATIONS (small eigengap, rank below p) is handed to eigh. `iterate` forces the
-    choice (None: by device and size).
+    HOOI repeats this from the previous sweep's block instead of solving each half-sweep exactly: its
+    fixed points are the same (a block invariant under M whose Ritz vectors are M's top eigenvectors),
+    and a step costs a few batched products instead of an eigh of R × R. Small matrices (R ≤ 2p or
+    ≤ DIRECT_EIGH_MAX_SIZE) and blocks that M maps to a rank-deficient set get eigh's exact answer.
     """
-    size, width = start.shape[-2:]
-    if iterate is None:
-        iterate = columns.is_cuda and size > max(DIRECT_EIGH_MAX_SIZE, 2 * width)
-    if not iterate:
+    size, width = block.shape[-2:]
+    if size <= max(DIRECT_EIGH_MAX_SIZE, 2 * width):
         return _top_eigenvectors(columns @ columns.mT, width)
-
-    def times(x: torch.Tensor) -> torch.Tensor:
-        return columns @ (columns.mT @ x)
-
-    vectors = start
-    for _ in range(SUBSPACE_MAX_ITERATIONS):
-        basis, full_rank = _orthonormalize(times(vectors))
-        usable = full_rank.unsqueeze(-1).unsqueeze(-1)
-        basis = torch.where(usable, basis, vectors)
-        _, rotation = torch.linalg.eigh(basis.mT @ times(basis))
-        ritz = basis @ rotation.flip(-1)
-        top, previous = ritz[..., :rank], vectors[..., :rank]
-        moved = torch.linalg.matrix_norm(top - previous @ (previous.mT @ top))
-        converged = full_rank & (moved <= SUBSPACE_TOLERANCE)
-        vectors = torch.where(usable, ritz, vectors)
-        if bool(converged.all()):
-            return vectors
-    stuck = ~converged.reshape(-1)
-    gram = columns.reshape(-1, *columns.shape[-2:])[stuck]
-    exact = _top_eigenvectors(gram @ gram.mT, width)
-    return vectors.reshape(-1, size, width).index_put((stuck.nonzero().squeeze(-1),), exact).reshape(start.shape)
+    basis, full_rank = _orthonormalize(columns @ (columns.mT @ block))
+    images = columns.mT @ basis
+    _, rotation = torch.linalg.eigh(images.mT @ images)
+    ritz = basis @ rotation.flip(-1)
+    deficient = ~full_rank
+    if bool(deficient.any()):
+        exact = columns[deficient]
+        ritz[deficient] = _top_eigenvectors(exact @ exact.mT, width)
+    return ritz
 
 
 def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
@@ -166,42 +146,38 @@ def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (left_images.mT @ v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
 
 
-Operator = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _hooi(
-    times_right: Operator,
-    times_left: Operator,
-    grams: tuple[torch.Tensor, torch.Tensor],
-    total: torch.Tensor,
-    rank: int,
-    tolerance: float,
-    max_sweeps: int,
-) -> SharedFrame:
-    """HOOI on cores given as the maps v ↦ [C_t v]_t and u ↦ [C_tᵀ u]_t (..., T, R, r), started from the
-    HOSVD: the top-r eigenvectors of the Gram matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is
-    carried as a block of up to 2r leading eigenvectors, the start of the next sweep's iteration."""
+def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) -> SharedFrame:
+    """HOOI on a flat batch of factored cores (G, ...), started from the HOSVD: the top-r eigenvectors of
+    the Gram matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is carried as a block of up to 2r leading
+    eigenvectors that every half-sweep refines (`refine_eigenvectors`). A module stops once a sweep raises
+    its energy by less than `tolerance` (relative); stopped modules leave the batch (compaction), so a
+    sweep costs what the modules still sweeping cost."""
+    grams = cores.grams()
     block = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
     u_block, v_block = (_top_eigenvectors(gram, block) for gram in grams)
-    u, v = u_block[..., :rank], v_block[..., :rank]
-    energy = start = _frame_energy(times_left(u), v)
+    energy = _frame_energy(cores.times_left(u_block[..., :rank]), v_block[..., :rank])
+    start = energy.clone()
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
-    active = torch.ones(energy.shape, dtype=torch.bool, device=energy.device)
+    members, batch = torch.arange(energy.shape[0], device=energy.device), cores
+    running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
     for _ in range(max_sweeps):
-        new_u_block = leading_eigenvectors(_task_columns(times_right(v)), u_block, rank)
-        left_images = times_left(new_u_block[..., :rank])
-        new_v_block = leading_eigenvectors(_task_columns(left_images), v_block, rank)
-        new_energy = _frame_energy(left_images, new_v_block[..., :rank])
-        step = active.unsqueeze(-1).unsqueeze(-1)
-        u_block, v_block = torch.where(step, new_u_block, u_block), torch.where(step, new_v_block, v_block)
-        u, v = u_block[..., :rank], v_block[..., :rank]
-        sweeps = sweeps + active.to(torch.int64)
-        gain = (new_energy - energy) / energy.clamp_min(torch.finfo(energy.dtype).tiny)
-        energy = torch.where(active, new_energy, energy)
-        active = active & (gain >= tolerance)
-        if not bool(active.any()):
+        new_u = refine_eigenvectors(_task_columns(batch.times_right(v_block[members, :, :rank])), u_block[members])
+        left_images = batch.times_left(new_u[..., :rank])
+        new_v = refine_eigenvectors(_task_columns(left_images), v_block[members])
+        new_energy = _frame_energy(left_images, new_v[..., :rank])
+        gain = (new_energy - energy[members]) / energy[members].clamp_min(torch.finfo(energy.dtype).tiny)
+        updated = members[running]
+        u_block[updated], v_block[updated] = new_u[running], new_v[running]
+        energy[updated] = new_energy[running]
+        sweeps[updated] += 1
+        running = running & (gain >= tolerance)
+        still = int(running.sum())
+        if still == 0:
             break
-    return SharedFrame(u=u, v=v, sweeps=sweeps, energy=energy, start_energy=start, total_energy=total)
+        if still <= COMPACTION_FRACTION * members.numel():
+            members, batch, running = members[running], batch.select(running), running[running]
+    total = cores.norms().square().sum(dim=-1)
+    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, start, total)
 
 
 def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -232,6 +208,20 @@ class FactoredCores:
     a: torch.Tensor  # (..., R, R), float64: Q_Aᵀ A_catᵀ
     ranks: list[int]
     scales: torch.Tensor  # (..., T)
+
+    def flat(self) -> FactoredCores:
+        """The same cores with the leading dimensions flattened into one (G, ...)."""
+        size = self.b.shape[-1]
+        return replace(
+            self,
+            b=self.b.reshape(-1, size, size),
+            a=self.a.reshape(-1, size, size),
+            scales=self.scales.reshape(-1, self.scales.shape[-1]),
+        )
+
+    def select(self, index: torch.Tensor) -> FactoredCores:
+        """The modules `index` picks from a flat batch (indices or a boolean mask)."""
+        return replace(self, b=self.b[index], a=self.a[index], scales=self.scales[index])
 
     def _scaled(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks * self.scales.unsqueeze(-1).unsqueeze(-1)
@@ -296,8 +286,14 @@ def shared_frame_factored(
     """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
     as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
     rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
-    total = cores.norms().square().sum(dim=-1)
-    return _hooi(cores.times_right, cores.times_left, cores.grams(), total, rank, tolerance, max_sweeps)
+    batch = cores.scales.shape[:-1]
+    frame = _hooi(cores.flat(), rank, tolerance, max_sweeps)
+    size = cores.b.shape[-1]
+    return SharedFrame(
+        u=frame.u.reshape(*batch, size, rank),
+        v=frame.v.reshape(*batch, size, rank),
+        **{name: getattr(frame, name).reshape(batch) for name in ("sweeps", "energy", "start_energy", "total_energy")},
+    )
 
 
 @dataclass(frozen=True)

@@ -242,19 +242,20 @@ def _psd_columns(generator: torch.Generator, size: int, width: int, gap: float) 
 
 @pytest.mark.parametrize("gap", [0.05, 0.9, 0.0])
 @pytest.mark.parametrize("width", [6, 12])
-def test_subspace_iteration_gives_eighs_eigenvectors(gap: float, width: int) -> None:
-    """From a perturbed start of `width` vectors, the iterated top-6 eigenvectors are eigh's (up to sign),
-    whether the eigengap makes iteration fast (0.05), too slow for its cap (0.9 with no extra vectors:
-    eigh takes over), or the rank is exactly 6 (0.0: a rank-deficient block, also eigh's)."""
+def test_repeated_refinement_gives_eighs_eigenvectors(gap: float, width: int) -> None:
+    """From a perturbed start of `width` vectors, repeated refinement steps reach eigh's top-6 eigenvectors
+    (up to sign) whether the eigengap is large (0.05) or small (0.9), and a block that M maps to a rank-6
+    set (0.0, with 12 vectors) gets eigh's answer at once."""
     generator = torch.Generator().manual_seed(int(gap * 100) + width)
     columns = _psd_columns(generator, 48, 20, gap).to(DEVICE)
     _, eigenvectors = torch.linalg.eigh(columns @ columns.mT)
     exact = eigenvectors[..., -6:].flip(-1)
     block = eigenvectors[..., -width:].flip(-1)
     noise = torch.randn(block.shape, generator=generator, dtype=torch.float64).to(DEVICE)
-    start = torch.linalg.qr(block + 0.05 * noise)[0]
-    found = cs.leading_eigenvectors(columns, start, 6, iterate=True)
-    assert found.shape == start.shape
+    found = torch.linalg.qr(block + 0.05 * noise)[0]
+    for _ in range(400 if gap == 0.9 else 40):
+        found = cs.refine_eigenvectors(columns, found)
+    assert found.shape == block.shape
     eye = torch.eye(width, dtype=torch.float64, device=DEVICE)
     assert torch.allclose(found.mT @ found, eye, atol=1e-12)
     top = found[..., :6]
@@ -263,6 +264,30 @@ def test_subspace_iteration_gives_eighs_eigenvectors(gap: float, width: int) -> 
         assert torch.allclose(cosines, torch.ones_like(cosines), atol=1e-9)
     else:
         assert torch.allclose(top @ top.mT, exact @ exact.mT, atol=1e-9)
+
+
+def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch() -> None:
+    """R = 48 > 2 × the 8-vector block: every half-sweep is one refinement step. Modules that converge at
+    different speeds (shared structure from strong to none) reach the numpy reference HOOI's energy, and
+    each module's frame, energy and sweep count are those it gets alone: dropping the modules that stopped
+    from the batch (compaction) changes nothing."""
+    generator = torch.Generator().manual_seed(3)
+    ranks, modules = [8] * 6, 5
+    common = torch.randn(modules, 60, 4, generator=generator, dtype=torch.float64)
+    strength = torch.linspace(3.0, 0.0, modules, dtype=torch.float64).view(-1, 1, 1)
+    own = [torch.randn(modules, 60, 4, generator=generator, dtype=torch.float64) for _ in ranks]
+    b = torch.cat([torch.cat([strength * common, noise], -1) for noise in own], -1)
+    a = torch.randn(modules, sum(ranks), 50, generator=generator, dtype=torch.float64)
+    cores = cs.factored_core_space(b.to(DEVICE), a.to(DEVICE), ranks).cores
+    frame = cs.shared_frame_factored(cores, 4)
+    assert len(set(frame.sweeps.tolist())) > 1
+    for module in range(modules):
+        alone = cs.shared_frame_factored(cores.select(torch.tensor([module], device=DEVICE)), 4)
+        assert int(alone.sweeps[0]) == int(frame.sweeps[module])
+        assert torch.allclose(alone.energy[0], frame.energy[module], rtol=1e-12)
+        assert torch.allclose(alone.u[0] @ alone.u[0].mT, frame.u[module] @ frame.u[module].mT, atol=1e-9)
+        expected = hooi(list(cores.select(torch.tensor([module], device=DEVICE)).dense()[0].cpu().numpy()), 4)
+        assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * expected.energy
 
 
 def test_ctm_with_large_core_spaces_matches_the_reference() -> None:
