@@ -266,11 +266,12 @@ def _print_plan(plan: dict) -> None:
     for item in plan["inputs"]:
         revision = f" @ {item['revision']}" if item["revision"] else ""
         console.print(f"  {escape(item['source'])}{revision}: r={item['r']}, weight {item['weight']}", highlight=False)
-    table = Table(title="module groups (one device batch each)")
-    for column in ("shape", "input ranks", "modules", "device memory"):
+    table = Table(title="module groups (one device batch each, merged a wave at a time)")
+    for column in ("wave", "shape", "input ranks", "modules", "device memory"):
         table.add_column(column)
     for group in plan["groups"]:
         table.add_row(
+            str(group["wave"]),
             "×".join(map(str, group["shape"])),
             ",".join(map(str, group["ranks"])),
             str(group["modules"]),
@@ -278,7 +279,7 @@ def _print_plan(plan: dict) -> None:
         )
     console.print(table)
     console.print(
-        f"estimated device memory {_bytes(plan['estimated_device_bytes'])}, "
+        f"{plan['waves']} wave(s), estimated device memory {_bytes(plan['estimated_device_bytes'])}, "
         f"output {_bytes(plan['estimated_output_bytes'])} ({plan['estimated_output_bytes']} bytes)",
         highlight=False,
     )

@@ -161,15 +161,17 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
     for _ in range(max_sweeps):
-        new_u = refine_eigenvectors(_task_columns(batch.times_right(v_block[members, :, :rank])), u_block[members])
+        old_u, old_v, old_energy = u_block[members], v_block[members], energy[members]
+        new_u = refine_eigenvectors(_task_columns(batch.times_right(old_v[..., :rank])), old_u)
         left_images = batch.times_left(new_u[..., :rank])
-        new_v = refine_eigenvectors(_task_columns(left_images), v_block[members])
+        new_v = refine_eigenvectors(_task_columns(left_images), old_v)
         new_energy = _frame_energy(left_images, new_v[..., :rank])
-        gain = (new_energy - energy[members]) / energy[members].clamp_min(torch.finfo(energy.dtype).tiny)
-        updated = members[running]
-        u_block[updated], v_block[updated] = new_u[running], new_v[running]
-        energy[updated] = new_energy[running]
-        sweeps[updated] += 1
+        gain = (new_energy - old_energy) / old_energy.clamp_min(torch.finfo(energy.dtype).tiny)
+        keep = running.view(-1, 1, 1)  # index_copy_ with torch.where: no host sync, unlike boolean indexing
+        u_block.index_copy_(0, members, torch.where(keep, new_u, old_u))
+        v_block.index_copy_(0, members, torch.where(keep, new_v, old_v))
+        energy.index_copy_(0, members, torch.where(running, new_energy, old_energy))
+        sweeps.index_add_(0, members, running.to(torch.int64))
         running = running & (gain >= tolerance)
         still = int(running.sum())
         if still == 0:
@@ -286,13 +288,46 @@ def shared_frame_factored(
     """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
     as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
     rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
-    batch = cores.scales.shape[:-1]
-    frame = _hooi(cores.flat(), rank, tolerance, max_sweeps)
-    size = cores.b.shape[-1]
+    return shared_frames_factored([cores], [rank], tolerance, max_sweeps)[0]
+
+
+def shared_frames_factored(
+    batches: list[FactoredCores], ranks: list[int], tolerance: float = 1e-10, max_sweeps: int = 500
+) -> list[SharedFrame]:
+    """`shared_frame_factored` of several batches of cores (modules of different shapes, say) at once: batches
+    with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel launches
+    for all of them; each module's result is the one it gets alone."""
+    frames: list[SharedFrame | None] = [None] * len(batches)
+    buckets: dict[tuple, list[int]] = {}
+    for index, (cores, rank) in enumerate(zip(batches, ranks, strict=True)):
+        buckets.setdefault((tuple(cores.ranks), rank, cores.b.device), []).append(index)
+    for (_, rank, _), members in buckets.items():
+        flat = [batches[index].flat() for index in members]
+        joined = replace(
+            flat[0],
+            b=torch.cat([cores.b for cores in flat]),
+            a=torch.cat([cores.a for cores in flat]),
+            scales=torch.cat([cores.scales for cores in flat]),
+        )
+        frame = _hooi(joined, rank, tolerance, max_sweeps)
+        start = 0
+        for index, cores in zip(members, flat, strict=True):
+            part = slice(start, start + cores.b.shape[0])
+            start = part.stop
+            frames[index] = _unflatten(frame, part, batches[index].scales.shape[:-1])
+    return frames
+
+
+def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFrame:
+    """The modules `part` of a flat frame, with the leading dimensions `batch` restored."""
+    size, rank = frame.u.shape[-2:]
     return SharedFrame(
-        u=frame.u.reshape(*batch, size, rank),
-        v=frame.v.reshape(*batch, size, rank),
-        **{name: getattr(frame, name).reshape(batch) for name in ("sweeps", "energy", "start_energy", "total_energy")},
+        u=frame.u[part].reshape(*batch, size, rank),
+        v=frame.v[part].reshape(*batch, size, rank),
+        **{
+            name: getattr(frame, name)[part].reshape(batch)
+            for name in ("sweeps", "energy", "start_energy", "total_energy")
+        },
     )
 
 

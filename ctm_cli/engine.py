@@ -1,9 +1,11 @@
-"""The streaming loop: one group of same-shaped modules at a time, from every adapter, on the device.
+"""The streaming loop: one wave of module groups (a group = modules of one shape, stacked) at a time, from
+every adapter, on the device. A wave holds as many groups as the memory budget allows, so that a method
+that merges groups together (ctm: one HOOI for all shapes) runs once per wave.
 
-While a group is merged, a background thread reads the next group's factors with plain file reads at
+While a wave is merged, a background thread reads the next wave's factors with plain file reads at
 the offsets in each safetensors header (never through mmap, whose touched pages would count in this
 process's memory for every input) and copies them to the device on a side stream. Host memory thus
-holds two groups' stored factors plus the merged output, whatever the number of adapters.
+holds two waves' stored factors plus the merged output, whatever the number of adapters.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ctm_cli.validate import ModuleSpec
 COMPUTE_DTYPE = torch.float32
 CPU_MAX_MEMORY = 2 * 1024**3
 # On CUDA, the default budget is this fraction of the device's memory: HOOI time grows with the number
-# of groups (each group sweeps on its own), so fewer, larger groups are faster.
+# of waves (each wave sweeps on its own), so fewer, larger waves are faster.
 CUDA_MEMORY_FRACTION = 0.25
 # Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
 ALIGNMENT = 64
@@ -95,6 +97,22 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpe
         size = max(1, max_memory // bytes_per_module(members[0]))
         groups.extend(members[i : i + size] for i in range(0, len(members), size))
     return groups
+
+
+def plan_waves(specs: list[ModuleSpec], max_memory: int) -> list[list[list[ModuleSpec]]]:
+    """The groups of `plan_groups` packed in order into waves that fit the budget together: a wave is read
+    and merged at once, so a method that merges groups together (ctm's one HOOI) sweeps once per wave."""
+    waves: list[list[list[ModuleSpec]]] = []
+    used = 0
+    for group in plan_groups(specs, max_memory):
+        size = len(group) * bytes_per_module(group[0])
+        if waves and used + size <= max_memory:
+            waves[-1].append(group)
+            used += size
+        else:
+            waves.append([group])
+            used = size
+    return waves
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -196,18 +214,19 @@ def _aligned(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
 
 
-class _GroupStream:
-    """The groups' raw factors in order, each next one read and sent to the device by a background
-    thread while the caller merges the current one. Use as a context manager."""
+class _WaveStream:
+    """The waves' raw factors in order (one _RawGroup per group, all in one buffer), each next wave read and
+    sent to the device by a background thread while the caller merges the current one. Use as a context
+    manager."""
 
-    def __init__(self, adapters: list[Adapter], groups: list[list[ModuleSpec]], device: torch.device):
-        self._adapters, self._groups, self._device = adapters, groups, device
+    def __init__(self, adapters: list[Adapter], waves: list[list[list[ModuleSpec]]], device: torch.device):
+        self._adapters, self._waves, self._device = adapters, waves, device
         self._sources = [_tensor_source(adapter) for adapter in adapters]
         self._buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-read")
 
-    def __enter__(self) -> _GroupStream:
+    def __enter__(self) -> _WaveStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -215,22 +234,21 @@ class _GroupStream:
         for source in self._sources:
             source.close()
 
-    def __iter__(self) -> Iterator[_RawGroup]:
-        if not self._groups:
+    def __iter__(self) -> Iterator[list[_RawGroup]]:
+        if not self._waves:
             return
         pending = self._reader.submit(self._fetch, 0)
-        for index in range(len(self._groups)):
-            raw = pending.result()
-            if index + 1 < len(self._groups):
+        for index in range(len(self._waves)):
+            raws = pending.result()
+            if index + 1 < len(self._waves):
                 pending = self._reader.submit(self._fetch, index + 1)
             if self._copy_stream is not None:  # copied already; keep the side stream from reusing the memory early
-                for tensor in (raw.data, raw.scales):
+                for tensor in (raws[0].data, *(raw.scales for raw in raws)):
                     tensor.record_stream(torch.cuda.current_stream(self._device))
-            yield raw
+            yield raws
 
-    def _layout(self, group: list[ModuleSpec]) -> tuple[list[list[tuple[_Piece, _Piece]] | None], int]:
+    def _layout(self, group: list[ModuleSpec], offset: int) -> tuple[list[list[tuple[_Piece, _Piece]] | None], int]:
         pieces: list[list[tuple[_Piece, _Piece]] | None] = []
-        offset = 0
         for source, adapter in zip(self._sources, self._adapters, strict=True):
             if group[0].name not in adapter.modules:
                 pieces.append(None)
@@ -247,37 +265,45 @@ class _GroupStream:
             pieces.append(rows)
         return pieces, offset
 
-    def _fetch(self, index: int) -> _RawGroup:
-        """Read group `index` into its staging buffer (two, used in turn) and copy it to the device."""
-        group = self._groups[index]
-        pieces, size = self._layout(group)
-        slot = index % 2
-        if self._buffers[slot].numel() < size:
-            self._buffers[slot] = torch.empty(size, dtype=torch.uint8)
-        buffer = self._buffers[slot]
+    def _read_group(self, group: list[ModuleSpec], pieces: list, buffer: torch.Tensor) -> torch.Tensor:
+        """Read one group's factors into their places in `buffer`; its LoRA scales (T, G)."""
         for source, adapter, rows in zip(self._sources, self._adapters, pieces, strict=True):
             for spec, pair in zip(group, rows, strict=True) if rows is not None else ():
                 module = adapter.modules[spec.name]
                 for key, piece in zip((module.a_key, module.b_key), pair, strict=True):
                     source.read_into(key, buffer[piece.offset : piece.offset + piece.nbytes])
-        scales = torch.tensor(
+        return torch.tensor(
             [[a.modules[s.name].scale if s.name in a.modules else 0.0 for s in group] for a in self._adapters],
             dtype=COMPUTE_DTYPE,
         )
+
+    def _fetch(self, index: int) -> list[_RawGroup]:
+        """Read wave `index` into its staging buffer (two, used in turn) and copy it to the device."""
+        wave, layouts, size = self._waves[index], [], 0
+        for group in wave:
+            pieces, size = self._layout(group, size)
+            layouts.append(pieces)
+        slot = index % 2
+        if self._buffers[slot].numel() < size:
+            self._buffers[slot] = torch.empty(size, dtype=torch.uint8)
+        buffer = self._buffers[slot]
+        scales = [self._read_group(group, pieces, buffer) for group, pieces in zip(wave, layouts, strict=True)]
         data = buffer[:size]
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):
                 data = data.to(self._device)
-                scales = scales.to(self._device)
+                scales = [each.to(self._device) for each in scales]
             self._copy_stream.synchronize()
-        return _RawGroup(data=data, pieces=pieces, scales=scales)
+        return [_RawGroup(data, pieces, each) for pieces, each in zip(layouts, scales, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------ merging
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+    """Whether every value is finite. A finite sum proves it (NaN and ±inf propagate) in one pass without a
+    boolean copy; only a sum that overflowed needs the element-wise check."""
+    return all(bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def _task_factors(raw: _RawGroup, task: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,14 +356,17 @@ def _to_output(
     return lora_a.cpu(), lora_b.cpu()
 
 
-def _merge_group(method: Method, factors: FactorGroup, settings: MergeSettings, group: list[ModuleSpec]) -> MergeResult:
-    """Run the method on one group; a linear-algebra breakdown (extreme values) becomes a clear usage error."""
+def _merge_wave(
+    method: Method, factors: list[FactorGroup], settings: list[MergeSettings], wave: list[list[ModuleSpec]]
+) -> list[MergeResult]:
+    """Run the method on a wave of groups; a linear-algebra breakdown (extreme values) becomes a clear usage
+    error."""
     try:
-        return method.function(factors, settings)
+        return method.merge_all(factors, settings)
     except torch.linalg.LinAlgError as exc:
         raise UsageError(
-            f"{_group_label(group)}: the merge broke down numerically ({str(exc).splitlines()[0]}); "
-            "check --weights and the inputs for extreme values"
+            f"{_group_label([spec for group in wave for spec in group])}: the merge broke down numerically "
+            f"({str(exc).splitlines()[0]}); check --weights and the inputs for extreme values"
         ) from exc
 
 
@@ -351,46 +380,50 @@ def _optional(values: torch.Tensor | None, index: int, kind: type) -> float | in
     return None if values is None else kind(values[index].item())
 
 
+def _module_stats(spec: ModuleSpec, result: MergeResult, index: int, output_rank: int, seconds: float) -> ModuleStats:
+    """The report's figures for module `index` of a merged group."""
+    return ModuleStats(
+        name=spec.name,
+        out_features=spec.out_features,
+        in_features=spec.in_features,
+        ranks=spec.ranks,
+        output_rank=output_rank,
+        kept_energy=[float(x) for x in result.kept_energy[index].tolist()],
+        relative_error=_optional(result.relative_error, index, float),
+        sweeps=_optional(result.sweeps, index, int),
+        frame_energy=_optional(result.frame_energy, index, float),
+        truncation_loss=_optional(result.truncation_loss, index, float),
+        seconds=seconds,
+    )
+
+
 def merge_modules(
     adapters: list[Adapter],
-    groups: list[list[ModuleSpec]],
+    waves: list[list[list[ModuleSpec]]],
     method: Method,
     settings: MergeSettings,
     device: torch.device,
     output_dtype: torch.dtype,
     on_progress: Callable[[int], None] = lambda done: None,
 ) -> MergeOutput:
-    """Merge every group on `device`, keeping only the (small) results on the host."""
+    """Merge every wave of groups on `device`, keeping only the (small) results on the host."""
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
-    weights = settings.weights.to(device)
-    settings = replace(settings, weights=weights)
-    with _GroupStream(adapters, groups, device) as stream:
-        for group, raw in zip(groups, stream, strict=True):
+    settings = replace(settings, weights=settings.weights.to(device))
+    with _WaveStream(adapters, waves, device) as stream:
+        for wave, raws in zip(waves, stream, strict=True):
             started = time.perf_counter()
-            group_settings = replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks)))
-            result = _merge_group(method, _load_group(adapters, group, raw), group_settings, group)
-            lora_a, lora_b = _to_output(result.lora_a, result.lora_b, group, output_dtype)
-            seconds = (time.perf_counter() - started) / len(group)
-            for index, spec in enumerate(group):
-                a_key, b_key = _output_keys(adapters, spec.name)
-                tensors[a_key] = lora_a[index].contiguous()
-                tensors[b_key] = lora_b[index].contiguous()
-                stats.append(
-                    ModuleStats(
-                        name=spec.name,
-                        out_features=spec.out_features,
-                        in_features=spec.in_features,
-                        ranks=spec.ranks,
-                        output_rank=lora_a.shape[1],
-                        kept_energy=[float(x) for x in result.kept_energy[index].tolist()],
-                        relative_error=_optional(result.relative_error, index, float),
-                        sweeps=_optional(result.sweeps, index, int),
-                        frame_energy=_optional(result.frame_energy, index, float),
-                        truncation_loss=_optional(result.truncation_loss, index, float),
-                        seconds=seconds,
-                    )
-                )
-            on_progress(len(group))
+            factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
+            each = [replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks))) for group in wave]
+            results = _merge_wave(method, factors, each, wave)
+            outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
+            seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
+            for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):
+                for index, spec in enumerate(group):
+                    a_key, b_key = _output_keys(adapters, spec.name)
+                    tensors[a_key] = lora_a[index].contiguous()
+                    tensors[b_key] = lora_b[index].contiguous()
+                    stats.append(_module_stats(spec, result, index, lora_a.shape[1], seconds))
+                on_progress(len(group))
     stats.sort(key=lambda s: s.name)
     return MergeOutput(tensors=tensors, stats=stats)

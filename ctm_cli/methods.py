@@ -75,6 +75,7 @@ class MergeResult:
 
 
 MethodFunction = Callable[[FactorGroup, MergeSettings], MergeResult]
+GroupsFunction = Callable[[list[FactorGroup], list[MergeSettings]], list[MergeResult]]
 RankLimit = Callable[[int, int, int, Rule], int]
 
 
@@ -91,6 +92,8 @@ class Method:
     zero_is_full: --rank 0 asks for no truncation, i.e. rank R (core, knots).
     rank_limit: the largest --rank a module of (R, out, in) allows with a given rule.
     default_rule: the rule used when none is given.
+    merge_groups: merges several groups (of different shapes) together faster than one by one (ctm's
+    batched HOOI); by default each group is merged on its own.
     """
 
     name: str
@@ -103,6 +106,13 @@ class Method:
     rank_limit: RankLimit = shape_rank_limit
     params: dict[str, Param] = field(default_factory=dict)
     default_rule: str = "ta"
+    merge_groups: GroupsFunction | None = None
+
+    def merge_all(self, groups: list[FactorGroup], settings: list[MergeSettings]) -> list[MergeResult]:
+        """Merge several groups, each with its settings, together where the method can."""
+        if self.merge_groups is not None:
+            return self.merge_groups(groups, settings)
+        return [self.function(group, each) for group, each in zip(groups, settings, strict=True)]
 
     def output_rank(self, rank: int, ranks: list[int]) -> int:
         """Rank of the adapter this method writes for a requested rank and the inputs' ranks."""
@@ -209,21 +219,21 @@ def _merge_and_cut(
 # ---------------------------------------------------------------------------------------------- ctm
 
 
-@register(
-    "ctm",
-    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: ties)",
-    "r, 1..min(R, out, in)",
-    # TIES on the shared frame's coordinates kept the most of each task's gain on the quality benchmark
-    # (docs/benchmarks.md); with a linear rule CtM equals merge-then-compress.
-    default_rule="ties",
-)
-def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
-    """CtM (DESIGN §1): core space, balanced HOOI frame, rule on r × r coordinates, rank-r output.
+def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSettings]) -> list[MergeResult]:
+    """CtM (DESIGN §1) of several groups: core space, balanced HOOI frame, rule on r × r coordinates, rank-r
+    output. The frames of all groups come from one batched HOOI (`cs.shared_frames_factored`), so groups of
+    other shapes cost no extra sweeps. The T cores stay factored (two R × R factors instead of T·R² numbers),
+    so memory does not grow with T²."""
+    spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
+    balanced = [cs.balance_factored(space.cores, each.beta) for space, each in zip(spaces, settings, strict=True)]
+    frames = cs.shared_frames_factored(balanced, [each.rank for each in settings])
+    return [_ctm_output(*arguments) for arguments in zip(groups, settings, spaces, frames, strict=True)]
 
-    The T cores stay factored (two R × R factors instead of T·R² numbers), so memory does not grow with T².
-    """
-    space = cs.factored_core_space(group.b_cat, group.a_cat, group.ranks)
-    frame = cs.shared_frame_factored(cs.balance_factored(space.cores, settings.beta), settings.rank)
+
+def _ctm_output(
+    group: FactorGroup, settings: MergeSettings, space: cs.FactoredCoreSpace, frame: cs.SharedFrame
+) -> MergeResult:
+    """CtM's output for one group once its frame is known: the rule on the coordinates, cut to rank r."""
     coordinates = space.cores.project(frame.u, frame.v)
     merged = _apply_rule(coordinates, settings)
     cut = cs.truncate(merged, settings.rank, space.left @ frame.u, space.right @ frame.v)
@@ -239,6 +249,20 @@ def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeRes
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
     )
+
+
+@register(
+    "ctm",
+    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: ties)",
+    "r, 1..min(R, out, in)",
+    # TIES on the shared frame's coordinates kept the most of each task's gain on the quality benchmark
+    # (docs/benchmarks.md); with a linear rule CtM equals merge-then-compress.
+    default_rule="ties",
+    merge_groups=compress_then_merge_groups,
+)
+def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
+    """CtM of one group (see compress_then_merge_groups)."""
+    return compress_then_merge_groups([group], [settings])[0]
 
 
 # ---------------------------------------------------------------------------------------------- mtc

@@ -16,7 +16,7 @@ import torch
 
 from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
-from ctm_cli.engine import default_max_memory, merge_modules, plan_groups, resolve_device
+from ctm_cli.engine import default_max_memory, merge_modules, plan_waves, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
@@ -97,7 +97,7 @@ class _Prepared:
     adapters: list[Adapter]
     specs: list[ModuleSpec]
     kept: KeptTensors
-    groups: list[list[ModuleSpec]]
+    waves: list[list[list[ModuleSpec]]]
     weights: list[float]
     device: torch.device
     output_dtype: torch.dtype
@@ -237,7 +237,7 @@ def _prepare(request: MergeRequest) -> _Prepared:
         adapters=adapters,
         specs=specs,
         kept=kept,
-        groups=plan_groups(specs, max_memory),
+        waves=plan_waves(specs, max_memory),
         weights=weights,
         device=device,
         output_dtype=_output_dtype(adapters, request.dtype),
@@ -248,7 +248,7 @@ def plan_merge(request: MergeRequest) -> dict:
     """What `run_merge` would do, for --dry-run: every check runs, nothing is merged or written."""
     prepared = _prepare(request)
     plan = describe_plan(
-        prepared.adapters[0], prepared.specs, prepared.groups, prepared.method, request.rank, prepared.output_dtype
+        prepared.adapters[0], prepared.specs, prepared.waves, prepared.method, request.rank, prepared.output_dtype
     )
     return {
         "dry_run": True,
@@ -277,7 +277,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     on_start(len(prepared.specs))
     merged = merge_modules(
         prepared.adapters,
-        prepared.groups,
+        prepared.waves,
         prepared.method,
         settings,
         prepared.device,

@@ -46,21 +46,25 @@ def safetensors_bytes(shapes: dict[str, tuple[int, int]], dtype: torch.dtype) ->
 def describe_plan(
     adapter: Adapter,
     specs: list[ModuleSpec],
-    groups: list[list[ModuleSpec]],
+    waves: list[list[list[ModuleSpec]]],
     method: Method,
     rank: int,
     dtype: torch.dtype,
 ) -> dict[str, Any]:
-    """The plan as plain data: every module with its shape and ranks, the device groups and the estimates."""
+    """The plan as plain data: every module with its shape and ranks, the device groups (merged a wave at a
+    time) and the estimates."""
     group_rows = [
         {
+            "wave": wave_index,
             "shape": [group[0].out_features, group[0].in_features],
             "ranks": list(group[0].ranks),
             "modules": len(group),
             "device_bytes": bytes_per_module(group[0]) * len(group),
         }
-        for group in groups
+        for wave_index, wave in enumerate(waves)
+        for group in wave
     ]
+    wave_bytes = [sum(row["device_bytes"] for row in group_rows if row["wave"] == index) for index in range(len(waves))]
     return {
         "modules": [
             {
@@ -72,6 +76,7 @@ def describe_plan(
             for spec in specs
         ],
         "groups": group_rows,
-        "estimated_device_bytes": max(row["device_bytes"] for row in group_rows),
+        "waves": len(waves),
+        "estimated_device_bytes": max(wave_bytes),
         "estimated_output_bytes": safetensors_bytes(output_shapes(adapter, specs, method, rank), dtype),
     }

@@ -203,9 +203,9 @@ def ctm_in_process(
     folders: list[Path], output: Path, rank: int, device: torch.device, max_memory: int | None, profile: Path | None
 ) -> dict:
     """The merge alone (`run_merge`) in this process, the device's peak memory during it and the engine's
-    estimate of that peak (the largest group's bytes_per_module sum); with `profile`, a cProfile listing."""
+    estimate of that peak (the largest wave's bytes_per_module sum); with `profile`, a cProfile listing."""
     from ctm_cli.adapter import Adapter
-    from ctm_cli.engine import bytes_per_module, default_max_memory, plan_groups
+    from ctm_cli.engine import bytes_per_module, default_max_memory, plan_waves
     from ctm_cli.pipeline import MergeRequest, run_merge
     from ctm_cli.validate import check_compatible
 
@@ -214,7 +214,7 @@ def ctm_in_process(
         sources=[str(f) for f in folders], output=output, rank=rank, device=str(device), force=True, **options
     )
     budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
-    groups = plan_groups(check_compatible([Adapter(f) for f in folders]), budget)
+    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
@@ -231,9 +231,10 @@ def ctm_in_process(
         profile.write_text(listing.getvalue())
     return {
         "seconds": seconds,
-        "groups": len(groups),
+        "groups": sum(len(wave) for wave in waves),
+        "waves": len(waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "estimated_device_bytes": max(len(g) * bytes_per_module(g[0]) for g in groups),
+        "estimated_device_bytes": max(sum(len(g) * bytes_per_module(g[0]) for g in wave) for wave in waves),
     }
 
 
@@ -288,20 +289,20 @@ def read_memory(folders: list[Path], how: str) -> None:
     from ctm_cli.validate import check_compatible
 
     adapters = [Adapter(folder) for folder in folders]
-    groups = engine.plan_groups(check_compatible(adapters), engine.default_max_memory(torch.device("cpu")))
+    waves = engine.plan_waves(check_compatible(adapters), engine.default_max_memory(torch.device("cpu")))
     before = peak = resident_bytes()
     if how == "engine":
-        with engine._GroupStream(adapters, groups, torch.device("cpu")) as stream:
-            for _ in zip(groups, stream, strict=True):
+        with engine._WaveStream(adapters, waves, torch.device("cpu")) as stream:
+            for _ in zip(waves, stream, strict=True):
                 peak = max(peak, resident_bytes())
     else:
-        for group in groups:
-            factors = [adapter.factors(spec.name) for spec in group for adapter in adapters]
+        for wave in waves:
+            factors = [adapter.factors(spec.name) for group in wave for spec in group for adapter in adapters]
             peak = max(peak, resident_bytes())
             del factors
     inputs = sum((f / "adapter_model.safetensors").stat().st_size for f in folders)
     print(
-        f"read through {how}: {len(folders)} adapters, {gib(inputs)} of inputs, {len(groups)} groups:"
+        f"read through {how}: {len(folders)} adapters, {gib(inputs)} of inputs, {len(waves)} waves:"
         f" resident {gib(before)} before, {gib(peak - before)} more at the peak"
     )
 
@@ -335,7 +336,7 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
         profile = Path(f"{args.profile}-T{len(folders)}.txt") if args.profile and repeat == 0 else None
         runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, profile))
     rows["ctm_merge_seconds"] = [run["seconds"] for run in runs]
-    rows["groups"] = runs[0]["groups"]
+    rows["groups"], rows["waves"] = runs[0]["groups"], runs[0]["waves"]
     rows["peak_device_bytes"] = max((run["peak_device_bytes"] or 0) for run in runs) or None
     rows["estimated_device_bytes"] = runs[0]["estimated_device_bytes"]
     return rows
@@ -354,7 +355,7 @@ def print_summary(rows: dict, peft: dict | None) -> None:
     print(f"  ctm peak RSS (subprocess) {gib(e2e['peak_rss_bytes'])}; {sweeps}")
     print(
         f"  peak device memory (in-process merge): {gib(rows['peak_device_bytes'])};"
-        f" engine estimate {gib(rows['estimated_device_bytes'])} ({rows['groups']} groups)"
+        f" engine estimate {gib(rows['estimated_device_bytes'])} ({rows['groups']} groups in {rows['waves']} waves)"
     )
     if peft is not None:
         per_module = peft["seconds_per_module"]

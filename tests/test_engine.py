@@ -83,13 +83,24 @@ def _expected_group(adapters: list[Adapter], group: list[ModuleSpec]) -> tuple[t
     return torch.stack(b_cat), torch.stack(a_cat)
 
 
-def test_streamed_groups_equal_the_stored_factors(mixed_adapters) -> None:
-    """Every group, read ahead into reused buffers (several groups per shape), equals the stored factors."""
+@pytest.mark.parametrize("several", ["groups per shape", "shapes per wave"])
+def test_streamed_groups_equal_the_stored_factors(mixed_adapters, several: str) -> None:
+    """Every group, read ahead into reused buffers, equals the stored factors: with several groups per shape
+    (one wave each), and with every shape in one wave."""
     specs = check_compatible(mixed_adapters)
-    groups = engine.plan_groups(specs, 2 * engine.bytes_per_module(specs[0]))
-    assert len(groups) > len({(s.out_features, s.in_features) for s in specs})
-    with engine._GroupStream(mixed_adapters, groups, DEVICE) as stream:
-        loaded = [engine._load_group(mixed_adapters, group, raw) for group, raw in zip(groups, stream, strict=True)]
+    budget = 2 * engine.bytes_per_module(specs[0]) if several == "groups per shape" else 10**10
+    waves = engine.plan_waves(specs, budget)
+    groups = [group for wave in waves for group in wave]
+    if several == "groups per shape":
+        assert len(groups) > len({(s.out_features, s.in_features) for s in specs})
+    else:
+        assert len(waves) == 1 and len(groups) > 1
+    with engine._WaveStream(mixed_adapters, waves, DEVICE) as stream:  # a wave's buffer is reused two waves on
+        loaded = [
+            engine._load_group(mixed_adapters, group, raw)
+            for wave, raws in zip(waves, stream, strict=True)
+            for group, raw in zip(wave, raws, strict=True)
+        ]
     for group, factors in zip(groups, loaded, strict=True):
         b_cat, a_cat = _expected_group(mixed_adapters, group)
         assert factors.b_cat.device.type == DEVICE.type
@@ -108,19 +119,21 @@ def test_safetensors_inputs_are_never_read_through_mmap(make_adapter, monkeypatc
     monkeypatch.setattr(Adapter, "factors", refuse)
     monkeypatch.setattr(Adapter, "tensor", refuse)
     merged = engine.merge_modules(
-        adapters, engine.plan_groups(specs, 10**9), get_method("cat"), _ta_settings(8, 2), DEVICE, torch.float32
+        adapters, engine.plan_waves(specs, 10**9), get_method("cat"), _ta_settings(8, 2), DEVICE, torch.float32
     )
     assert len(merged.tensors) == 2 * len(specs)
 
 
 def test_merge_does_not_depend_on_the_group_size(make_adapter) -> None:
+    """One module at a time, or every shape in one wave (ctm's HOOI batched across shapes): the same merge."""
     adapters = [Adapter(make_adapter(r=r, seed=seed)) for r, seed in ((4, 1), (6, 2), (2, 3))]
     specs = check_compatible(adapters)
     outputs = []
-    for budget in (1, 10**10):  # one module per group, then one group per shape
-        groups = engine.plan_groups(specs, budget)
+    for budget in (1, 10**10):
+        waves = engine.plan_waves(specs, budget)
+        assert len(waves) == (len(specs) if budget == 1 else 1)
         outputs.append(
-            engine.merge_modules(adapters, groups, get_method("ctm"), _ta_settings(4, 3), DEVICE, torch.float32)
+            engine.merge_modules(adapters, waves, get_method("ctm"), _ta_settings(4, 3), DEVICE, torch.float32)
         )
     assert outputs[0].tensors.keys() == outputs[1].tensors.keys()
     for key, tensor in outputs[0].tensors.items():
@@ -136,23 +149,27 @@ def test_groups_fit_the_budget() -> None:
         assert len({(s.out_features, s.in_features, s.ranks) for s in group}) == 1
         assert len(group) == 1 or len(group) * engine.bytes_per_module(group[0]) <= budget
     assert engine.plan_groups(specs[:1], 1) == [specs[:1]]  # over budget alone: still merged, on its own
+    waves = engine.plan_waves(specs, budget)
+    assert [g for wave in waves for g in wave] == groups
+    for wave in waves:
+        assert len(wave) == 1 or sum(len(g) * engine.bytes_per_module(g[0]) for g in wave) <= budget
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="device memory is measured on CUDA only")
 def test_device_memory_stays_within_the_estimate(make_adapter) -> None:
     """Peak device memory of a merge (after a warm-up that creates the library workspaces) stays within the
-    largest group's estimate plus the per-merge constants (a few MiB of solver workspace)."""
+    largest wave's estimate plus the per-merge constants (a few MiB of solver workspace)."""
     wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
     adapters = [Adapter(make_adapter(r=16, seed=seed, model_overrides=wider)) for seed in range(4)]
     specs = check_compatible(adapters)
-    groups = engine.plan_groups(specs, 10**10)
+    waves = engine.plan_waves(specs, 10**10)
     for _ in range(2):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-        engine.merge_modules(adapters, groups, get_method("ctm"), _ta_settings(16, 4), DEVICE, torch.float32)
+        engine.merge_modules(adapters, waves, get_method("ctm"), _ta_settings(16, 4), DEVICE, torch.float32)
     peak = torch.cuda.max_memory_allocated() - baseline
-    estimate = max(len(g) * engine.bytes_per_module(g[0]) for g in groups)
+    estimate = max(sum(len(g) * engine.bytes_per_module(g[0]) for g in wave) for wave in waves)
     assert peak <= estimate + 4 * 2**20, (peak, estimate)
 
 

@@ -91,7 +91,9 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     for group in plan["groups"]:
         spec = ModuleSpec("m", *group["shape"], ranks=tuple(group["ranks"]), embedding=False)
         assert group["device_bytes"] == group["modules"] * bytes_per_module(spec)
-    assert plan["estimated_device_bytes"] == max(g["device_bytes"] for g in plan["groups"])
+    # Waves: groups merged together within the budget; the estimate is the largest wave's.
+    assert plan["waves"] == 1 and {g["wave"] for g in plan["groups"]} == {0}
+    assert plan["estimated_device_bytes"] == sum(g["device_bytes"] for g in plan["groups"])
     # Output size: exact tensor bytes plus the header, against the file a real merge wrote.
     written = (merged[0] / "adapter_model.safetensors").stat().st_size
     tensor_bytes = sum((o + i) * 4 * FLOAT32 for o, i in shapes.values())
