@@ -74,18 +74,20 @@ def default_max_memory(device: torch.device) -> int:
     return CPU_MAX_MEMORY
 
 
-def bytes_per_module(spec: ModuleSpec) -> int:
+def bytes_per_module(spec: ModuleSpec, factored_cores: bool = False) -> int:
     """Peak working memory of one module on the device for the core-space methods (ctm, core, cat, mtc
     with a linear rule), with the output rank bounded by R: per column of the (out + in) × R factors,
-    the stored factors of this group and of the one read ahead (2 × 2 bytes in bf16, 8 in float32 worst
+    the stored factors of this wave and of the one read ahead (2 × 2 bytes in bf16, 8 in float32 worst
     case: 16), float32 factors (4), two float64 copies alive in the core-space and report steps (16)
     and the float32 + float64 outputs (12); plus three float64 T × R × R stacks of cores (the cores,
-    their balanced copy, one product)."""
+    their balanced copy, one product), or with `factored_cores` (ctm) ten float64 R × R matrices (the
+    frames, the two core factors and their balanced scales' products, the HOSVD Grams, HOOI's images)."""
     columns = (spec.out_features + spec.in_features) * spec.total_rank
-    return columns * (16 + 4 + 16 + 12) + 3 * len(spec.ranks) * spec.total_rank**2 * 8
+    cores = 10 if factored_cores else 3 * len(spec.ranks)
+    return columns * (16 + 4 + 16 + 12) + cores * spec.total_rank**2 * 8
 
 
-def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpec]]:
+def plan_groups(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[ModuleSpec]]:
     """Modules of equal shapes and ranks, chunked so that one group fits the memory budget."""
 
     def shape_key(spec: ModuleSpec) -> tuple:
@@ -94,18 +96,18 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int) -> list[list[ModuleSpe
     groups = []
     for _, members in groupby(sorted(specs, key=shape_key), key=shape_key):
         members = list(members)
-        size = max(1, max_memory // bytes_per_module(members[0]))
+        size = max(1, max_memory // bytes_per_module(members[0], factored_cores))
         groups.extend(members[i : i + size] for i in range(0, len(members), size))
     return groups
 
 
-def plan_waves(specs: list[ModuleSpec], max_memory: int) -> list[list[list[ModuleSpec]]]:
+def plan_waves(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[list[ModuleSpec]]]:
     """The groups of `plan_groups` packed in order into waves that fit the budget together: a wave is read
     and merged at once, so a method that merges groups together (ctm's one HOOI) sweeps once per wave."""
     waves: list[list[list[ModuleSpec]]] = []
     used = 0
-    for group in plan_groups(specs, max_memory):
-        size = len(group) * bytes_per_module(group[0])
+    for group in plan_groups(specs, max_memory, factored_cores):
+        size = len(group) * bytes_per_module(group[0], factored_cores)
         if waves and used + size <= max_memory:
             waves[-1].append(group)
             used += size

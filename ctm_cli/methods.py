@@ -94,6 +94,7 @@ class Method:
     default_rule: the rule used when none is given.
     merge_groups: merges several groups (of different shapes) together faster than one by one (ctm's
     batched HOOI); by default each group is merged on its own.
+    factored_cores: the method keeps the T cores as two R × R factors, not T·R² numbers (memory planning).
     """
 
     name: str
@@ -107,6 +108,7 @@ class Method:
     params: dict[str, Param] = field(default_factory=dict)
     default_rule: str = "ta"
     merge_groups: GroupsFunction | None = None
+    factored_cores: bool = False
 
     def merge_all(self, groups: list[FactorGroup], settings: list[MergeSettings]) -> list[MergeResult]:
         """Merge several groups, each with its settings, together where the method can."""
@@ -259,6 +261,7 @@ def _ctm_output(
     # (docs/benchmarks.md); with a linear rule CtM equals merge-then-compress.
     default_rule="ties",
     merge_groups=compress_then_merge_groups,
+    factored_cores=True,
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """CtM of one group (see compress_then_merge_groups)."""

@@ -237,7 +237,7 @@ def _prepare(request: MergeRequest) -> _Prepared:
         adapters=adapters,
         specs=specs,
         kept=kept,
-        waves=plan_waves(specs, max_memory),
+        waves=plan_waves(specs, max_memory, method.factored_cores),
         weights=weights,
         device=device,
         output_dtype=_output_dtype(adapters, request.dtype),

@@ -59,7 +59,7 @@ def describe_plan(
             "shape": [group[0].out_features, group[0].in_features],
             "ranks": list(group[0].ranks),
             "modules": len(group),
-            "device_bytes": bytes_per_module(group[0]) * len(group),
+            "device_bytes": bytes_per_module(group[0], method.factored_cores) * len(group),
         }
         for wave_index, wave in enumerate(waves)
         for group in wave

@@ -214,7 +214,7 @@ def ctm_in_process(
         sources=[str(f) for f in folders], output=output, rank=rank, device=str(device), force=True, **options
     )
     budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
-    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget)
+    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, factored_cores=True)  # ctm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
@@ -234,7 +234,7 @@ def ctm_in_process(
         "groups": sum(len(wave) for wave in waves),
         "waves": len(waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "estimated_device_bytes": max(sum(len(g) * bytes_per_module(g[0]) for g in wave) for wave in waves),
+        "estimated_device_bytes": max(sum(len(g) * bytes_per_module(g[0], True) for g in wave) for wave in waves),
     }
 
 
