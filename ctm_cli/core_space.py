@@ -19,6 +19,11 @@ GRAM_RELATIVE_TOLERANCE = 1e-12
 # The block (2r, at most 32, at least r) keeps the Rayleigh–Ritz eigh batched on CUDA (cuSOLVER batches
 # eigh up to 32 × 32 and loops one matrix at a time above).
 DIRECT_EIGH_MAX_SIZE = 32
+# On CUDA, eigh loops over a batch one matrix at a time above 32 × 32 (~1.6 ms per 128 × 128 on an H100);
+# up to this size the host's LAPACK is faster, so such batches are solved there.
+HOST_EIGH_MAX_SIZE = 256
+# A Cholesky-QR basis further than this from orthonormal (max |QᵀQ − I|, NaN included) is refused.
+ORTHONORMAL_TOLERANCE = 1e-10
 # HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
 COMPACTION_FRACTION = 0.75
 
@@ -54,7 +59,7 @@ def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Q is X's left singular basis, its columns in decreasing order of singular value (numerically
     absent directions give zero columns, at the end).
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues, eigenvectors = _eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
     largest = eigenvalues[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
     kept = eigenvalues > GRAM_RELATIVE_TOLERANCE * largest
@@ -96,21 +101,35 @@ def _balancing_factors(norms: torch.Tensor, beta: float) -> torch.Tensor:
     )
 
 
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh, on the host for CUDA batches of mid-sized matrices (see HOST_EIGH_MAX_SIZE)."""
+    size = matrix.shape[-1]
+    if matrix.is_cuda and DIRECT_EIGH_MAX_SIZE < size <= HOST_EIGH_MAX_SIZE:
+        values, vectors = torch.linalg.eigh(matrix.cpu())
+        return values.to(matrix.device), vectors.to(matrix.device)
+    return torch.linalg.eigh(matrix)
+
+
 def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    _, eigenvectors = torch.linalg.eigh(gram)
+    _, eigenvectors = _eigh(gram)
     return eigenvectors[..., -rank:].flip(-1)
 
 
 def _orthonormalize(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal basis of the columns by Cholesky QR done twice (orthonormal to float64 rounding up to a
-    condition number of ~1e7), and whether each matrix had full column rank (where not, it is unusable)."""
-    basis = columns
+    """Orthonormal basis of the columns by Cholesky QR done twice on the columns scaled to unit norm
+    (orthonormal to float64 rounding up to a condition number of ~1e7 after scaling; block iteration's
+    columns, of norms ~λ_i, are nearly orthogonal), and whether that worked: each matrix had full column rank
+    and came out orthonormal (where not, it is unusable)."""
+    norms = torch.linalg.vector_norm(columns, dim=-2, keepdim=True)
+    basis = columns / norms.clamp_min(torch.finfo(columns.dtype).tiny)
     full_rank = torch.ones(columns.shape[:-2], dtype=torch.bool, device=columns.device)
     for _ in range(2):
         factor, info = torch.linalg.cholesky_ex(basis.mT @ basis)
         full_rank = full_rank & (info == 0)
         basis = torch.linalg.solve_triangular(factor, basis.mT, upper=False).mT
-    return basis, full_rank
+    eye = torch.eye(columns.shape[-1], dtype=columns.dtype, device=columns.device)
+    drift = (basis.mT @ basis - eye).abs().amax(dim=(-2, -1))
+    return basis, full_rank & (drift <= ORTHONORMAL_TOLERANCE)
 
 
 def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -126,6 +145,7 @@ def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Ten
     if size <= max(DIRECT_EIGH_MAX_SIZE, 2 * width):
         return _top_eigenvectors(columns @ columns.mT, width)
     basis, full_rank = _orthonormalize(columns @ (columns.mT @ block))
+    basis = torch.where(full_rank.view(-1, 1, 1), basis, block)  # no NaN into eigh; replaced below
     images = columns.mT @ basis
     _, rotation = torch.linalg.eigh(images.mT @ images)
     ritz = basis @ rotation.flip(-1)

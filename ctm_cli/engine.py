@@ -30,6 +30,8 @@ CPU_MAX_MEMORY = 2 * 1024**3
 # On CUDA, the default budget is this fraction of the device's memory: HOOI time grows with the number
 # of waves (each wave sweeps on its own), so fewer, larger waves are faster.
 CUDA_MEMORY_FRACTION = 0.25
+# Input files read at once by the engine's reader.
+READ_THREADS = 8
 # Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
 ALIGNMENT = 64
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -227,12 +229,15 @@ class _WaveStream:
         self._buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-read")
+        # the files themselves are read in parallel (file reads release the GIL)
+        self._files = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(adapters)), thread_name_prefix="ctm-file")
 
     def __enter__(self) -> _WaveStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
+        self._files.shutdown(wait=True, cancel_futures=True)
         for source in self._sources:
             source.close()
 
@@ -268,12 +273,17 @@ class _WaveStream:
         return pieces, offset
 
     def _read_group(self, group: list[ModuleSpec], pieces: list, buffer: torch.Tensor) -> torch.Tensor:
-        """Read one group's factors into their places in `buffer`; its LoRA scales (T, G)."""
-        for source, adapter, rows in zip(self._sources, self._adapters, pieces, strict=True):
+        """Read one group's factors into their places in `buffer`, one thread per file; its LoRA scales (T, G)."""
+
+        def read_file(source: _SafetensorsFile | _AdapterTensors, adapter: Adapter, rows: list | None) -> None:
             for spec, pair in zip(group, rows, strict=True) if rows is not None else ():
                 module = adapter.modules[spec.name]
                 for key, piece in zip((module.a_key, module.b_key), pair, strict=True):
                     source.read_into(key, buffer[piece.offset : piece.offset + piece.nbytes])
+
+        jobs = zip(self._sources, self._adapters, pieces, strict=True)
+        for done in [self._files.submit(read_file, *job) for job in jobs]:
+            done.result()
         return torch.tensor(
             [[a.modules[s.name].scale if s.name in a.modules else 0.0 for s in group] for a in self._adapters],
             dtype=COMPUTE_DTYPE,

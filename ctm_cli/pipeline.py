@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -261,6 +262,29 @@ def plan_merge(request: MergeRequest) -> dict:
     }
 
 
+def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
+    """Start `function` in a daemon thread (so it never delays an interrupt or exit); the returned callable
+    waits for its result or raises its exception."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ctm-hash", daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
+
+
 def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progress: Callable[[int], None]) -> dict:
     """Run one merge end to end and return its report; nothing is written unless it all succeeds."""
     started = time.perf_counter()
@@ -275,6 +299,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         generator=torch.Generator().manual_seed(request.seed),
     )
     on_start(len(prepared.specs))
+    hashed_inputs = _in_background(prepared.inputs)  # the inputs' sha256 for the report, hashed while the merge runs
     merged = merge_modules(
         prepared.adapters,
         prepared.waves,
@@ -287,7 +312,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
     ranks = {s.name: s.output_rank for s in merged.stats}
     config = output_config(prepared.adapters, ranks, prepared.kept.modules_to_save)
     report_settings = {**prepared.settings(), "rank": config["r"]}
-    inputs = prepared.inputs()
+    inputs = hashed_inputs()
     recipe = prepared.recipe()
     report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
     report["recipe"] = recipe_data(recipe)
