@@ -19,9 +19,6 @@ GRAM_RELATIVE_TOLERANCE = 1e-12
 # The block (2r, at most 32, at least r) keeps the Rayleigh–Ritz eigh batched on CUDA (cuSOLVER batches
 # eigh up to 32 × 32 and loops one matrix at a time above).
 DIRECT_EIGH_MAX_SIZE = 32
-# On CUDA, eigh loops over a batch one matrix at a time above 32 × 32 (~1.6 ms per 128 × 128 on an H100);
-# up to this size the host's LAPACK is faster, so such batches are solved there.
-HOST_EIGH_MAX_SIZE = 256
 # A Cholesky-QR basis further than this from orthonormal (max |QᵀQ − I|, NaN included) is refused.
 ORTHONORMAL_TOLERANCE = 1e-10
 # HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
@@ -59,7 +56,7 @@ def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Q is X's left singular basis, its columns in decreasing order of singular value (numerically
     absent directions give zero columns, at the end).
     """
-    eigenvalues, eigenvectors = _eigh(gram)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
     largest = eigenvalues[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
     kept = eigenvalues > GRAM_RELATIVE_TOLERANCE * largest
@@ -101,17 +98,8 @@ def _balancing_factors(norms: torch.Tensor, beta: float) -> torch.Tensor:
     )
 
 
-def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.linalg.eigh, on the host for CUDA batches of mid-sized matrices (see HOST_EIGH_MAX_SIZE)."""
-    size = matrix.shape[-1]
-    if matrix.is_cuda and DIRECT_EIGH_MAX_SIZE < size <= HOST_EIGH_MAX_SIZE:
-        values, vectors = torch.linalg.eigh(matrix.cpu())
-        return values.to(matrix.device), vectors.to(matrix.device)
-    return torch.linalg.eigh(matrix)
-
-
 def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    _, eigenvectors = _eigh(gram)
+    _, eigenvectors = torch.linalg.eigh(gram)
     return eigenvectors[..., -rank:].flip(-1)
 
 

@@ -228,7 +228,13 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
     so memory does not grow with T²."""
     spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
     balanced = [cs.balance_factored(space.cores, each.beta) for space, each in zip(spaces, settings, strict=True)]
-    frames = cs.shared_frames_factored(balanced, [each.rank for each in settings])
+    stopping = settings[0].method_params  # one merge's groups share everything but the rank
+    frames = cs.shared_frames_factored(
+        balanced,
+        [each.rank for each in settings],
+        tolerance=stopping["hooi_tolerance"],
+        max_sweeps=int(stopping["max_sweeps"]),
+    )
     return [_ctm_output(*arguments) for arguments in zip(groups, settings, spaces, frames, strict=True)]
 
 
@@ -262,6 +268,12 @@ def _ctm_output(
     default_rule="ties",
     merge_groups=compress_then_merge_groups,
     factored_cores=True,
+    params={
+        "hooi_tolerance": Param(
+            1e-10, 0.0, 1.0, "HOOI stops once a sweep raises the captured energy by less than this share", open_low=True
+        ),
+        "max_sweeps": Param(500, 1, 100_000, "most HOOI sweeps per module", integer=True),
+    },
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """CtM of one group (see compress_then_merge_groups)."""

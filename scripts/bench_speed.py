@@ -164,10 +164,14 @@ def io_floor(files: list[Path], output_bytes: int, device: torch.device, scratch
     return seconds
 
 
-def ctm_subprocess(folders: list[Path], output: Path, rank: int, device: str, max_memory: int | None) -> dict:
+def ctm_subprocess(
+    folders: list[Path], output: Path, rank: int, device: str, max_memory: int | None, params: dict[str, float]
+) -> dict:
     """`ctm merge` as a user runs it: wall time (process start included) and the child's peak RSS."""
     command = [sys.executable, "-m", "ctm_cli", "merge", *map(str, folders), "-o", str(output)]
     command += ["--rank", str(rank), "--device", device, "--force", "--quiet"]
+    for name, value in params.items():
+        command += ["--param", f"{name}={value:g}"]
     if max_memory is not None:
         command += ["--max-memory", str(max_memory)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -189,6 +193,12 @@ def ctm_subprocess(folders: list[Path], output: Path, rank: int, device: str, ma
     }
 
 
+def parse_params(given: list[str]) -> dict[str, float]:
+    """--param NAME=X values as ctm's MergeRequest takes them."""
+    pairs = [item.split("=", 1) for item in given]
+    return {name: float(value) for name, value in pairs}
+
+
 def warm_up(device: torch.device) -> None:
     """Create the device context and the linear-algebra handles the merge uses, outside the timings."""
     x = torch.randn(4, 48, 48, dtype=torch.float64, device=device)
@@ -200,7 +210,13 @@ def warm_up(device: torch.device) -> None:
 
 
 def ctm_in_process(
-    folders: list[Path], output: Path, rank: int, device: torch.device, max_memory: int | None, profile: Path | None
+    folders: list[Path],
+    output: Path,
+    rank: int,
+    device: torch.device,
+    max_memory: int | None,
+    params: dict[str, float],
+    profile: Path | None,
 ) -> dict:
     """The merge alone (`run_merge`) in this process, the device's peak memory during it and the engine's
     estimate of that peak (the largest wave's bytes_per_module sum); with `profile`, a cProfile listing."""
@@ -211,7 +227,13 @@ def ctm_in_process(
 
     options = {} if max_memory is None else {"max_memory": max_memory * 1024**2}
     request = MergeRequest(
-        sources=[str(f) for f in folders], output=output, rank=rank, device=str(device), force=True, **options
+        sources=[str(f) for f in folders],
+        output=output,
+        rank=rank,
+        device=str(device),
+        force=True,
+        rule_params=params,
+        **options,
     )
     budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
     waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, factored_cores=True)  # ctm
@@ -328,13 +350,14 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
     if args.cold:
         drop_from_page_cache(files)
     output = scratch / f"merged-{len(folders)}"
-    rows["ctm_end_to_end"] = ctm_subprocess(folders, output, shapes.rank, args.device, args.max_memory)
+    params = parse_params(args.param)
+    rows["ctm_end_to_end"] = ctm_subprocess(folders, output, shapes.rank, args.device, args.max_memory, params)
     runs = []
     for repeat in range(args.repeats):
         if args.cold:
             drop_from_page_cache(files)
         profile = Path(f"{args.profile}-T{len(folders)}.txt") if args.profile and repeat == 0 else None
-        runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, profile))
+        runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, params, profile))
     rows["ctm_merge_seconds"] = [run["seconds"] for run in runs]
     rows["groups"], rows["waves"] = runs[0]["groups"], runs[0]["waves"]
     rows["peak_device_bytes"] = max((run["peak_device_bytes"] or 0) for run in runs) or None
@@ -383,6 +406,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shared", type=float, default=0.0, help="share f of common directions (0: independent)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--max-memory", type=int, default=None, help="ctm --max-memory, MiB")
+    parser.add_argument("--param", action="append", default=[], help="ctm --param NAME=X (repeatable)")
     parser.add_argument("--peft-layers", type=int, default=1, help="layers PEFT merges (0: skip PEFT)")
     parser.add_argument("--repeats", type=int, default=2, help="in-process merges to time (best is shown)")
     parser.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before each run")
@@ -430,7 +454,13 @@ def main() -> None:
         results.append(rows)
         print_summary(rows, peft)
         if args.json:  # after every T, so that a run cut short keeps what it measured
-            figures = {"shapes": asdict(shapes), "shared": args.shared, "device": str(device), "results": results}
+            figures = {
+                "shapes": asdict(shapes),
+                "shared": args.shared,
+                "params": parse_params(args.param),
+                "device": str(device),
+                "results": results,
+            }
             Path(args.json).write_text(json.dumps(figures, indent=2))
     if len(counts) > 1:
         print("\n   T  floor s  ctm merge s  ctm e2e s  peak RSS  peak device")

@@ -56,6 +56,49 @@ def aggregate(seeds: list[dict]) -> dict:
     return {"tasks": tasks, "floor": floor, "individual": individual, "floor_na": floor_na, "rows": ordered}
 
 
+# Settings that must agree for runs to be combined into one table (everything but seeds, paths and timings).
+SAME_IN_COMBINED_RUNS = (
+    "tasks",
+    "split_sizes",
+    "ranks",
+    "study_rank",
+    "quick",
+    "epochs",
+    "temperature",
+    "max_length",
+    "grid",
+    "catalog",
+)
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """Several runs of the same benchmark with different seeds (separate GPU calls, say) as one result: their
+    seeds side by side and the summary over all of them. Refuses runs whose settings differ or seeds repeat."""
+    first = runs[0]["settings"]
+    for run in runs[1:]:
+        differing = [key for key in SAME_IN_COMBINED_RUNS if run["settings"].get(key) != first.get(key)]
+        if differing:
+            raise ValueError(
+                f"runs differ in {', '.join(differing)}: {first['command']!r} vs {run['settings']['command']!r}"
+            )
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    numbers = [seed["seed"] for seed in seeds]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"a seed appears in more than one run: {sorted(numbers)}")
+    settings = {
+        **first,
+        "command": " + ".join(run["settings"]["command"] for run in runs),
+        "seeds": numbers,
+        "seeds_done": numbers,
+        "seconds": {
+            f"run {i + 1} {key}": value
+            for i, run in enumerate(runs)
+            for key, value in run["settings"]["seconds"].items()
+        },
+    }
+    return {"settings": settings, "seeds": seeds, "summary": aggregate(seeds)}
+
+
 def _f(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 

@@ -33,7 +33,7 @@ from quality_metrics import (
     rank_by_gr,
     score_row,
 )
-from quality_report import aggregate, render_markdown
+from quality_report import aggregate, combine_runs, render_markdown
 
 
 @pytest.mark.parametrize(
@@ -213,34 +213,24 @@ def _final(kind, combo, gr_a, gr_b, beta=None):
     }
 
 
-def test_aggregate_averages_seeds_and_ranks_rows_by_gr_and_renders():
-    def seed(number, rows):
-        return {
-            "seed": number,
-            "adapter_source": "test",
-            "floor": {"test": {"a": 0.6, "b": 0.5}},
-            "individual": {"test": {"a": 1.0, "b": 1.0}},
-            "final": rows,
-            "skipped": [{"label": "knots+ta r=16", "error": "exit 2: unknown method"}],
-            "tuning": [],
-            "leave_one_task_out": leave_one_task_out({"x": {"a": 0.5, "b": 0.4}, "y": {"a": 0.3, "b": 0.2}}),
-        }
+def _seed(number, rows):
+    return {
+        "seed": number,
+        "adapter_source": "test",
+        "floor": {"test": {"a": 0.6, "b": 0.5}},
+        "individual": {"test": {"a": 1.0, "b": 1.0}},
+        "final": rows,
+        "skipped": [{"label": "knots+ta r=16", "error": "exit 2: unknown method"}],
+        "tuning": [],
+        "leave_one_task_out": leave_one_task_out({"x": {"a": 0.5, "b": 0.4}, "y": {"a": 0.3, "b": 0.2}}),
+    }
 
-    seeds = [
-        seed(0, [_final("tuned", "ctm+ta", 0.5, 0.5), _final("tuned", "peft+svd", 0.25, 0.25)]),
-        seed(1, [_final("tuned", "ctm+ta", 0.7, 0.7), _final("tuned", "peft+svd", 0.25, 0.25)]),
-    ]
-    summary = aggregate(seeds)
-    tuned = summary["rows"]["tuned"]
-    assert [r["combo"] for r in tuned] == ["ctm+ta", "peft+svd"]
-    assert tuned[0]["mean"]["gr"] == pytest.approx(0.6)
-    assert tuned[0]["gr_spread"] == pytest.approx(math.sqrt(0.02))
-    assert tuned[0]["tasks"]["a"]["gr"] == pytest.approx(0.6)
-    assert summary["floor_na"] == pytest.approx(0.55)
-    settings = {
-        "command": "bench",
+
+def _settings(seeds: list[int], command: str = "bench") -> dict:
+    return {
+        "command": command,
         "device_name": "cpu",
-        "seeds": [0, 1],
+        "seeds": seeds,
         "ranks": [16],
         "quick": True,
         "catalog": {"source": "test", "methods": [{"name": "ctm"}], "rules": [{"name": "ta"}]},
@@ -249,6 +239,38 @@ def test_aggregate_averages_seeds_and_ranks_rows_by_gr_and_renders():
         "seconds": {"setup": 1.0},
         "study_rank": 16,
     }
-    text = render_markdown({"settings": settings, "summary": summary, "seeds": seeds})
+
+
+SEEDS = [
+    _seed(0, [_final("tuned", "ctm+ta", 0.5, 0.5), _final("tuned", "peft+svd", 0.25, 0.25)]),
+    _seed(1, [_final("tuned", "ctm+ta", 0.7, 0.7), _final("tuned", "peft+svd", 0.25, 0.25)]),
+]
+
+
+def test_aggregate_averages_seeds_and_ranks_rows_by_gr_and_renders():
+    summary = aggregate(SEEDS)
+    tuned = summary["rows"]["tuned"]
+    assert [r["combo"] for r in tuned] == ["ctm+ta", "peft+svd"]
+    assert tuned[0]["mean"]["gr"] == pytest.approx(0.6)
+    assert tuned[0]["gr_spread"] == pytest.approx(math.sqrt(0.02))
+    assert tuned[0]["tasks"]["a"]["gr"] == pytest.approx(0.6)
+    assert summary["floor_na"] == pytest.approx(0.55)
+    text = render_markdown({"settings": _settings([0, 1]), "summary": summary, "seeds": SEEDS})
     assert "| 1 | ctm+ta | 16 | 16 | 0.250 | λ=0.5; λ=0.5 | " in text
     assert "skipped `knots+ta r=16`: exit 2: unknown method" in text
+
+
+def test_runs_of_separate_seeds_combine_into_one_summary():
+    runs = [
+        {"settings": _settings([0], "run A"), "seeds": SEEDS[:1]},
+        {"settings": _settings([1], "run B"), "seeds": SEEDS[1:]},
+    ]
+    combined = combine_runs(runs)
+    assert combined["summary"] == aggregate(SEEDS)
+    assert combined["settings"]["seeds"] == [0, 1] and combined["settings"]["command"] == "run A + run B"
+    assert "seeds [0, 1]" in render_markdown(combined)
+    with pytest.raises(ValueError, match="more than one run"):
+        combine_runs([runs[0], runs[0]])
+    other = {"settings": {**_settings([1]), "ranks": [8]}, "seeds": SEEDS[1:]}
+    with pytest.raises(ValueError, match="differ in ranks"):
+        combine_runs([runs[0], other])
