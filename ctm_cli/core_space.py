@@ -21,6 +21,9 @@ GRAM_RELATIVE_TOLERANCE = 1e-12
 DIRECT_EIGH_MAX_SIZE = 32
 # A Cholesky-QR basis further than this from orthonormal (max |QᵀQ − I|, NaN included) is refused.
 ORTHONORMAL_TOLERANCE = 1e-10
+# HOOI's stopping rule (DESIGN §1): a sweep that raises the captured energy by less than this share, or the cap.
+HOOI_TOLERANCE = 1e-10
+HOOI_MAX_SWEEPS = 500
 # HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
 COMPACTION_FRACTION = 0.75
 
@@ -291,7 +294,7 @@ def balance_factored(cores: FactoredCores, beta: float) -> FactoredCores:
 
 
 def shared_frame_factored(
-    cores: FactoredCores, rank: int, tolerance: float = 1e-10, max_sweeps: int = 500
+    cores: FactoredCores, rank: int, tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
 ) -> SharedFrame:
     """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
     as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
@@ -300,7 +303,7 @@ def shared_frame_factored(
 
 
 def shared_frames_factored(
-    batches: list[FactoredCores], ranks: list[int], tolerance: float = 1e-10, max_sweeps: int = 500
+    batches: list[FactoredCores], ranks: list[int], tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
 ) -> list[SharedFrame]:
     """`shared_frame_factored` of several batches of cores (modules of different shapes, say) at once: batches
     with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel launches

@@ -232,8 +232,8 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
     frames = cs.shared_frames_factored(
         balanced,
         [each.rank for each in settings],
-        tolerance=stopping["hooi_tolerance"],
-        max_sweeps=int(stopping["max_sweeps"]),
+        tolerance=stopping.get("hooi_tolerance", cs.HOOI_TOLERANCE),
+        max_sweeps=int(stopping.get("max_sweeps", cs.HOOI_MAX_SWEEPS)),
     )
     return [_ctm_output(*arguments) for arguments in zip(groups, settings, spaces, frames, strict=True)]
 
@@ -270,9 +270,13 @@ def _ctm_output(
     factored_cores=True,
     params={
         "hooi_tolerance": Param(
-            1e-10, 0.0, 1.0, "HOOI stops once a sweep raises the captured energy by less than this share", open_low=True
+            cs.HOOI_TOLERANCE,
+            0.0,
+            1.0,
+            "HOOI stops once a sweep raises the captured energy by less than this share",
+            open_low=True,
         ),
-        "max_sweeps": Param(500, 1, 100_000, "most HOOI sweeps per module", integer=True),
+        "max_sweeps": Param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module", integer=True),
     },
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:

@@ -252,7 +252,7 @@ def test_lego_output_is_scaled_by_root_of_units_per_cluster() -> None:
     [
         ("cat", "ties", {}, "needs a linear rule (mean, ta); ties is not"),
         ("lego", "dare", {}, "needs a linear rule"),
-        ("ctm", "ties", {"drop_rate": 0.5}, "they take: density, lambda, sign_count"),
+        ("ctm", "ties", {"drop_rate": 0.5}, "they take: density, hooi_tolerance, lambda, max_sweeps, sign_count"),
         ("robustmerge", "ta", {"robust_density": 0.0}, "robust_density=0 is out of range; allowed: (0, 1]"),
         ("iso_cts", "ta", {"iso_common": 2.0}, "allowed: [0, 1]"),
     ],
