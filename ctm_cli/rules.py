@@ -37,8 +37,10 @@ class Param:
 
     def range_text(self) -> str:
         """The allowed range as people write it, e.g. `[0, 1)` or `{0, 1}`."""
-        if self.integer:
+        if self.integer and self.high - self.low <= 4:
             return "{" + ", ".join(str(v) for v in range(int(self.low), int(self.high) + 1)) + "}"
+        if self.integer:
+            return f"{{{int(self.low)}, …, {int(self.high)}}}"
         return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
 
     def allows(self, value: float) -> bool:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctm_cli.errors import UsageError
+from ctm_cli.methods import get_method, resolve_settings
 from ctm_cli.rules import RULES, get_rule, linear_coefficients, top_fraction_mask
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -172,6 +173,13 @@ def test_parameter_out_of_range_names_the_range(rule: str, params: dict, shown: 
     with pytest.raises(UsageError, match="out of range") as error:
         get_rule(rule).resolve(params)
     assert shown in str(error.value) and next(iter(params)) in str(error.value)
+
+
+def test_a_wide_integer_range_is_shown_by_its_ends() -> None:
+    """ctm's max_sweeps takes 1 … 100000: the message names the ends, it does not list every value."""
+    with pytest.raises(UsageError, match="out of range") as error:
+        resolve_settings(get_method("ctm"), get_rule("ties"), {"max_sweeps": 0})
+    assert "{1, …, 100000}" in str(error.value) and len(str(error.value)) < 200
 
 
 def test_unknown_parameter_lists_the_known_ones() -> None:
