@@ -4,6 +4,7 @@ card, --push-to-hub (with a fake HfApi), --help examples and shell completion.""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ from conftest import listing, run_ctm
 from typer.testing import CliRunner
 
 import ctm_cli.pipeline
+from ctm_cli.adapter import Adapter
 from ctm_cli.cli import app
 from ctm_cli.engine import bytes_per_module
 from ctm_cli.errors import EXIT_CODES
@@ -279,3 +281,19 @@ def test_shell_completion():
     env = {"_CTM_COMPLETE": "complete_bash", "COMP_WORDS": "ctm merge --dry", "COMP_CWORD": "2"}
     completed = runner.invoke(app, [], prog_name="ctm", env=env)
     assert completed.stdout.split() == ["--dry-run"]
+
+
+def test_compare_merges_measures_how_far_two_merges_are(pair, tmp_path):
+    """scripts/compare_merges.py: zero against itself; a merge with HOOI cut to one sweep against the default."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from compare_merges import module_differences, report_figures
+
+    exact, rough = tmp_path / "exact", tmp_path / "rough"
+    assert run_ctm("merge", *pair, "--rank", "4", "-o", exact, "--quiet").exit_code == 0
+    assert run_ctm("merge", *pair, "--rank", "4", "--param", "max_sweeps=1", "-o", rough, "--quiet").exit_code == 0
+    same = module_differences(Adapter(exact), Adapter(exact))
+    assert len(same) == 14 and max(same.values()) == 0.0
+    apart = module_differences(Adapter(rough), Adapter(exact))
+    assert apart.keys() == same.keys() and all(0.0 <= value < 10.0 for value in apart.values())
+    assert max(apart.values()) > 1e-3  # one sweep from the HOSVD start is not HOOI's fixed point here
+    assert report_figures(rough)["median_sweeps"] == 1 and report_figures(exact)["median_sweeps"] >= 1
