@@ -173,7 +173,7 @@ def merge(
     ),
     method: str = typer.Option(DEFAULTS.method, "--method", "-m", help="Merge method (see `ctm methods`)."),
     rule: str | None = typer.Option(
-        None, "--rule", help="Merging rule (see `ctm methods`; default: ties for ctm, ta for the other methods)."
+        None, "--rule", help="Merging rule (see `ctm methods`; default: iso_c for ctm, ta for the other methods)."
     ),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 1,0.5."),
     lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the rule (same as -p lambda=X)."),

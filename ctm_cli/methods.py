@@ -261,11 +261,12 @@ def _ctm_output(
 
 @register(
     "ctm",
-    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: ties)",
+    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: iso_c)",
     "r, 1..min(R, out, in)",
-    # TIES on the shared frame's coordinates kept the most of each task's gain on the quality benchmark
-    # (docs/benchmarks.md); with a linear rule CtM equals merge-then-compress.
-    default_rule="ties",
+    # Iso-C on the shared frame's coordinates, at λ 1 with no tuning, kept the most of each task's gain on the
+    # quality benchmark (docs/benchmarks.md: 3 seeds, ahead of TIES tuned); with a linear rule CtM equals
+    # merge-then-compress.
+    default_rule="iso_c",
     merge_groups=compress_then_merge_groups,
     factored_cores=True,
     params={

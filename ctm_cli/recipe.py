@@ -52,7 +52,7 @@ class Recipe:
 
     adapters: tuple[AdapterEntry, ...] = ()
     method: str = "ctm"
-    rule: str | None = None  # None: the method's default rule (ties for ctm, ta for the others)
+    rule: str | None = None  # None: the method's default rule (iso_c for ctm, ta for the others)
     rank: int = 16
     params: dict[str, float] = field(default_factory=dict)
     beta: float = 1.0

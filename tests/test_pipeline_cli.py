@@ -174,7 +174,7 @@ def test_model_card(merged, pair):
     body = text.split("---\n", 2)[2]
     for path in pair:
         assert f"| {path} | local |" in body
-    for row in ("| method | ctm |", "| rule | ties |", "| rank | 4 |"):
+    for row in ("| method | ctm |", "| rule | iso_c |", "| rank | 4 |"):
         assert row in body
     assert "PeftModel.from_pretrained(base, 'out')" in body
     assert {"README.md", "recipe.yaml", "merge_report.json", "merge_report.md"} <= set(listing(out))
