@@ -13,13 +13,15 @@ def _params(params: dict[str, Param]) -> dict[str, dict[str, Any]]:
 
 
 def catalog() -> dict[str, list[dict[str, Any]]]:
-    """Every method (doc, output rank, linear-rule need, parameters) and rule (doc, linearity, parameters)."""
+    """Every method (doc, output rank, default rule, linear-rule need, parameters) and rule (doc, linearity,
+    parameters)."""
     return {
         "methods": [
             {
                 "name": m.name,
                 "doc": m.doc,
                 "rank": m.rank_doc,
+                "default_rule": m.default_rule,
                 "needs_linear_rule": m.needs_linear_rule,
                 "params": _params(m.params),
             }

@@ -383,6 +383,7 @@ def test_methods_command_lists_the_registries() -> None:
     ties = next(r for r in listing["rules"] if r["name"] == "ties")
     assert ties["params"]["density"] == {"default": 0.2, "range": "(0, 1]", "doc": RULES["ties"].params["density"].doc}
     assert next(m for m in listing["methods"] if m["name"] == "cat")["needs_linear_rule"] is True
+    assert {m["name"]: m["default_rule"] for m in listing["methods"]}["ctm"] == "iso_c"
     table = run_ctm("methods")
     assert table.exit_code == 0
     for name in [*METHODS, *RULES]:
