@@ -89,6 +89,16 @@ def bytes_per_module(spec: ModuleSpec, factored_cores: bool = False) -> int:
     return columns * (16 + 4 + 16 + 12) + cores * spec.total_rank**2 * 8
 
 
+def group_bytes(group: list[ModuleSpec], factored_cores: bool = False) -> int:
+    """Planned device memory of a group of same-shaped modules."""
+    return len(group) * bytes_per_module(group[0], factored_cores)
+
+
+def wave_bytes(wave: list[list[ModuleSpec]], factored_cores: bool = False) -> int:
+    """Planned device memory of a wave: its groups' together."""
+    return sum(group_bytes(group, factored_cores) for group in wave)
+
+
 def plan_groups(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[ModuleSpec]]:
     """Modules of equal shapes and ranks, chunked so that one group fits the memory budget."""
 
@@ -109,7 +119,7 @@ def plan_waves(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = 
     waves: list[list[list[ModuleSpec]]] = []
     used = 0
     for group in plan_groups(specs, max_memory, factored_cores):
-        size = len(group) * bytes_per_module(group[0], factored_cores)
+        size = group_bytes(group, factored_cores)
         if waves and used + size <= max_memory:
             waves[-1].append(group)
             used += size

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ctm_cli.adapter import Adapter
-from ctm_cli.engine import bytes_per_module
+from ctm_cli.engine import group_bytes, wave_bytes
 from ctm_cli.methods import Method
 from ctm_cli.validate import ModuleSpec
 
@@ -59,12 +59,11 @@ def describe_plan(
             "shape": [group[0].out_features, group[0].in_features],
             "ranks": list(group[0].ranks),
             "modules": len(group),
-            "device_bytes": bytes_per_module(group[0], method.factored_cores) * len(group),
+            "device_bytes": group_bytes(group, method.factored_cores),
         }
         for wave_index, wave in enumerate(waves)
         for group in wave
     ]
-    wave_bytes = [sum(row["device_bytes"] for row in group_rows if row["wave"] == index) for index in range(len(waves))]
     return {
         "modules": [
             {
@@ -77,6 +76,6 @@ def describe_plan(
         ],
         "groups": group_rows,
         "waves": len(waves),
-        "estimated_device_bytes": max(wave_bytes),
+        "estimated_device_bytes": max(wave_bytes(wave, method.factored_cores) for wave in waves),
         "estimated_output_bytes": safetensors_bytes(output_shapes(adapter, specs, method, rank), dtype),
     }

@@ -221,7 +221,8 @@ def ctm_in_process(
     """The merge alone (`run_merge`) in this process, the device's peak memory during it and the engine's
     estimate of that peak (the largest wave's bytes_per_module sum); with `profile`, a cProfile listing."""
     from ctm_cli.adapter import Adapter
-    from ctm_cli.engine import bytes_per_module, default_max_memory, plan_waves
+    from ctm_cli.engine import default_max_memory, plan_waves, wave_bytes
+    from ctm_cli.methods import get_method
     from ctm_cli.pipeline import MergeRequest, run_merge
     from ctm_cli.validate import check_compatible
 
@@ -236,7 +237,8 @@ def ctm_in_process(
         **options,
     )
     budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
-    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, factored_cores=True)  # ctm
+    factored = get_method(request.method).factored_cores
+    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, factored)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
@@ -256,7 +258,7 @@ def ctm_in_process(
         "groups": sum(len(wave) for wave in waves),
         "waves": len(waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "estimated_device_bytes": max(sum(len(g) * bytes_per_module(g[0], True) for g in wave) for wave in waves),
+        "estimated_device_bytes": max(wave_bytes(wave, factored) for wave in waves),
     }
 
 
