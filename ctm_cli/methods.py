@@ -29,6 +29,7 @@ from ctm_cli.errors import UsageError
 from ctm_cli.rules import (
     Param,
     Rule,
+    isotropic_spectrum,
     linear_coefficients,
     linear_rule_names,
     resolve_params,
@@ -202,18 +203,21 @@ def _merge_and_cut(
     settings: MergeSettings,
     left_map: torch.Tensor | None = None,
     right_map: torch.Tensor | None = None,
+    isotropic: bool = False,
 ) -> cs.Truncation:
-    """The rule's result cut to settings.rank by SVD.
+    """The rule's result cut to settings.rank by SVD; with `isotropic`, the kept singular values are then
+    replaced by their mean (Iso-C's spectrum applied after the cut, to any rule).
 
     A spectral rule (iso_c) flattens the spectrum, and a flat spectrum has no best rank-r part, so
     for it the weighted sum is cut first and its top r singular values are remapped: the rule's
     rank-r form. Its lost_energy is then that of the weighted sum.
     """
     rule = settings.rule
+    size = max(stack.shape[-2:])
     if not rule.spectral:
-        return cs.truncate(_apply_rule(stack, settings), settings.rank, left_map, right_map)
+        flat = partial(isotropic_spectrum, params={"lambda": 1.0}, size=size) if isotropic else None
+        return cs.truncate(_apply_rule(stack, settings), settings.rank, left_map, right_map, spectrum=flat)
     total = weighted_sum(stack, settings.weights)
-    size = max(total.shape[-2:])
     spectrum = partial(rule.spectrum, params=settings.rule_params, size=size)
     return cs.truncate(total, settings.rank, left_map, right_map, spectrum=spectrum)
 
@@ -253,7 +257,8 @@ def _ctm_output(
 ) -> MergeResult:
     """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
     coordinates = space.cores.project(frame.u, frame.v)
-    cut = _merge_and_cut(coordinates, settings, space.left @ frame.u, space.right @ frame.v)
+    isotropic = bool(settings.method_params.get("isotropic", 0))
+    cut = _merge_and_cut(coordinates, settings, space.left @ frame.u, space.right @ frame.v, isotropic)
     lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
     figures = {}
     if frame.u.shape[-1] == settings.rank:  # the frame is the output's column and row spaces: no more work
@@ -298,6 +303,9 @@ def _ctm_output(
             "rank r' of the shared frame the rule works in, then cut to --rank; values ≤ --rank: r' = r (the "
             "paper's CtM); 0: the whole core space R",
             integer=True,
+        ),
+        "isotropic": Param(
+            0, 0, 1, "1: the r singular values kept by the final cut set to their mean (Iso-C's spectrum)", integer=True
         ),
     },
 )

@@ -173,6 +173,13 @@ def cut_rule(rule: Rule, rank: int, name: str = "", w: Sequence[float] = (), lam
     return lambda xs: truncated(rule(xs), rank)
 
 
+def flattened(x: np.ndarray) -> np.ndarray:
+    """x with its numerically nonzero singular values replaced by their mean (Iso-C's spectrum)."""
+    u, s, vh = np.linalg.svd(x, full_matrices=False)
+    present = s > max(x.shape) * EPS * s[0]
+    return s[present].mean() * u[:, present] @ vh[present]
+
+
 def draws(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The uniform float32 draws torch makes for a stack of `shape` from a fresh generator with `seed`."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()

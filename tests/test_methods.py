@@ -220,6 +220,20 @@ def test_ctm_whole_frame_is_core_space_merge(rule: str, case: str) -> None:
     assert relative(delta, core) < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["tsv", "ties", "ta"])
+@pytest.mark.parametrize("frame", [0, 1])
+def test_ctm_isotropic_flattens_the_kept_spectrum(rule: str, frame: int) -> None:
+    """isotropic=1: the rule's result cut to r, its r singular values then set to their mean."""
+    data = CASES["T4"]
+    tasks, total = len(data.bs), sum(data.ranks)
+    wide = total if frame == 0 else data.rank
+    [delta], _ = merge("ctm", rule, data, params={"frame_rank": frame, "isotropic": 1})
+    rule_ref = reference_rule(rule, data, (tasks, wide, wide))
+    cut = ref.cut_rule(rule_ref, data.rank)
+    want = ref.ctm(data.bs, data.as_, wide, rule_ref, 0.5, lambda xs: (ref.flattened(cut(xs)[0]), None))
+    assert relative(delta, want) < 1e-5
+
+
 @pytest.mark.parametrize("frame", [1, 2])
 def test_ctm_frame_at_most_rank_is_the_papers_ctm(frame: int) -> None:
     data = CASES["T4"]
@@ -290,7 +304,7 @@ def test_lego_output_is_scaled_by_root_of_units_per_cluster() -> None:
             "ctm",
             "ties",
             {"drop_rate": 0.5},
-            "they take: density, frame_rank, hooi_tolerance, lambda, max_sweeps, sign_count",
+            "they take: density, frame_rank, hooi_tolerance, isotropic, lambda, max_sweeps, sign_count",
         ),
         ("robustmerge", "ta", {"robust_density": 0.0}, "robust_density=0 is out of range; allowed: (0, 1]"),
         ("iso_cts", "ta", {"iso_common": 2.0}, "allowed: [0, 1]"),
