@@ -53,7 +53,22 @@ def parse_hub_ref(source: str, revision: str | None = None) -> HubRef | None:
     named = match["revision"]
     if named and revision and named != revision:
         raise UsageError(f"{source}: names revision {named!r} but revision {revision!r} is also given")
+    for what, value in (("subfolder", match["subfolder"]), ("revision", named or revision)):
+        if value is not None and _escapes(value):
+            raise InputError(f"{source}: {what} {value!r} would lead outside the Hub repository; refused")
     return HubRef(match["repo"], named or revision, match["subfolder"])
+
+
+def _escapes(relative: str) -> bool:
+    """Whether a subfolder or revision could name a path outside its repository in the Hub cache: absolute,
+    with `..`, `.` or empty parts, backslashes or control characters."""
+    parts = relative.split("/")
+    return (
+        relative.startswith("/")
+        or "\\" in relative
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(char) < 32 or ord(char) == 127 for char in relative)
+    )
 
 
 def locate_source(source: str, revision: str | None = None) -> ResolvedSource:
