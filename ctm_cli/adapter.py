@@ -78,7 +78,7 @@ def _config_text(folder: Path) -> str:
             raise InputError(f"{folder}: no such adapter folder")
         if not folder.is_dir():
             raise InputError(f"{folder}: not a folder (an adapter is a folder with {CONFIG_NAME})")
-        if not os.access(folder, os.R_OK | os.X_OK):
+        if not os.access(folder, os.X_OK):  # the files are opened by name: listing the folder is not needed
             raise InputError(f"{folder}: cannot be read (Permission denied)")
         if not path.is_file():
             raise InputError(f"{path}: missing; {folder} is not a PEFT adapter folder")
@@ -99,8 +99,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
         config = json.loads(_config_text(folder))
     except RecursionError as exc:
         raise InputError(f"{path}: not an adapter config (JSON nested too deeply)") from exc
-    except ValueError as exc:  # JSONDecodeError, or an integer of too many digits
+    except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    except ValueError as exc:  # Python refuses integers of thousands of digits
+        raise InputError(f"{path}: not an adapter config (a number of thousands of digits)") from exc
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type")
@@ -329,11 +331,14 @@ class Adapter:
             missing = b_name if a_name in keys else a_name
             raise InputError(f"{self.weights_path}: module {name} has no {missing} factor")
         a_shape, b_shape = self._reader.shape(keys[a_name]), self._reader.shape(keys[b_name])
-        if len(a_shape) != 2 or len(b_shape) != 2:
+        if max(len(a_shape), len(b_shape)) > 2:
             raise IncompatibleError(
-                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors (a convolution LoRA?); "
-                "only linear and embedding LoRA (2-d factors) can be merged"
+                f"{self.weights_path}: module {name} has {max(len(a_shape), len(b_shape))}-d factors (a convolution "
+                "LoRA?); only linear and embedding LoRA (2-d factors) can be merged"
             )
+        for factor, shape in ((a_name, a_shape), (b_name, b_shape)):
+            if len(shape) != 2:
+                raise InputError(f"{self.weights_path}: module {name}: {factor} has shape {list(shape)}, not a matrix")
         for key in (keys[a_name], keys[b_name]):
             if self._reader.dtype(key) not in FLOAT_DTYPES:
                 raise InputError(f"{self.weights_path}: tensor {key} is not a float16/bfloat16/float32/float64 tensor")

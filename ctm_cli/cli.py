@@ -34,11 +34,11 @@ def _print_line(prefix: str, message: str, style: str = "red") -> None:
     stderr.print(Text.assemble((prefix, style), " ", line), highlight=False, soft_wrap=True, emoji=False)
 
 
-def _print_parse_error(error: Exception) -> None:
+def _print_parse_error(error: Exception, command_path: str) -> None:
     """A parse error of the command-line library as ctm's one line, with where to look for help."""
     ctx = getattr(error, "ctx", None)
     message = error.format_message()  # type: ignore[attr-defined]
-    hint = f" (see {ctx.command_path} --help)" if ctx is not None else " (see ctm --help)"
+    hint = f" (see {ctx.command_path if ctx is not None else command_path} --help)"
     _print_line("ctm: error:", message[:1].lower() + message[1:].rstrip(".") + hint)
 
 
@@ -46,14 +46,16 @@ class _Commands(TyperGroup):
     """ctm's command group: the parser's errors (unknown option or command, bad or missing value) become one
     `ctm: error:` line with a hint, exit code 2, instead of the library's multi-line box."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Any = None, *rest: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, *rest, standalone_mode=False, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, *rest, standalone_mode=False, **kwargs)
         except _CLICK_ERROR as error:
             if type(error).__name__ != "NoArgsIsHelpError":  # `ctm` alone: the help is already printed
-                _print_parse_error(error)
+                given = sys.argv[1:] if args is None else list(args)
+                command = next((word for word in given if word in self.commands), None)
+                _print_parse_error(error, f"ctm {command}" if command else "ctm")
             sys.exit(error.exit_code)
         except typer.Abort:
             stderr.print("ctm: interrupted; nothing was written", highlight=False)

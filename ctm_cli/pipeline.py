@@ -170,10 +170,13 @@ def _check_weights(weights: list[float] | None, count: int) -> list[float]:
     return weights
 
 
+def _check_dtype(requested: str | None) -> None:
+    if requested is not None and requested not in DTYPES:
+        raise UsageError(f"--dtype {requested!r} is not one of: {', '.join(DTYPES)}")
+
+
 def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype:
     if requested is not None:
-        if requested not in DTYPES:
-            raise UsageError(f"--dtype {requested!r} is not one of: {', '.join(DTYPES)}")
         return DTYPES[requested]
     found = set().union(*(a.dtypes() for a in adapters))
     return found.pop() if len(found) == 1 else torch.float32
@@ -243,8 +246,11 @@ def _prepare(request: MergeRequest) -> _Prepared:
     method_params, rule_params = resolve_settings(method, rule, request.rule_params)
     if not 0.0 <= request.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
+    if request.base_model is not None and not request.base_model.strip():
+        raise UsageError("--base-model needs a model name or path, got ''")
     if not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed must be from -2**63 to 2**64-1, got {request.seed}")
+    _check_dtype(request.dtype)
     device = resolve_device(request.device)
     check_output(request.output, request.force)
     if request.push_to_hub is not None:

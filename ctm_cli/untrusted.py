@@ -38,5 +38,6 @@ def read_limited(path: Path, limit: int) -> bytes:
     with path.open("rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise TooLargeError(f"larger than {limit // 1024**2} MiB")
+        size = f"{limit // 1024**2} MiB" if limit % 1024**2 == 0 else f"{limit} bytes"
+        raise TooLargeError(f"larger than {size}")
     return data

@@ -226,3 +226,11 @@ def stored_dtypes(folder: Path) -> set[str]:
     """The safetensors dtype names (F32, BF16, ...) of an adapter's stored tensors."""
     with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
         return {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 (not a dict)
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A fresh folder holding everything one ctm run could touch, and `refuses` to check a refusal (sandbox.py)."""
+    from sandbox import Sandbox
+
+    return Sandbox(tmp_path / "sandbox", monkeypatch)
