@@ -112,6 +112,8 @@ class _Reader:
         """A scalar as written (so `revision: 2024` is the tag "2024", not a number)."""
         if not isinstance(node, ScalarNode) or node.tag == _NULL_TAG or node.value == "":
             self.fail(node, key, f"expected text, got {_describe(node)}")
+        if "\x00" in node.value:  # no path or name holds one; the OS would refuse it later
+            self.fail(node, key, "contains a NUL character")
         return node.value
 
     def optional_text(self, node: Node, key: str) -> str | None:

@@ -74,7 +74,10 @@ def _escapes(relative: str) -> bool:
 def locate_source(source: str, revision: str | None = None) -> ResolvedSource:
     """A local folder for `source`; an existing local path always wins over a Hub repo id."""
     path = Path(source).expanduser()
-    looks_local = path.exists() or source.startswith((".", "/", "~"))
+    try:
+        looks_local = path.exists() or source.startswith((".", "/", "~"))
+    except OSError as exc:  # a name the file system refuses to look up (too long, ...)
+        raise InputError(f"{source}: not a usable path ({exc.strerror})") from exc
     hub = parse_hub_ref(source, revision) if source.startswith(HUB_PREFIX) or not looks_local else None
     if hub is None:
         if source.startswith(HUB_PREFIX):

@@ -70,6 +70,8 @@ OPTIONS: dict[str, tuple[str, int, list[str]]] = {
     "no-adapters": ("merge -o {out}", 2, ["no adapters"]),
     "no-output": ("merge {a} {b}", 2, ["no output folder", "-o/--output"]),
     "base-model-empty": ("merge {a} {b} -o {out} --base-model ''", 2, ["--base-model"]),
+    "source-name-too-long": ("merge {a} " + "x" * 300 + " -o {out}", 3, ["xxxx", "File name too long"]),
+    "source-named-like-markup": ("merge {a} ':warning:[red]b' -o {out}", 3, [":warning:[red]b: no such adapter"]),
 }
 
 
@@ -112,6 +114,7 @@ RECIPES: dict[str, tuple[str, int, list[str]]] = {
     "seed-too-large": ("seed: 1208925819614629174706176\n", 2, [":5:", "seed", "2**64-1"]),
     "base-model-not-text": ("base_model: [gpt2]\n", 2, [":5:", "base_model", "expected text"]),
     "alias-of-a-list": ("device: &d [cpu]\noutput: *d\n", 2, [":5:", "device", "expected text"]),
+    "nul-in-output": ('output: "out\\0"\n', 2, [":5:", "output", "NUL character"]),
 }
 
 
