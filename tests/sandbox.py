@@ -12,12 +12,15 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import run_ctm
 
+ROOT = Path(__file__).parents[1]
 Snapshot = dict[str, tuple]
 
 
@@ -83,3 +86,21 @@ class Sandbox:
         print("\nLINE", line)
         return line
 
+
+
+def run_as_user(args: list) -> subprocess.CompletedProcess:
+    """`python -m ctm_cli ARGS` in a subprocess whose file accesses are checked as for an ordinary user: root
+    bypasses permission bits (CAP_DAC_OVERRIDE), so as root it runs under `setpriv` without that capability
+    and the kernel really refuses (the test is skipped where setpriv is missing)."""
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv is not available to drop CAP_DAC_OVERRIDE")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "ctm_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import fails, listing, run_ctm, single_error_line
 from safetensors.torch import load_file, save_file
+from sandbox import run_as_user
 
 import ctm_cli.engine
 import ctm_cli.writer
@@ -228,20 +229,8 @@ def test_output_folder_not_writable(good, other, tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir()
     parent.chmod(0o500)
-    prefix = []
     try:
-        if os.access(parent, os.W_OK):
-            if shutil.which("setpriv") is None:
-                pytest.skip("running as root and setpriv is not available to drop CAP_DAC_OVERRIDE")
-            prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-        args = ["merge", str(good), str(other), "-o", str(parent / "out"), "--rank", "4"]
-        result = subprocess.run(
-            [*prefix, sys.executable, "-m", "ctm_cli", *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            timeout=120,
-        )
+        result = run_as_user(["merge", good, other, "-o", parent / "out", "--rank", "4"])
         assert result.returncode == 5, result.stderr
         line = single_error_line(result.stderr)
         assert line == f"ctm: error: {parent}: not writable"

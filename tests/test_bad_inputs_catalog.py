@@ -5,23 +5,18 @@ the culprit, its documented exit code, and change nothing."""
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from sandbox import Sandbox, snapshot_tree
+from sandbox import Sandbox, run_as_user, snapshot_tree
 from test_bad_inputs import A_KEY, B_KEY, CONFIG, TARGETS, WEIGHTS, edit_config, edit_tensors, write
 
 import ctm_cli.adapter
 
-ROOT = Path(__file__).parents[1]
 Q_KEY = "base_model.model.model.layers.0.self_attn.q_proj"
 GOOD_RECIPE = "adapters:\n  - source: {good}\n  - source: {other}\nrank: 4\n"
 
@@ -378,26 +373,13 @@ UNREADABLE = {
 
 @pytest.mark.parametrize("name", list(UNREADABLE))
 def test_unreadable_input(name, sandbox, pair_in):
-    """Files and folders ctm may not read. Root reads anything (CAP_DAC_OVERRIDE), so as root the CLI runs under
-    `setpriv` without that capability, and the kernel refuses as it would for any other user."""
+    """Files and folders ctm may not read, refused by the kernel (see sandbox.run_as_user)."""
     culprit, mode = UNREADABLE[name]
     path = culprit(pair_in[1])
-    prefix = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root and setpriv is not available to drop CAP_DAC_OVERRIDE")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     before, original = snapshot_tree(sandbox.root), path.stat().st_mode & 0o7777
     path.chmod(mode)
     try:
-        args = ["merge", str(pair_in[0]), str(pair_in[1]), "-o", str(sandbox.out), "--rank", "4"]
-        result = subprocess.run(
-            [*prefix, sys.executable, "-m", "ctm_cli", *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            timeout=120,
-        )
+        result = run_as_user(["merge", *pair_in, "-o", sandbox.out, "--rank", "4"])
     finally:
         path.chmod(original)
     assert result.returncode == 3, result.stderr
