@@ -11,7 +11,7 @@ What the report's figures mean, for every method:
   full-rank merge of that rule. With a nonlinear rule only mtc has a full-rank reference at hand
   (the rule applied to the full updates, which it forms anyway), so it reports the truncation
   error against it; the others report None, as forming that reference would cost what they avoid.
-- truncation_loss (mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r (for
+- truncation_loss (ctm, mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r (for
   a spectral rule, of the weighted sum it cuts before remapping the spectrum).
 """
 
@@ -71,7 +71,7 @@ class MergeResult:
     relative_error: torch.Tensor | None  # (G,)
     sweeps: torch.Tensor | None = None  # (G,): HOOI sweeps (ctm)
     frame_energy: torch.Tensor | None = None  # (G,): share of (balanced) energy the frame captures (ctm)
-    truncation_loss: torch.Tensor | None = None  # (G,): energy share dropped by the final cut (mtc, core, knots)
+    truncation_loss: torch.Tensor | None = None  # (G,): energy share dropped by the final cut (ctm, mtc, core, knots)
 
 
 MethodFunction = Callable[[FactorGroup, MergeSettings], MergeResult]
@@ -229,33 +229,46 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
     spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
     balanced = [cs.balance_factored(space.cores, each.beta) for space, each in zip(spaces, settings, strict=True)]
     stopping = settings[0].method_params  # one merge's groups share everything but the rank
+    frame_ranks = [frame_rank(s.rank, sum(g.ranks), s.method_params) for g, s in zip(groups, settings, strict=True)]
     frames = cs.shared_frames_factored(
         balanced,
-        [each.rank for each in settings],
+        frame_ranks,
         tolerance=stopping.get("hooi_tolerance", cs.HOOI_TOLERANCE),
         max_sweeps=int(stopping.get("max_sweeps", cs.HOOI_MAX_SWEEPS)),
     )
     return [_ctm_output(*arguments) for arguments in zip(groups, settings, spaces, frames, strict=True)]
 
 
+def frame_rank(rank: int, total_rank: int, method_params: dict[str, float]) -> int:
+    """Rank r' of CtM's shared frame: `frame_rank` clamped to [r, R], 0 meaning R (the whole core space).
+
+    r' = r is the paper's CtM; a larger r' lets the rule see more of every task before the one cut to r, and
+    r' = R makes the frame the whole core space, where CtM is merge-then-compress run in core space."""
+    wanted = int(method_params.get("frame_rank", rank))
+    return total_rank if wanted == 0 else min(total_rank, max(rank, wanted))
+
+
 def _ctm_output(
     group: FactorGroup, settings: MergeSettings, space: cs.FactoredCoreSpace, frame: cs.SharedFrame
 ) -> MergeResult:
-    """CtM's output for one group once its frame is known: the rule on the coordinates, cut to rank r."""
+    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
     coordinates = space.cores.project(frame.u, frame.v)
-    merged = _apply_rule(coordinates, settings)
-    cut = cs.truncate(merged, settings.rank, space.left @ frame.u, space.right @ frame.v)
+    cut = _merge_and_cut(coordinates, settings, space.left @ frame.u, space.right @ frame.v)
     lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
-    whole = space.cores.norms()
-    kept = torch.linalg.matrix_norm(coordinates).square() / whole.square().clamp_min(1e-300)
+    figures = {}
+    if frame.u.shape[-1] == settings.rank:  # the frame is the output's column and row spaces: no more work
+        whole = space.cores.norms()
+        kept = torch.linalg.matrix_norm(coordinates).square() / whole.square().clamp_min(1e-300)
+        figures["kept_energy"] = torch.where(whole > 0, kept, torch.ones_like(kept))
     return _result(
         group,
         settings,
         lora_b,
         lora_a,
-        kept_energy=torch.where(whole > 0, kept, torch.ones_like(kept)),
+        **figures,
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
+        truncation_loss=cut.lost_energy,
     )
 
 
@@ -278,6 +291,14 @@ def _ctm_output(
             open_low=True,
         ),
         "max_sweeps": Param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module", integer=True),
+        "frame_rank": Param(
+            1,
+            0,
+            1_000_000,
+            "rank r' of the shared frame the rule works in, then cut to --rank; values ≤ --rank: r' = r (the "
+            "paper's CtM); 0: the whole core space R",
+            integer=True,
+        ),
     },
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:

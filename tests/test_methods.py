@@ -194,6 +194,40 @@ def test_full_rank_core_equals_cat_equals_exact_merge(rule: str, case: str) -> N
     assert float(result.relative_error[0]) < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["ta", "ties", "tsv", "iso_c"])
+@pytest.mark.parametrize("extra", [3, 0])
+@pytest.mark.parametrize("case", ["T3", "T4"])
+def test_ctm_wider_frame_matches_reference(rule: str, extra: int, case: str) -> None:
+    """frame_rank r' > r: HOOI frame of rank r' (0: R), the rule on r' × r' coordinates, one cut to r."""
+    data = CASES[case]
+    tasks, total = len(data.bs), sum(data.ranks)
+    wide = total if extra == 0 else data.rank + extra
+    [delta], result = merge("ctm", rule, data, params={"frame_rank": 0 if extra == 0 else wide})
+    cut = ref.cut_rule(reference_rule(rule, data, (tasks, wide, wide)), data.rank, rule, data.weights)
+    want = ref.ctm(data.bs, data.as_, wide, reference_rule(rule, data, (tasks, wide, wide)), 0.5, cut)
+    assert relative(delta, want) < 1e-5
+    assert result.lora_b.shape[-1] == result.lora_a.shape[-2] == data.rank
+
+
+@pytest.mark.parametrize("rule", ["ta", "mean", "tsv", "iso_c"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ctm_whole_frame_is_core_space_merge(rule: str, case: str) -> None:
+    """With frame_rank 0 the frame is the whole core space, so a rule that commutes with orthonormal changes of
+    basis gives Core Space merging cut to rank r, i.e. merge-then-compress (β only shapes the frame search)."""
+    data = CASES[case]
+    [delta], _ = merge("ctm", rule, data, params={"frame_rank": 0})
+    [core], _ = merge("core", rule, data)
+    assert relative(delta, core) < 1e-5
+
+
+@pytest.mark.parametrize("frame", [1, 2])
+def test_ctm_frame_at_most_rank_is_the_papers_ctm(frame: int) -> None:
+    data = CASES["T4"]
+    [paper], _ = merge("ctm", "ties", data)
+    [same], _ = merge("ctm", "ties", data, params={"frame_rank": frame})
+    assert np.array_equal(paper, same)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ctm_at_total_rank_is_exact(case: str) -> None:
     data = CASES[case]
@@ -252,7 +286,12 @@ def test_lego_output_is_scaled_by_root_of_units_per_cluster() -> None:
     [
         ("cat", "ties", {}, "needs a linear rule (mean, ta); ties is not"),
         ("lego", "dare", {}, "needs a linear rule"),
-        ("ctm", "ties", {"drop_rate": 0.5}, "they take: density, hooi_tolerance, lambda, max_sweeps, sign_count"),
+        (
+            "ctm",
+            "ties",
+            {"drop_rate": 0.5},
+            "they take: density, frame_rank, hooi_tolerance, lambda, max_sweeps, sign_count",
+        ),
         ("robustmerge", "ta", {"robust_density": 0.0}, "robust_density=0 is out of range; allowed: (0, 1]"),
         ("iso_cts", "ta", {"iso_common": 2.0}, "allowed: [0, 1]"),
     ],
@@ -327,7 +366,7 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
         assert relative(change, delta) < 1e-5, name
     losses = [m["truncation_loss"] for m in report["modules"]]
     method = report["settings"]["method"]
-    assert all((loss is not None) == (method in {"mtc", "core", "knots"}) for loss in losses)
+    assert all((loss is not None) == (method in {"ctm", "mtc", "core", "knots"}) for loss in losses)
     if method == "core":
         exact = {
             name: ref.cat(scaled_bs(Bs, scales), As, [1.0, 1.0]) for name, (As, Bs, scales) in inputs_of(two).items()
@@ -336,7 +375,7 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
     if "--lambda" in args:
         assert report["settings"]["rule_params"] == {"density": 0.25, "lambda": 0.75, "sign_count": 0.0}
     markdown = (out / "merge_report.md").read_text()
-    assert ("energy lost by the final truncation" in markdown) == (method in {"mtc", "core", "knots"})
+    assert ("energy lost by the final truncation" in markdown) == (method in {"ctm", "mtc", "core", "knots"})
 
 
 def scaled_bs(bs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:

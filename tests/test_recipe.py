@@ -232,7 +232,7 @@ def test_recipe_yaml_repeats_the_merge(pair, tmp_path):
         adapters=(AdapterEntry(str(pair[0]), 1.0), AdapterEntry(str(pair[1]), -0.5)),
         rule="iso_c",  # ctm's default rule, written out resolved
         rank=6,
-        params={"lambda": 0.8, "hooi_tolerance": 1e-10, "max_sweeps": 500},
+        params={"lambda": 0.8, "hooi_tolerance": 1e-10, "max_sweeps": 500, "frame_rank": 1},
         beta=0.3,
         seed=5,
         dtype="float32",
