@@ -17,7 +17,6 @@ from test_bad_inputs import A_KEY, B_KEY, CONFIG, TARGETS, WEIGHTS, edit_config,
 
 import ctm_cli.adapter
 
-Q_KEY = "base_model.model.model.layers.0.self_attn.q_proj"
 GOOD_RECIPE = "adapters:\n  - source: {good}\n  - source: {other}\nrank: 4\n"
 
 
