@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ctm_cli.errors import IncompatibleError, InputError
-from ctm_cli.patterns import pattern_problem
+from ctm_cli.patterns import MAX_NAME_LENGTH, pattern_problem
 from ctm_cli.untrusted import TooLargeError, read_limited
 
 CONFIG_NAME = "adapter_config.json"
@@ -28,7 +28,6 @@ _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedd
 _LFS_MAGIC = b"version https://git-lfs"
 _UNPICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # what torch's weights-only unpickler names as refused
 CONFIG_LIMIT = 64 * 1024**2  # bytes read of an adapter_config.json at most
-MAX_KEY_LENGTH = 300  # characters of a tensor key: far more than any model's, and bounds pattern matching
 
 
 def _first_line(text: str) -> str:
@@ -303,10 +302,10 @@ class Adapter:
         factors: dict[str, dict[str, str]] = {}
         extra: list[str] = []
         for key in self._reader.names():
-            if len(key) > MAX_KEY_LENGTH:
+            if len(key) > MAX_NAME_LENGTH:
                 raise InputError(
                     f"{self.weights_path}: tensor key {_shown(key)} has {len(key)} characters, more than "
-                    f"{MAX_KEY_LENGTH}; not a PEFT weight name"
+                    f"{MAX_NAME_LENGTH}; not a PEFT weight name"
                 )
             match = _FACTOR_KEY.match(key)
             if match is None:

@@ -2,8 +2,8 @@
 expression, `(.*\\.)?(KEY)$`, against module names; a key taken from a file could make that backtracking
 match run for hours (`(a+)+b`), so a key is refused unless matching it provably takes bounded time: at most
 MAX_PATTERN_LENGTH characters, no repetition inside a repetition, no repeated alternation, no back-references,
-and at most MAX_UNBOUNDED repetitions without an upper bound (tensor keys, hence module names, are bounded
-by adapter.MAX_KEY_LENGTH)."""
+and at most MAX_UNBOUNDED repetitions without an upper bound; and the names matched are at most MAX_NAME_LENGTH
+characters (the adapter refuses longer tensor keys)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ try:  # the parser of Python's own regular expressions
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _regex_parser  # type: ignore[no-redef]
 
-MAX_PATTERN_LENGTH = 256
+MAX_NAME_LENGTH = 300  # characters of a tensor key: far more than any model's
+MAX_PATTERN_LENGTH = 2 * MAX_NAME_LENGTH  # room for any module name written with re.escape (as ctm's output is)
 MAX_UNBOUNDED = 2
 _REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
 _BACK_REFERENCES = {"GROUPREF", "GROUPREF_EXISTS"}

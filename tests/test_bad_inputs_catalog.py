@@ -190,9 +190,9 @@ CONFIGS: dict[str, tuple[Callable[[Path], Path], int, list[str]]] = {
         ["rank_pattern key '.*a.*b.*c'", "3 unbounded repetitions"],
     ),
     "rank-pattern-key-too-long": (
-        lambda f: edit_config(f, rank_pattern={"q" * 300: 2}),
+        lambda f: edit_config(f, rank_pattern={"q" * 601: 2}),
         3,
-        ["rank_pattern key 'qqq", "longer than 256 characters"],
+        ["rank_pattern key 'qqq", "longer than 600 characters"],
     ),
     "rank-pattern-not-a-regex": (
         lambda f: edit_config(f, rank_pattern={"(q_proj": 2}),
