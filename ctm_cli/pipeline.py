@@ -239,6 +239,7 @@ def _task_type(adapters: list[Adapter], kept: KeptTensors) -> tuple[str | None, 
         "not in the merged adapter; loaded onto a model of that task, it keeps the model's own head"
     ]
 
+
 def _prepare(request: MergeRequest) -> _Prepared:
     """Validate the settings, resolve and read the sources, check they fit together, group the modules."""
     method = get_method(request.method)
