@@ -63,10 +63,23 @@ class MergeOutput:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; otherwise the named device."""
+    """`auto` picks CUDA when present; otherwise the named device, refused unless it is the CPU or a CUDA
+    device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not one of: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_max_memory(device: torch.device) -> int:

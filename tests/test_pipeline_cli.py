@@ -18,7 +18,7 @@ from ctm_cli.adapter import Adapter
 from ctm_cli.cli import app
 from ctm_cli.engine import bytes_per_module
 from ctm_cli.errors import EXIT_CODES
-from ctm_cli.model_card import render_model_card
+from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.validate import ModuleSpec
 
 FLOAT32 = 4
@@ -184,7 +184,8 @@ def test_model_card_leaves_local_base_paths_out_of_the_metadata(merged):
     report = json.loads((merged[0] / "merge_report.json").read_text())
     for item in report["inputs"]:
         item["base_model"] = "/models/llama|base"
-    text = render_model_card(report, "merged")
+    report["settings"]["base_model"] = "/models/llama|base"
+    text = render_model_card(report, "merged", loading_class({"task_type": "CAUSAL_LM"}))
     front = yaml.safe_load(text.split("---\n")[1])
     assert "base_model" not in front and front["library_name"] == "peft"
     assert "AutoModelForCausalLM.from_pretrained('/models/llama|base')" in text

@@ -152,6 +152,7 @@ def test_real_gpt2_fan_in_fan_out_drop(tmp_path):
     config = config_of(out)
     assert config["fan_in_fan_out"] is True
     assert config["modules_to_save"] is None
+    assert config["task_type"] is None  # SEQ_CLS without its head would not load in PEFT (test_bad_inputs_loading)
     assert config["target_modules"] == ["c_attn"]
     assert SCORE not in load_file(str(out / WEIGHTS))
     assert report_of(out)["extra_tensors"] == [{"key": SCORE, "action": "dropped", "from": [str(GPT2_A), str(GPT2_B)]}]
