@@ -78,6 +78,7 @@ class MergeResult:
 MethodFunction = Callable[[FactorGroup, MergeSettings], MergeResult]
 GroupsFunction = Callable[[list[FactorGroup], list[MergeSettings]], list[MergeResult]]
 RankLimit = Callable[[int, int, int, Rule], int]
+CoreNumbers = Callable[[int, int, int, dict[str, float]], int]
 
 
 def shape_rank_limit(total_rank: int, out_features: int, in_features: int, rule: Rule) -> int:
@@ -95,7 +96,8 @@ class Method:
     default_rule: the rule used when none is given.
     merge_groups: merges several groups (of different shapes) together faster than one by one (ctm's
     batched HOOI); by default each group is merged on its own.
-    factored_cores: the method keeps the T cores as two R × R factors, not T·R² numbers (memory planning).
+    core_numbers: float64 numbers of the core-space arrays one module holds at its peak, from (R, T, the output
+    rank, the method's parameters), for memory planning: three T × R × R stacks by default.
     """
 
     name: str
@@ -109,7 +111,7 @@ class Method:
     params: dict[str, Param] = field(default_factory=dict)
     default_rule: str = "ta"
     merge_groups: GroupsFunction | None = None
-    factored_cores: bool = False
+    core_numbers: CoreNumbers = field(default=lambda total, tasks, rank, params: 3 * tasks * total**2)
 
     def merge_all(self, groups: list[FactorGroup], settings: list[MergeSettings]) -> list[MergeResult]:
         """Merge several groups, each with its settings, together where the method can."""
@@ -231,24 +233,31 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
     other shapes cost no extra sweeps. The T cores stay factored (two R × R factors instead of T·R² numbers),
     so memory does not grow with T²."""
     spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
-    balanced = [cs.balance_factored(space.cores, each.beta) for space, each in zip(spaces, settings, strict=True)]
     stopping = settings[0].method_params  # one merge's groups share everything but the rank
     frame_ranks = [frame_rank(s.rank, sum(g.ranks), s.method_params) for g, s in zip(groups, settings, strict=True)]
-    frames = cs.shared_frames_factored(
-        balanced,
-        frame_ranks,
+    searched = [i for i, (g, wide) in enumerate(zip(groups, frame_ranks, strict=True)) if wide < sum(g.ranks)]
+    frames = {i: cs.whole_frame(space.cores) for i, space in enumerate(spaces) if i not in searched}
+    found = cs.shared_frames_factored(
+        [cs.balance_factored(spaces[i].cores, settings[i].beta) for i in searched],
+        [frame_ranks[i] for i in searched],
         tolerance=stopping.get("hooi_tolerance", cs.HOOI_TOLERANCE),
         max_sweeps=int(stopping.get("max_sweeps", cs.HOOI_MAX_SWEEPS)),
     )
-    return [_ctm_output(*arguments) for arguments in zip(groups, settings, spaces, frames, strict=True)]
+    frames.update(zip(searched, found, strict=True))
+    return [_ctm_output(groups[i], settings[i], spaces[i], frames[i]) for i in range(len(groups))]
+
+
+# CtM's default frame rank: the whole core space (0). The quality benchmark (docs/benchmarks.md, issue 11) chose it:
+# with TSV, the rule sees every task's directions and one cut to r keeps the strongest of all of them.
+DEFAULT_FRAME_RANK = 0
 
 
 def frame_rank(rank: int, total_rank: int, method_params: dict[str, float]) -> int:
     """Rank r' of CtM's shared frame: `frame_rank` clamped to [r, R], 0 meaning R (the whole core space).
 
     r' = r is the paper's CtM; a larger r' lets the rule see more of every task before the one cut to r, and
-    r' = R makes the frame the whole core space, where CtM is merge-then-compress run in core space."""
-    wanted = int(method_params.get("frame_rank", rank))
+    r' = R makes the frame the whole core space (no HOOI), where CtM is merge-then-compress run in core space."""
+    wanted = int(method_params.get("frame_rank", DEFAULT_FRAME_RANK))
     return total_rank if wanted == 0 else min(total_rank, max(rank, wanted))
 
 
@@ -260,17 +269,16 @@ def _ctm_output(
     isotropic = bool(settings.method_params.get("isotropic", 0))
     cut = _merge_and_cut(coordinates, settings, space.left @ frame.u, space.right @ frame.v, isotropic)
     lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
-    figures = {}
-    if frame.u.shape[-1] == settings.rank:  # the frame is the output's column and row spaces: no more work
-        whole = space.cores.norms()
-        kept = torch.linalg.matrix_norm(coordinates).square() / whole.square().clamp_min(1e-300)
-        figures["kept_energy"] = torch.where(whole > 0, kept, torch.ones_like(kept))
+    # Each task's energy inside the output's column and row spaces, read in the frame's orthonormal coordinates.
+    inside = cut.left_basis.mT.unsqueeze(-3) @ coordinates @ cut.right_basis.unsqueeze(-3)
+    whole = space.cores.norms()
+    kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
     return _result(
         group,
         settings,
         lora_b,
         lora_a,
-        **figures,
+        kept_energy=torch.where(whole > 0, kept, torch.ones_like(kept)),
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
         truncation_loss=cut.lost_energy,
@@ -279,14 +287,15 @@ def _ctm_output(
 
 @register(
     "ctm",
-    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: iso_c)",
+    "Compress-then-Merge: core space, a shared frame of rank r' (HOOI; default: the whole core space), the rule on "
+    "the r'×r' coordinates, one cut to rank r (default rule: tsv)",
     "r, 1..min(R, out, in)",
-    # Iso-C on the shared frame's coordinates, at λ 1 with no tuning, kept the most of each task's gain on the
-    # quality benchmark (docs/benchmarks.md: 3 seeds, ahead of TIES tuned); with a linear rule CtM equals
-    # merge-then-compress.
-    default_rule="iso_c",
+    # TSV in the whole core space, at λ 1 with no tuning, kept the most of each task's gain on the quality
+    # benchmark (docs/benchmarks.md, issue 11: 8 tasks, 3 seeds, ranks 8/16/32, chosen on val by a rule written
+    # before the runs). The paper's CtM is frame_rank = r (configs/ctm-paper.yaml).
+    default_rule="tsv",
     merge_groups=compress_then_merge_groups,
-    factored_cores=True,
+    core_numbers=lambda total, tasks, rank, params: 10 * total**2 + 4 * tasks * frame_rank(rank, total, params) ** 2,
     params={
         "hooi_tolerance": Param(
             cs.HOOI_TOLERANCE,
@@ -297,7 +306,7 @@ def _ctm_output(
         ),
         "max_sweeps": Param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module", integer=True),
         "frame_rank": Param(
-            1,
+            DEFAULT_FRAME_RANK,
             0,
             1_000_000,
             "rank r' of the shared frame the rule works in, then cut to --rank; values ≤ --rank: r' = r (the "

@@ -18,7 +18,7 @@ import torch
 from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.engine import default_max_memory, merge_modules, plan_waves, resolve_device
+from ctm_cli.engine import default_max_memory, merge_modules, method_core_numbers, plan_waves, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
@@ -276,7 +276,7 @@ def _prepare(request: MergeRequest) -> _Prepared:
         adapters=adapters,
         specs=specs,
         kept=kept,
-        waves=plan_waves(specs, max_memory, method.factored_cores),
+        waves=plan_waves(specs, max_memory, method_core_numbers(method, request.rank, method_params)),
         weights=weights,
         device=device,
         output_dtype=_output_dtype(adapters, request.dtype),
@@ -290,7 +290,13 @@ def plan_merge(request: MergeRequest) -> dict:
     """What `run_merge` would do, for --dry-run: every check runs, nothing is merged or written."""
     prepared = _prepare(request)
     plan = describe_plan(
-        prepared.adapters[0], prepared.specs, prepared.waves, prepared.method, request.rank, prepared.output_dtype
+        prepared.adapters[0],
+        prepared.specs,
+        prepared.waves,
+        prepared.method,
+        request.rank,
+        prepared.output_dtype,
+        method_core_numbers(prepared.method, request.rank, prepared.method_params),
     )
     return {
         "dry_run": True,
