@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from ctm_cli import __version__
 from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
+from ctm_cli.interrupts import interruption, sigterm_as_interrupt
 from ctm_cli.recipe import DEFAULTS
 from ctm_cli.untrusted import printable
 
@@ -116,9 +117,10 @@ def _run(action: Callable[[], Any]) -> Any:
     except CtmError as exc:
         _print_line("ctm: error:", str(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("ctm: interrupted; nothing was written")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM within `sigterm_as_interrupt`
+        message, code = interruption(interrupt)
+        _print_line("ctm:", message, "")
+        raise typer.Exit(code) from None
     except Exception as exc:
         if os.environ.get("CTM_DEBUG"):
             raise
@@ -212,7 +214,7 @@ def merge(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="YAML recipe (see configs/); flags given here override its values."
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (or `output:` in the recipe)."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Output folder (or `output:` in the recipe)."),
     rank: int = typer.Option(
         DEFAULTS.rank, "--rank", "-r", help="Rank of the merged adapter (0 = full rank R: core, knots)."
     ),
@@ -284,7 +286,8 @@ def merge(
         finally:
             bar.stop()
 
-    result = _run(action)
+    with sigterm_as_interrupt():
+        result = _run(action)
     if not quiet:
         for warning in result["warnings"]:
             _print_line("ctm: warning:", warning, "yellow")

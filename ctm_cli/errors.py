@@ -9,6 +9,7 @@ EXIT_BAD_INPUT = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_OUTPUT = 5
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM's 15, as shells report a process that SIGTERM ended
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -16,8 +17,9 @@ EXIT_CODES = {
     EXIT_USAGE: "usage error: bad option, recipe or setting",
     EXIT_BAD_INPUT: "bad input: adapter missing or malformed, Hub repo not found or unreachable",
     EXIT_INCOMPATIBLE: "adapters that cannot be merged together",
-    EXIT_OUTPUT: "output: exists (use --force), not writable, or the Hub push failed",
-    EXIT_INTERRUPTED: "interrupted; nothing was written",
+    EXIT_OUTPUT: "output: exists (use --force), is or holds an input, not writable, or the Hub push failed",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says whether the output was written",
+    EXIT_TERMINATED: "interrupted by SIGTERM (timeout, docker stop, a scheduler); likewise",
 }
 
 

@@ -21,6 +21,7 @@ from ctm_cli.base_model import BaseModel, resolve_base_model
 from ctm_cli.engine import default_max_memory, merge_modules, method_core_numbers, plan_waves, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
+from ctm_cli.interrupts import output_written
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.plan import describe_plan
@@ -30,7 +31,7 @@ from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
 from ctm_cli.validate import ModuleSpec, check_compatible, check_rank, missing_modules
-from ctm_cli.writer import check_output, write_adapter
+from ctm_cli.writer import check_apart, check_output, write_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that describe one adapter's training and no longer hold for the merge.
@@ -70,6 +71,8 @@ class MergeRequest:
         """The request for a recipe; `options` are the run options (force, max_memory, push_to_hub, private)."""
         if recipe.output is None:
             raise UsageError("no output folder: give -o/--output, or `output:` in the recipe")
+        if recipe.output == "":
+            raise UsageError("the output folder is an empty name (-o \"\" or `output: \"\"`: an unset variable?)")
         return cls(
             sources=[a.source for a in recipe.adapters],
             revisions=[a.revision for a in recipe.adapters],
@@ -258,6 +261,7 @@ def _prepare(request: MergeRequest) -> _Prepared:
         check_push_target(request.push_to_hub)
     revisions = request.revisions or [None] * len(request.sources)
     sources = [locate_source(source, revision) for source, revision in zip(request.sources, revisions, strict=True)]
+    check_apart(request.output, [(source.source, source.folder) for source in sources])
     adapters = [Adapter(source.folder, source.source) for source in sources]
     base_model = resolve_base_model(adapters, request.base_model)
     specs = check_compatible(adapters, request.allow_missing)
@@ -388,5 +392,6 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         request.force,
     )
     if request.push_to_hub is not None:
-        report["pushed_to"] = push_folder(request.output, request.push_to_hub, request.private)
+        with output_written(request.output):
+            report["pushed_to"] = push_folder(request.output, request.push_to_hub, request.private)
     return report

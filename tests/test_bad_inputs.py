@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from sandbox import run_as_user
 
 import ctm_cli.engine
+import ctm_cli.staging
 import ctm_cli.writer
 
 ROOT = Path(__file__).parents[1]
@@ -245,7 +246,7 @@ def test_temporary_folder_cannot_be_created(good, other, out_parent, monkeypatch
     def refuse(**kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(ctm_cli.writer.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(ctm_cli.staging.tempfile, "mkdtemp", refuse)
     line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4"], 5, out_parent)
     assert "cannot create a temporary folder" in line and "Permission denied" in line
 
@@ -291,15 +292,13 @@ def fail_on_second_call(function: Callable, error: BaseException) -> Callable:
 
 
 def swap_failing(error: BaseException) -> Callable:
-    """Path.rename that fails when the finished temporary folder is renamed onto the output."""
-    original = Path.rename
+    """The exchange of the finished temporary folder with the existing output, failing before it swaps."""
 
-    def rename(self, target):
-        if ".ctm-tmp-" in self.name:
-            raise error
-        return original(self, target)
+    def exchange(first, second):
+        assert ".ctm-tmp-" in first.name
+        raise error
 
-    return rename
+    return exchange
 
 
 def text_write_failing(self, *args, **kwargs):
@@ -318,8 +317,8 @@ INJECTED = {
         130,
         ["interrupted"],
     ),
-    "rename-fails": (Path, "rename", lambda: swap_failing(OSError(errno.EBUSY, "busy")), 5, ["busy"]),
-    "interrupt-in-swap": (Path, "rename", lambda: swap_failing(KeyboardInterrupt()), 130, ["interrupted"]),
+    "rename-fails": (ctm_cli.staging, "exchange", lambda: swap_failing(OSError(errno.EBUSY, "busy")), 5, ["busy"]),
+    "interrupt-in-swap": (ctm_cli.staging, "exchange", lambda: swap_failing(KeyboardInterrupt()), 130, ["interrupted"]),
 }
 
 
