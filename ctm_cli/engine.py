@@ -22,6 +22,7 @@ import torch
 
 from ctm_cli.adapter import Adapter
 from ctm_cli.errors import InputError, UsageError
+from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.validate import ModuleSpec
 
@@ -470,7 +471,8 @@ def merge_modules(
             started = time.perf_counter()
             factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
             each = [replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks))) for group in wave]
-            results = _merge_wave(method, factors, each, wave)
+            with single_threaded(device):  # bit-identical whatever the grouping and thread count
+                results = _merge_wave(method, factors, each, wave)
             outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
             seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
             for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):

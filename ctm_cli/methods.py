@@ -26,6 +26,7 @@ import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.errors import UsageError
+from ctm_cli.fixed_order import matmul
 from ctm_cli.rules import (
     Param,
     Rule,
@@ -193,7 +194,7 @@ def _result(
 def _from_core_maps(group: FactorGroup, to_b: torch.Tensor, to_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lora_B = b_cat @ to_b, lora_A = to_a @ a_cat, in the factors' dtype."""
     dtype = group.b_cat.dtype
-    return group.b_cat @ to_b.to(dtype), to_a.to(dtype) @ group.a_cat
+    return matmul(group.b_cat, to_b.to(dtype)), matmul(to_a.to(dtype), group.a_cat)
 
 
 def _apply_rule(stack: torch.Tensor, settings: MergeSettings) -> torch.Tensor:
@@ -267,10 +268,12 @@ def _ctm_output(
     """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
     coordinates = space.cores.project(frame.u, frame.v)
     isotropic = bool(settings.method_params.get("isotropic", 0))
-    cut = _merge_and_cut(coordinates, settings, space.left @ frame.u, space.right @ frame.v, isotropic)
+    cut = _merge_and_cut(
+        coordinates, settings, matmul(space.left, frame.u), matmul(space.right, frame.v), isotropic
+    )
     lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
     # Each task's energy inside the output's column and row spaces, read in the frame's orthonormal coordinates.
-    inside = cut.left_basis.mT.unsqueeze(-3) @ coordinates @ cut.right_basis.unsqueeze(-3)
+    inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
     whole = space.cores.norms()
     kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
     return _result(
@@ -335,7 +338,7 @@ def _mtc_rank_limit(total_rank: int, out_features: int, in_features: int, rule: 
 
 def full_updates(b: torch.Tensor, a: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """Every task's full update B_t A_t of one module, stacked (T, out, in)."""
-    return torch.stack([b[:, cols] @ a[cols, :] for cols in cs.column_slices(ranks)])
+    return torch.stack([matmul(b[:, cols], a[cols, :]) for cols in cs.column_slices(ranks)])
 
 
 @register(
@@ -371,8 +374,8 @@ def merge_then_compress(group: FactorGroup, settings: MergeSettings) -> MergeRes
         error = cs.lowrank_relative_error(
             lora_b,
             lora_a,
-            group.b_cat.to(torch.float64) @ (space.left @ full),
-            space.right.mT @ group.a_cat.to(torch.float64),
+            matmul(group.b_cat.to(torch.float64), matmul(space.left, full)),
+            matmul(space.right.mT, group.a_cat.to(torch.float64)),
         )
     return _result(group, settings, lora_b, lora_a, relative_error=error, truncation_loss=loss)
 
@@ -415,11 +418,11 @@ def knots(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     concatenated = space.cores.transpose(-3, -2).reshape(modules, total, tasks * total)
     u, s, vh = torch.linalg.svd(concatenated, full_matrices=False)
     blocks = vh.reshape(modules, total, tasks, total).transpose(-3, -2)  # (G, T, R, R): V_tᵀ in core coordinates
-    to_inputs = (s[:, None, :, None] * blocks) @ space.right.mT.unsqueeze(-3)
-    right_factors = to_inputs @ group.a_cat.to(torch.float64).unsqueeze(-3)
-    cut = _merge_and_cut(right_factors, settings, left_map=space.left @ u)
+    to_inputs = matmul(s[:, None, :, None] * blocks, space.right.mT.unsqueeze(-3))
+    right_factors = matmul(to_inputs, group.a_cat.to(torch.float64).unsqueeze(-3))
+    cut = _merge_and_cut(right_factors, settings, left_map=matmul(space.left, u))
     dtype = group.b_cat.dtype
-    lora_b, lora_a = group.b_cat @ cut.to_b.to(dtype), cut.to_a.to(dtype)
+    lora_b, lora_a = matmul(group.b_cat, cut.to_b.to(dtype)), cut.to_a.to(dtype)
     return _result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy)
 
 
@@ -445,19 +448,19 @@ def concatenate(group: FactorGroup, settings: MergeSettings) -> MergeResult:
 def _kmeans_plus_plus(points: torch.Tensor, clusters: int, generator: torch.Generator | None) -> torch.Tensor:
     """Seeded k-means++ starts (G, k) indices into points (G, N, D): first uniform, then ∝ D².
 
-    Draw j is u_j ~ U[0,1) float64 on the CPU, one per module; the index is ⌊u·N⌋, then the first
-    point whose cumulative D² exceeds u·ΣD².
+    Draw j is u_j ~ U[0,1) float64 on the CPU; the index is ⌊u·N⌋, then the first point whose cumulative
+    D² exceeds u·ΣD². A module's k draws are taken together, module after module, so that they do not depend
+    on how many modules share its group.
     """
     modules, count, _ = points.shape
-    draw = torch.rand(modules, generator=generator, dtype=torch.float64).to(points.device)
-    chosen = [(draw * count).floor().long().clamp_max(count - 1)]
+    draws = torch.rand(modules, clusters, generator=generator, dtype=torch.float64).to(points.device)
+    chosen = [(draws[:, 0] * count).floor().long().clamp_max(count - 1)]
     nearest = torch.full((modules, count), math.inf, dtype=points.dtype, device=points.device)
-    for _ in range(1, clusters):
+    for step in range(1, clusters):
         center = points[torch.arange(modules, device=points.device), chosen[-1]]
         nearest = torch.minimum(nearest, (points - center.unsqueeze(-2)).square().sum(dim=-1))
         cumulative = nearest.cumsum(dim=-1)
-        draw = torch.rand(modules, generator=generator, dtype=torch.float64).to(points.device)
-        target = (draw * cumulative[:, -1]).unsqueeze(-1)
+        target = (draws[:, step] * cumulative[:, -1]).unsqueeze(-1)
         chosen.append(torch.searchsorted(cumulative, target, right=True).squeeze(-1).clamp_max(count - 1))
     return torch.stack(chosen, dim=-1)
 
@@ -478,7 +481,7 @@ def kmeans(points: torch.Tensor, clusters: int, generator: torch.Generator | Non
         assignment = new_assignment
         members = torch.nn.functional.one_hot(assignment, clusters).to(points.dtype)  # (G, N, k)
         counts = members.sum(dim=-2)
-        means = (members.mT @ points) / counts.clamp_min(1).unsqueeze(-1)
+        means = matmul(members.mT, points) / counts.clamp_min(1).unsqueeze(-1)
         centers = torch.where(counts.unsqueeze(-1) > 0, means, centers)
     return assignment
 
@@ -504,8 +507,8 @@ def lora_lego(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     raw_b, a64 = group.b_cat.to(torch.float64), group.a_cat.to(torch.float64)
     b64 = raw_b * coefficients
     # Unit coordinates in the core bases: Q_Bᵀ c_t b_i = leftᵀ B_catᵀ (c_t b_i), Q_Aᵀ a_i = rightᵀ A_cat a_i.
-    b_coords = space.left.mT @ (raw_b.mT @ b64)
-    a_coords = space.right.mT @ (a64 @ a64.mT)
+    b_coords = matmul(space.left.mT, matmul(raw_b.mT, b64))
+    a_coords = matmul(space.right.mT, matmul(a64, a64.mT))
     points = torch.cat([b_coords, a_coords], dim=-2).mT  # (G, R, 2R)
     peaks = torch.maximum(b64.abs().amax(dim=-2), a64.abs().amax(dim=-1))  # (G, R): ‖u_i‖_∞
     norms = b64.square().sum(dim=-2) + a64.square().sum(dim=-1)
@@ -518,7 +521,7 @@ def lora_lego(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     members = torch.nn.functional.one_hot(assignment, clusters).to(torch.float64)  # (G, R, k)
     counts = members.sum(dim=-2)
     averaging = members / counts.clamp_min(1).unsqueeze(-2)
-    centroid_b, centroid_a = b64 @ averaging, averaging.mT @ a64
+    centroid_b, centroid_a = matmul(b64, averaging), matmul(averaging.mT, a64)
     centroid_peak = torch.maximum(centroid_b.abs().amax(dim=-2), centroid_a.abs().amax(dim=-1))
     mean_peak = (members * peaks.unsqueeze(-1)).sum(dim=-2) / counts.clamp_min(1)
     rescale = torch.where(centroid_peak > 0, mean_peak / centroid_peak.clamp_min(1e-300), torch.zeros_like(mean_peak))
@@ -603,13 +606,13 @@ def iso_cts(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     common, per_task = iso_cts_split(settings.rank, len(group.ranks), settings.method_params["iso_common"])
     u, s, vh = torch.linalg.svd(tasks.sum(dim=-3), full_matrices=False)
     u_common = u[..., :common]
-    residual = tasks - u_common.unsqueeze(-3) @ (u_common.mT.unsqueeze(-3) @ tasks)
+    residual = tasks - matmul(u_common.unsqueeze(-3), matmul(u_common.mT.unsqueeze(-3), tasks))
     ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
     left = torch.cat([u_common, *ru[..., :per_task].unbind(dim=-3)], dim=-1)
     right = torch.cat([vh[..., :common, :].mT, *rvh[..., :per_task, :].mT.unbind(dim=-3)], dim=-1)
     sigma = torch.cat([s[..., :common], rs[..., :per_task].flatten(-2)], dim=-1).mean(dim=-1)
     root = sigma.sqrt().view(-1, 1, 1)
-    to_b = space.left @ cs.polar(left) * root
-    to_a = (cs.polar(right) * root).mT @ space.right.mT
+    to_b = matmul(space.left, cs.polar(left)) * root
+    to_a = matmul((cs.polar(right) * root).mT, space.right.mT)
     lora_b, lora_a = _from_core_maps(group, to_b, to_a)
     return _result(group, settings, lora_b, lora_a)

@@ -17,6 +17,7 @@ import torch
 
 from ctm_cli.core_space import polar
 from ctm_cli.errors import UsageError
+from ctm_cli.fixed_order import matmul
 
 RuleFunction = Callable[[torch.Tensor, torch.Tensor, dict[str, float], torch.Generator | None], torch.Tensor]
 # Of a spectral rule: (singular values (..., k) in decreasing order, parameters, max(m, n)) -> new values.
@@ -288,7 +289,7 @@ def task_singular_vectors(
     u_cat = (u * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], m, tasks * keep)
     v_cat = (vh.mT * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], n, tasks * keep)
     sigma = s.reshape(*stack.shape[:-3], tasks * keep)
-    return params["lambda"] * (polar(u_cat) * sigma.unsqueeze(-2)) @ polar(v_cat).mT
+    return matmul(params["lambda"] * (polar(u_cat) * sigma.unsqueeze(-2)), polar(v_cat).mT)
 
 
 def isotropic_spectrum(singular_values: torch.Tensor, params: dict[str, float], size: int) -> torch.Tensor:
@@ -311,7 +312,7 @@ def isotropic_common(
     """Iso-C (Marczak et al. 2025): flatten the spectrum of the sum over its numerical rank."""
     total = weighted_sum(stack, weights)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return (u * isotropic_spectrum(s, params, max(total.shape[-2:])).unsqueeze(-2)) @ vh
+    return matmul(u * isotropic_spectrum(s, params, max(total.shape[-2:])).unsqueeze(-2), vh)
 
 
 @register(

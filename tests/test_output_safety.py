@@ -1,7 +1,7 @@
 """The user's files are never lost: an output that is or holds an input is refused before any work, an existing
 output is replaced in one atomic step (or by two renames a later run can undo), every interruption says what
 state the output is in, killed runs leave only marked folders that the next run removes, and the output
-follows the umask."""
+follows the umask. And the merge is bit-identical whatever the --max-memory grouping and the thread count."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import fails, listing, run_ctm, single_error_line
 from test_bad_inputs import SIGINT_SCRIPT
 from test_sources import adapter_files, cache_repo, hub_cache  # noqa: F401 (hub_cache is a fixture)
@@ -492,3 +493,63 @@ def test_sigterm_handler_is_restored(inputs, out_parent):
     before = signal.getsignal(signal.SIGTERM)
     merged_ok(run_ctm("merge", *inputs, "-o", out_parent / "out", *FAST), out_parent / "out")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------------------------ reproducibility
+
+
+@pytest.fixture
+def wide_inputs(make_adapter) -> list[Path]:
+    """Three adapters on a tiny Llama with a 2048-wide MLP: long contractions (which a multithreaded BLAS splits
+    for a lone matrix) and modules large enough that --max-memory 1 (MiB) puts each in a group of its own."""
+    wide = {"intermediate_size": 2048}
+    return [make_adapter(r=8, alpha=16, seed=seed, model_overrides=wide) for seed in (81, 82, 83)]
+
+
+@pytest.fixture
+def threads():
+    """Set torch's CPU thread count for a test (the suite runs on one thread, where a BLAS never splits)."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+def merged_bytes(sources: list[Path], out: Path, *options: str) -> bytes:
+    result = run_ctm("merge", *sources, "-o", out, "--quiet", "--force", *options)
+    assert result.exit_code == 0, result.stderr
+    return (out / WEIGHTS).read_bytes()
+
+
+def group_sizes(sources: list[Path], *options: str) -> list[int]:
+    result = run_ctm("merge", *sources, "-o", "unused", "--dry-run", "--json", *options)
+    assert result.exit_code == 0, result.stderr
+    return [group["modules"] for group in json.loads(result.stdout)["groups"]]
+
+
+REPRODUCED = {
+    "ctm": ["--rank", "4"],
+    "ctm-ties": ["--rank", "4", "--rule", "ties"],
+    "ctm-rank-1": ["--rank", "1"],
+    "mtc": ["--rank", "4", "--method", "mtc"],
+    "core": ["--rank", "4", "--method", "core"],
+    "lego": ["--rank", "4", "--method", "lego"],
+}
+
+
+@pytest.mark.parametrize("case", list(REPRODUCED))
+def test_bytes_do_not_depend_on_the_memory_budget(case, wide_inputs, out_parent, threads):
+    threads(2)
+    options = REPRODUCED[case]
+    small, default_sizes = group_sizes(wide_inputs, *options, "--max-memory", "1"), group_sizes(wide_inputs, *options)
+    assert len(small) > len(default_sizes) and 1 in small  # the wide modules each alone, in their own wave
+    default = merged_bytes(wide_inputs, out_parent / "default", *options)
+    assert merged_bytes(wide_inputs, out_parent / "small", *options, "--max-memory", "1") == default
+
+
+@pytest.mark.parametrize("case", ["ctm", "mtc"])
+def test_bytes_do_not_depend_on_the_thread_count(case, wide_inputs, out_parent, threads):
+    results = set()
+    for count in (1, 2, 3):
+        threads(count)
+        results.add(merged_bytes(wide_inputs, out_parent / f"t{count}", *REPRODUCED[case], "--max-memory", "1"))
+    assert len(results) == 1
