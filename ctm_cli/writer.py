@@ -23,21 +23,29 @@ def check_output(path: Path, force: bool) -> None:
     """Refuse, before any work, an output that is a file, exists without --force, is a mount point (which no
     rename can replace), is read-only while --force would replace it, or whose parent can't be written."""
     location = staging.output_location(path)
-    if location.exists() and not location.is_dir():
+    if os.path.exists(location) and not os.path.isdir(location):
         raise OutputError(f"{path}: exists and is not a folder")
-    if location.is_dir():
+    if os.path.isdir(location):
         if os.path.ismount(location):
             raise OutputError(f"{path}: is a mount point, which cannot be replaced; write into a folder inside it")
-        if any(location.iterdir()):
+        if _holds_anything(path, location):
             if not force:
                 raise OutputError(f"{path}: exists and is not empty (use --force to replace it)")
             if not os.access(location, os.W_OK | os.X_OK):
                 raise OutputError(f"{path}: not writable, so --force cannot replace it")
     parent = location.parent
-    if not parent.is_dir():
+    if not os.path.isdir(parent):
         raise OutputError(f"{parent}: parent folder of the output does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent}: not writable")
+
+
+def _holds_anything(path: Path, folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(entries)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be read ({exc.strerror})") from exc
 
 
 def check_apart(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
@@ -47,7 +55,7 @@ def check_apart(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
     target = output.resolve()
     around = _identities([target, *target.parents])  # the output and every folder above it
     for source, folder in inputs:
-        files = [(folder / name).resolve() for name in ADAPTER_FILES if (folder / name).exists()]
+        files = [(folder / name).resolve() for name in ADAPTER_FILES if os.path.exists(folder / name)]
         place = _identity(folder.resolve())
         if place in around:
             relation = "is" if place == _identity(target) else "lies inside"
