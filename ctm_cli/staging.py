@@ -86,7 +86,7 @@ def create(target: Path) -> Staging:
     folder = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, TEMPORARY_TAG), dir=target.parent))
     staging = Staging(folder, target, uuid.uuid4().hex)
     try:
-        folder.chmod(0o777 & ~current_umask())
+        folder.chmod(folder.stat().st_mode & 0o7000 | 0o777 & ~current_umask())  # keeps a setgid bit inherited
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "output": target.name}
         (folder / MARKER).write_text(json.dumps({**record, "token": staging.token}), encoding="utf-8")
     except BaseException:
@@ -189,9 +189,11 @@ def retire(staging: Staging) -> None:
 
 def remove_marked(folder: Path) -> None:
     """Delete a folder that carries ctm's marker, the marker last; what cannot be deleted stays, still marked."""
-    for entry in os.scandir(folder):
-        if entry.name == MARKER:
-            continue
+    try:
+        entries = [entry for entry in os.scandir(folder) if entry.name != MARKER]
+    except OSError:
+        return
+    for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
@@ -242,12 +244,21 @@ def remove_stale(parent: Path) -> None:
         marker = _read_marker(folder) if entry.is_dir(follow_symlinks=False) else None
         if marker is None or not _stale(marker):
             continue
-        aside, output = _aside_of(folder), parent / str(marker.get("output", ""))
-        if TEMPORARY_TAG in folder.name and marker.get("output") and not os.path.lexists(output):
+        output = _output_of(folder, marker)
+        if output is not None and not os.path.lexists(output) and os.path.lexists(_aside_of(folder)):
             with suppress(OSError):
-                if os.path.lexists(aside):
-                    os.rename(aside, output)
+                os.rename(_aside_of(folder), output)
         remove_marked(folder)
+
+
+def _output_of(folder: Path, marker: dict) -> Path | None:
+    """The output a temporary folder was made for, if its marker names one that the folder's name matches (a
+    plain name beside it: a planted marker cannot send a folder elsewhere)."""
+    name = marker.get("output")
+    if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or TEMPORARY_TAG not in folder.name:
+        return None
+    output = folder.parent / name
+    return output if folder.name[:-_RANDOM_LENGTH] == temporary_prefix(output, TEMPORARY_TAG) else None
 
 
 def _aside_of(folder: Path) -> Path:

@@ -418,6 +418,17 @@ def test_an_output_a_kill_left_aside_is_put_back(inputs, out_parent):
     assert (out_parent / "out" / "notes.txt").read_text() == "precious"
 
 
+def test_a_marker_cannot_send_a_folder_elsewhere(inputs, out_parent, tmp_path):
+    """A planted marker naming an output outside the folder (or one its name does not match) moves nothing."""
+    gone = dead_pid()
+    for suffix, output in (("iiiiiiii", "../escaped"), ("jjjjjjjj", "other")):
+        leftover(out_parent, f".out.ctm-tmp-{suffix}", gone, output=output)
+        leftover(out_parent, f".out.ctm-old-{suffix}", None)
+    merged_ok(run_ctm("merge", *inputs, "-o", out_parent / "out", *FAST), out_parent / "out")
+    assert not (tmp_path / "escaped").exists() and not (out_parent / "other").exists()
+    assert listing(out_parent) == [".out.ctm-old-iiiiiiii", ".out.ctm-old-jjjjjjjj", "out"]
+
+
 # ------------------------------------------------------------------------------------ umask
 
 
@@ -431,6 +442,16 @@ def test_output_follows_the_umask(umask, folder_mode, file_mode, inputs, out_par
             assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {file_mode}
     finally:
         os.umask(previous)
+
+
+def test_output_keeps_the_setgid_bit_of_a_shared_folder(inputs, out_parent):
+    """In a folder whose new entries take its group (setgid), the output is such an entry too."""
+    out_parent.chmod(0o2775)
+    if not out_parent.stat().st_mode & 0o2000:
+        pytest.skip("this file system keeps no setgid bit on folders")
+    out = out_parent / "out"
+    merged_ok(run_ctm("merge", *inputs, "-o", out, *FAST), out)
+    assert out.stat().st_mode & 0o2000
 
 
 # ------------------------------------------------------------------------------------ SIGTERM and messages
