@@ -249,10 +249,10 @@ def ties(
 
     Trim: keep each matrix's `density` fraction of entries by magnitude, counted as `trim_count` says
     (kept_count: 0 = nearest, ctm's default; 1 = ⌊ρ·d⌋+1 as the TIES and CtM papers' code; 2 = ⌊ρ·d⌋ as
-    PEFT). Elect: per entry the sign of
-    the summed kept values (sign_count=0) or of the summed signs (1; an even split is decided by the
-    summed values); an exact zero goes to +. Breaking even splits by mass rather than always to +
-    keeps the rule equivariant to sign flips of the basis, which SVD-based frames leave arbitrary.
+    PEFT). Elect: per entry the sign of the summed kept values (sign_count=0) or of the summed signs (1;
+    an even split is decided by the summed values); an exact zero goes to +. Breaking even splits by mass
+    rather than always to + keeps the rule equivariant to sign flips of the basis, which SVD-based frames
+    leave arbitrary.
     Disjoint mean: the mean of the kept values with the elected sign (zero where none). Times λ.
     """
     return params["lambda"] * _ties(stack, weights, params)
