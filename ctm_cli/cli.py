@@ -4,21 +4,67 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from ctm_cli import __version__
 from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
 from ctm_cli.recipe import DEFAULTS
+from ctm_cli.untrusted import printable
+
+# The command-line library's own error classes (typer >= 0.2x ships its own copy of click, so they are taken
+# from typer's exported BadParameter rather than imported from click).
+_CLICK_ERROR = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+stderr = Console(stderr=True)
+
+
+def _print_line(prefix: str, message: str, style: str = "red") -> None:
+    """One line on stderr: `prefix`, then `message` with its lines joined and control characters escaped
+    (never read as rich markup or emoji codes: file names are shown as they are)."""
+    line = printable(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+    stderr.print(Text.assemble((prefix, style), " ", line), highlight=False, soft_wrap=True, emoji=False)
+
+
+def _print_parse_error(error: Exception, command_path: str) -> None:
+    """A parse error of the command-line library as ctm's one line, with where to look for help."""
+    ctx = getattr(error, "ctx", None)
+    message = error.format_message()  # type: ignore[attr-defined]
+    hint = f" (see {ctx.command_path if ctx is not None else command_path} --help)"
+    _print_line("ctm: error:", message[:1].lower() + message[1:].rstrip(".") + hint)
+
+
+class _Commands(TyperGroup):
+    """ctm's command group: the parser's errors (unknown option or command, bad or missing value) become one
+    `ctm: error:` line with a hint, exit code 2, instead of the library's multi-line box."""
+
+    def main(self, args: Any = None, *rest: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, *rest, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(args, *rest, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as error:
+            if type(error).__name__ != "NoArgsIsHelpError":  # `ctm` alone: the help is already printed
+                given = sys.argv[1:] if args is None else list(args)
+                command = next((word for word in given if word in self.commands), None)
+                _print_parse_error(error, f"ctm {command}" if command else "ctm")
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            stderr.print("ctm: interrupted; nothing was written", highlight=False)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="ctm",
     help="Merge several LoRA adapters into one low-rank adapter with Compress-then-Merge.",
     epilog="Exit codes:\n" + "\n".join(f"{code:>4}  {meaning}" for code, meaning in EXIT_CODES.items()),
@@ -26,7 +72,6 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -69,8 +114,7 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except CtmError as exc:
-        message = " ".join(str(exc).splitlines())  # always one line
-        stderr.print(f"[red]ctm: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        _print_line("ctm: error:", str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("ctm: interrupted; nothing was written")
@@ -78,18 +122,18 @@ def _run(action: Callable[[], Any]) -> Any:
     except Exception as exc:
         if os.environ.get("CTM_DEBUG"):
             raise
-        message = f"ctm: internal error: {type(exc).__name__}: {exc} (set CTM_DEBUG=1 for a traceback)"
-        stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+        _print_line("ctm: internal error:", f"{type(exc).__name__}: {exc} (set CTM_DEBUG=1 for a traceback)")
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
 class _ProgressBar:
-    """A rich progress bar over modules on stderr, or nothing when quiet."""
+    """A rich progress bar over modules on stderr, or nothing when quiet or when stderr is not a terminal (where
+    rich would only print an empty line when the bar stops)."""
 
     def __init__(self, quiet: bool):
         self._progress = (
             None
-            if quiet
+            if quiet or not stderr.is_interactive
             else Progress(
                 TextColumn("merging"),
                 BarColumn(),
@@ -131,6 +175,7 @@ def _overrides(ctx: typer.Context, param: list[str]) -> dict[str, Any]:
     given = _given(ctx)
     recipe_fields = (
         "sources", "rank", "method", "rule", "beta", "seed", "dtype", "device", "modules_to_save", "allow_missing",
+        "base_model",
     )  # fmt: skip
     overrides = {name: ctx.params[name] for name in recipe_fields if name in given}
     if "output" in given:
@@ -201,6 +246,13 @@ def merge(
     allow_missing: bool = typer.Option(
         False, "--allow-missing", help="Merge a module some adapters lack as a zero update for them."
     ),
+    base_model: str | None = typer.Option(
+        None,
+        "--base-model",
+        metavar="NAME",
+        help="Base model to record in the output when the inputs name it differently or not at all (then "
+        "their names are not compared; module shapes still are).",
+    ),
 ) -> None:
     """Merge adapters into one rank-r PEFT adapter.
 
@@ -212,6 +264,8 @@ def merge(
     def action() -> dict:
         if private and push_to_hub is None:
             raise UsageError("--private only applies with --push-to-hub")
+        if max_memory_mb is not None and max_memory_mb <= 0:
+            raise UsageError(f"--max-memory must be a positive number of MiB, got {max_memory_mb}")
         recipe = build_recipe(config, _overrides(ctx, param))
         request = MergeRequest.from_recipe(
             recipe,
@@ -231,6 +285,9 @@ def merge(
             bar.stop()
 
     result = _run(action)
+    if not quiet:
+        for warning in result["warnings"]:
+            _print_line("ctm: warning:", warning, "yellow")
     if as_json:
         print(json.dumps(result, indent=2))
     elif dry_run:
@@ -239,33 +296,41 @@ def merge(
         _print_merged(result)
 
 
+def _cell(value: Any) -> Text:
+    """A value shown in a table or a line: plain text (never rich markup), control characters escaped."""
+    return Text(printable(str(value)))
+
+
+def _say(console: Console, *parts: Any) -> None:
+    """Print one line of plain text (never markup or emoji codes), control characters escaped."""
+    console.print(_cell("".join(map(str, parts))), highlight=False, soft_wrap=True, emoji=False)
+
+
 def _print_merged(report: dict) -> None:
     summary = report["summary"]
     worst = summary["max_relative_error"]
-    stderr.print(
-        f"merged {len(report['inputs'])} adapters → {escape(report['recipe']['output'])} "
-        f"(rank {summary['output_rank']}, {summary['modules']} modules, {summary['seconds']:.2f} s"
-        + (f", worst relative error {worst:.3%})" if worst is not None else ")"),
-        highlight=False,
-        soft_wrap=True,
+    _say(
+        stderr,
+        f"merged {len(report['inputs'])} adapters → {report['recipe']['output']} ",
+        f"(rank {summary['output_rank']}, {summary['modules']} modules, {summary['seconds']:.2f} s",
+        f", worst relative error {worst:.3%})" if worst is not None else ")",
     )
     if "pushed_to" in report:
-        stderr.print(f"pushed to {escape(report['pushed_to'])}", highlight=False, soft_wrap=True)
+        _say(stderr, f"pushed to {report['pushed_to']}")
 
 
 def _print_plan(plan: dict) -> None:
     console = Console()
     settings = plan["settings"]
-    console.print(
-        f"dry run: {len(plan['inputs'])} adapters → {escape(plan['output'])}, method {settings['method']}, "
-        f"rule {settings['rule']} {settings['rule_params']}, {len(plan['modules'])} modules, "
+    _say(
+        console,
+        f"dry run: {len(plan['inputs'])} adapters → {plan['output']}, method {settings['method']}, ",
+        f"rule {settings['rule']} {settings['rule_params']}, {len(plan['modules'])} modules, ",
         f"dtype {settings['dtype']} on {settings['device']}; nothing written",
-        highlight=False,
-        soft_wrap=True,
     )
     for item in plan["inputs"]:
         revision = f" @ {item['revision']}" if item["revision"] else ""
-        console.print(f"  {escape(item['source'])}{revision}: r={item['r']}, weight {item['weight']}", highlight=False)
+        _say(console, f"  {item['source']}{revision}: r={item['r']}, weight {item['weight']}")
     table = Table(title="module groups (one device batch each, merged a wave at a time)")
     for column in ("wave", "shape", "input ranks", "modules", "device memory"):
         table.add_column(column)
@@ -341,7 +406,7 @@ def _print_summary(info: dict, spectra: int) -> None:
         "use_rslora", "scale", "fan_in_fan_out", "target_modules", "lora_modules", "lora_parameters",
         "modules_to_save", "other_parameters", "weights_file", "file_size", "dtype",
     ):  # fmt: skip
-        facts.add_row(key, str(info[key]))
+        facts.add_row(key, _cell(info[key]))
     console.print(facts)
     table = Table(title="per-module spectra of s·B·A")
     for column in ("module", "shape", "r", "scale", "‖ΔW‖", "eff. rank", "singular values"):
@@ -349,7 +414,7 @@ def _print_summary(info: dict, spectra: int) -> None:
     for m in info["modules"]:
         values = ", ".join(f"{x:.3g}" for x in m["singular_values"][:spectra])
         table.add_row(
-            m["name"].removeprefix("base_model.model."),
+            _cell(m["name"].removeprefix("base_model.model.")),
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
             f"{m['scale']:.4g}",

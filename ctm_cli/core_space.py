@@ -329,6 +329,16 @@ def shared_frames_factored(
     return frames
 
 
+def whole_frame(cores: FactoredCores) -> SharedFrame:
+    """The frame that is the whole core space (u = v = I, R × R): CtM's frame at r' = R, where no HOOI is needed
+    since every direction is kept."""
+    size = cores.b.shape[-1]
+    batch = cores.scales.shape[:-1]
+    eye = torch.eye(size, dtype=cores.b.dtype, device=cores.b.device).expand(*batch, size, size)
+    total = cores.norms().square().sum(dim=-1)
+    return SharedFrame(eye, eye, torch.zeros(batch, dtype=torch.int64, device=total.device), total, total, total)
+
+
 def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFrame:
     """The modules `part` of a flat frame, with the leading dimensions `batch` restored."""
     size, rank = frame.u.shape[-2:]
@@ -349,6 +359,8 @@ class Truncation:
     to_b: torch.Tensor  # (..., R or out, k)
     to_a: torch.Tensor  # (..., k, R or in)
     lost_energy: torch.Tensor  # (...,) Σ_{i>k} σ_i² / Σ σ_i² (0 for a zero matrix)
+    left_basis: torch.Tensor  # (..., m, k): the kept left singular vectors, in the merged matrix's coordinates
+    right_basis: torch.Tensor  # (..., n, k): the kept right singular vectors
 
 
 def truncate(
@@ -377,7 +389,8 @@ def truncate(
     energy = s.square()
     total = energy.sum(dim=-1)
     lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return Truncation(to_b, to_a, torch.where(total > 0, lost, torch.zeros_like(total)))
+    lost = torch.where(total > 0, lost, torch.zeros_like(total))
+    return Truncation(to_b, to_a, lost, p[..., :rank], qh[..., :rank, :].mT)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

@@ -63,10 +63,23 @@ class MergeOutput:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; otherwise the named device."""
+    """`auto` picks CUDA when present; otherwise the named device, refused unless it is the CPU or a CUDA
+    device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not one of: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_max_memory(device: torch.device) -> int:
@@ -76,30 +89,48 @@ def default_max_memory(device: torch.device) -> int:
     return CPU_MAX_MEMORY
 
 
-def bytes_per_module(spec: ModuleSpec, factored_cores: bool = False) -> int:
+CoreNumbers = Callable[[ModuleSpec], int]
+
+
+def dense_core_numbers(spec: ModuleSpec) -> int:
+    """Float64 numbers of three T × R × R core stacks (the cores, their balanced copy, one product): the core-space
+    arrays of a method that forms the cores (Method.core_numbers gives each method's own)."""
+    return 3 * len(spec.ranks) * spec.total_rank**2
+
+
+def method_core_numbers(method: Method, rank: int, method_params: dict[str, float]) -> CoreNumbers:
+    """The core-space memory of `method` per module at the requested rank, as planning needs it."""
+
+    def numbers(spec: ModuleSpec) -> int:
+        output_rank = method.output_rank(rank, list(spec.ranks))
+        return method.core_numbers(spec.total_rank, len(spec.ranks), output_rank, method_params)
+
+    return numbers
+
+
+def bytes_per_module(spec: ModuleSpec, core_numbers: CoreNumbers = dense_core_numbers) -> int:
     """Peak working memory of one module on the device for the core-space methods (ctm, core, cat, mtc
     with a linear rule), with the output rank bounded by R: per column of the (out + in) × R factors,
     the stored factors of this wave and of the one read ahead (2 × 2 bytes in bf16, 8 in float32 worst
     case: 16), float32 factors (4), two float64 copies alive in the core-space and report steps (16)
-    and the float32 + float64 outputs (12); plus three float64 T × R × R stacks of cores (the cores,
-    their balanced copy, one product), or with `factored_cores` (ctm) ten float64 R × R matrices (the
-    frames, the two core factors and their balanced scales' products, the HOSVD Grams, HOOI's images)."""
+    and the float32 + float64 outputs (12); plus the method's float64 core-space arrays (`core_numbers`)."""
     columns = (spec.out_features + spec.in_features) * spec.total_rank
-    cores = 10 if factored_cores else 3 * len(spec.ranks)
-    return columns * (16 + 4 + 16 + 12) + cores * spec.total_rank**2 * 8
+    return columns * (16 + 4 + 16 + 12) + core_numbers(spec) * 8
 
 
-def group_bytes(group: list[ModuleSpec], factored_cores: bool = False) -> int:
+def group_bytes(group: list[ModuleSpec], core_numbers: CoreNumbers = dense_core_numbers) -> int:
     """Planned device memory of a group of same-shaped modules."""
-    return len(group) * bytes_per_module(group[0], factored_cores)
+    return len(group) * bytes_per_module(group[0], core_numbers)
 
 
-def wave_bytes(wave: list[list[ModuleSpec]], factored_cores: bool = False) -> int:
+def wave_bytes(wave: list[list[ModuleSpec]], core_numbers: CoreNumbers = dense_core_numbers) -> int:
     """Planned device memory of a wave: its groups' together."""
-    return sum(group_bytes(group, factored_cores) for group in wave)
+    return sum(group_bytes(group, core_numbers) for group in wave)
 
 
-def plan_groups(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[ModuleSpec]]:
+def plan_groups(
+    specs: list[ModuleSpec], max_memory: int, core_numbers: CoreNumbers = dense_core_numbers
+) -> list[list[ModuleSpec]]:
     """Modules of equal shapes and ranks, chunked so that one group fits the memory budget."""
 
     def shape_key(spec: ModuleSpec) -> tuple:
@@ -108,18 +139,20 @@ def plan_groups(specs: list[ModuleSpec], max_memory: int, factored_cores: bool =
     groups = []
     for _, members in groupby(sorted(specs, key=shape_key), key=shape_key):
         members = list(members)
-        size = max(1, max_memory // bytes_per_module(members[0], factored_cores))
+        size = max(1, max_memory // bytes_per_module(members[0], core_numbers))
         groups.extend(members[i : i + size] for i in range(0, len(members), size))
     return groups
 
 
-def plan_waves(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[list[ModuleSpec]]]:
+def plan_waves(
+    specs: list[ModuleSpec], max_memory: int, core_numbers: CoreNumbers = dense_core_numbers
+) -> list[list[list[ModuleSpec]]]:
     """The groups of `plan_groups` packed in order into waves that fit the budget together: a wave is read
     and merged at once, so a method that merges groups together (ctm's one HOOI) sweeps once per wave."""
     waves: list[list[list[ModuleSpec]]] = []
     used = 0
-    for group in plan_groups(specs, max_memory, factored_cores):
-        size = group_bytes(group, factored_cores)
+    for group in plan_groups(specs, max_memory, core_numbers):
+        size = group_bytes(group, core_numbers)
         if waves and used + size <= max_memory:
             waves[-1].append(group)
             used += size

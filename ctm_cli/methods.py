@@ -11,7 +11,7 @@ What the report's figures mean, for every method:
   full-rank merge of that rule. With a nonlinear rule only mtc has a full-rank reference at hand
   (the rule applied to the full updates, which it forms anyway), so it reports the truncation
   error against it; the others report None, as forming that reference would cost what they avoid.
-- truncation_loss (mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r (for
+- truncation_loss (ctm, mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r (for
   a spectral rule, of the weighted sum it cuts before remapping the spectrum).
 """
 
@@ -29,6 +29,7 @@ from ctm_cli.errors import UsageError
 from ctm_cli.rules import (
     Param,
     Rule,
+    isotropic_spectrum,
     linear_coefficients,
     linear_rule_names,
     resolve_params,
@@ -71,12 +72,13 @@ class MergeResult:
     relative_error: torch.Tensor | None  # (G,)
     sweeps: torch.Tensor | None = None  # (G,): HOOI sweeps (ctm)
     frame_energy: torch.Tensor | None = None  # (G,): share of (balanced) energy the frame captures (ctm)
-    truncation_loss: torch.Tensor | None = None  # (G,): energy share dropped by the final cut (mtc, core, knots)
+    truncation_loss: torch.Tensor | None = None  # (G,): energy share dropped by the final cut (ctm, mtc, core, knots)
 
 
 MethodFunction = Callable[[FactorGroup, MergeSettings], MergeResult]
 GroupsFunction = Callable[[list[FactorGroup], list[MergeSettings]], list[MergeResult]]
 RankLimit = Callable[[int, int, int, Rule], int]
+CoreNumbers = Callable[[int, int, int, dict[str, float]], int]
 
 
 def shape_rank_limit(total_rank: int, out_features: int, in_features: int, rule: Rule) -> int:
@@ -94,7 +96,8 @@ class Method:
     default_rule: the rule used when none is given.
     merge_groups: merges several groups (of different shapes) together faster than one by one (ctm's
     batched HOOI); by default each group is merged on its own.
-    factored_cores: the method keeps the T cores as two R × R factors, not T·R² numbers (memory planning).
+    core_numbers: float64 numbers of the core-space arrays one module holds at its peak, from (R, T, the output
+    rank, the method's parameters), for memory planning: three T × R × R stacks by default.
     """
 
     name: str
@@ -108,7 +111,7 @@ class Method:
     params: dict[str, Param] = field(default_factory=dict)
     default_rule: str = "ta"
     merge_groups: GroupsFunction | None = None
-    factored_cores: bool = False
+    core_numbers: CoreNumbers = field(default=lambda total, tasks, rank, params: 3 * tasks * total**2)
 
     def merge_all(self, groups: list[FactorGroup], settings: list[MergeSettings]) -> list[MergeResult]:
         """Merge several groups, each with its settings, together where the method can."""
@@ -202,18 +205,21 @@ def _merge_and_cut(
     settings: MergeSettings,
     left_map: torch.Tensor | None = None,
     right_map: torch.Tensor | None = None,
+    isotropic: bool = False,
 ) -> cs.Truncation:
-    """The rule's result cut to settings.rank by SVD.
+    """The rule's result cut to settings.rank by SVD; with `isotropic`, the kept singular values are then
+    replaced by their mean (Iso-C's spectrum applied after the cut, to any rule).
 
     A spectral rule (iso_c) flattens the spectrum, and a flat spectrum has no best rank-r part, so
     for it the weighted sum is cut first and its top r singular values are remapped: the rule's
     rank-r form. Its lost_energy is then that of the weighted sum.
     """
     rule = settings.rule
+    size = max(stack.shape[-2:])
     if not rule.spectral:
-        return cs.truncate(_apply_rule(stack, settings), settings.rank, left_map, right_map)
+        flat = partial(isotropic_spectrum, params={"lambda": 1.0}, size=size) if isotropic else None
+        return cs.truncate(_apply_rule(stack, settings), settings.rank, left_map, right_map, spectrum=flat)
     total = weighted_sum(stack, settings.weights)
-    size = max(total.shape[-2:])
     spectrum = partial(rule.spectrum, params=settings.rule_params, size=size)
     return cs.truncate(total, settings.rank, left_map, right_map, spectrum=spectrum)
 
@@ -227,27 +233,46 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
     other shapes cost no extra sweeps. The T cores stay factored (two R × R factors instead of T·R² numbers),
     so memory does not grow with T²."""
     spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
-    balanced = [cs.balance_factored(space.cores, each.beta) for space, each in zip(spaces, settings, strict=True)]
     stopping = settings[0].method_params  # one merge's groups share everything but the rank
-    frames = cs.shared_frames_factored(
-        balanced,
-        [each.rank for each in settings],
+    frame_ranks = [frame_rank(s.rank, sum(g.ranks), s.method_params) for g, s in zip(groups, settings, strict=True)]
+    searched = [i for i, (g, wide) in enumerate(zip(groups, frame_ranks, strict=True)) if wide < sum(g.ranks)]
+    frames = {i: cs.whole_frame(space.cores) for i, space in enumerate(spaces) if i not in searched}
+    found = cs.shared_frames_factored(
+        [cs.balance_factored(spaces[i].cores, settings[i].beta) for i in searched],
+        [frame_ranks[i] for i in searched],
         tolerance=stopping.get("hooi_tolerance", cs.HOOI_TOLERANCE),
         max_sweeps=int(stopping.get("max_sweeps", cs.HOOI_MAX_SWEEPS)),
     )
-    return [_ctm_output(*arguments) for arguments in zip(groups, settings, spaces, frames, strict=True)]
+    frames.update(zip(searched, found, strict=True))
+    return [_ctm_output(groups[i], settings[i], spaces[i], frames[i]) for i in range(len(groups))]
+
+
+# CtM's default frame rank: the whole core space (0). The quality benchmark (docs/benchmarks.md, issue 11) chose it:
+# with TSV, the rule sees every task's directions and one cut to r keeps the strongest of all of them.
+DEFAULT_FRAME_RANK = 0
+
+
+def frame_rank(rank: int, total_rank: int, method_params: dict[str, float]) -> int:
+    """Rank r' of CtM's shared frame: `frame_rank` clamped to [r, R], 0 meaning R (the whole core space).
+
+    r' = r is the paper's CtM; a larger r' lets the rule see more of every task before the one cut to r, and
+    r' = R makes the frame the whole core space (no HOOI), where CtM is merge-then-compress run in core space."""
+    wanted = int(method_params.get("frame_rank", DEFAULT_FRAME_RANK))
+    return total_rank if wanted == 0 else min(total_rank, max(rank, wanted))
 
 
 def _ctm_output(
     group: FactorGroup, settings: MergeSettings, space: cs.FactoredCoreSpace, frame: cs.SharedFrame
 ) -> MergeResult:
-    """CtM's output for one group once its frame is known: the rule on the coordinates, cut to rank r."""
+    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
     coordinates = space.cores.project(frame.u, frame.v)
-    merged = _apply_rule(coordinates, settings)
-    cut = cs.truncate(merged, settings.rank, space.left @ frame.u, space.right @ frame.v)
+    isotropic = bool(settings.method_params.get("isotropic", 0))
+    cut = _merge_and_cut(coordinates, settings, space.left @ frame.u, space.right @ frame.v, isotropic)
     lora_b, lora_a = _from_core_maps(group, cut.to_b, cut.to_a)
+    # Each task's energy inside the output's column and row spaces, read in the frame's orthonormal coordinates.
+    inside = cut.left_basis.mT.unsqueeze(-3) @ coordinates @ cut.right_basis.unsqueeze(-3)
     whole = space.cores.norms()
-    kept = torch.linalg.matrix_norm(coordinates).square() / whole.square().clamp_min(1e-300)
+    kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
     return _result(
         group,
         settings,
@@ -256,19 +281,21 @@ def _ctm_output(
         kept_energy=torch.where(whole > 0, kept, torch.ones_like(kept)),
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
+        truncation_loss=cut.lost_energy,
     )
 
 
 @register(
     "ctm",
-    "Compress-then-Merge: shared rank-r frame by HOOI, rule on the r×r coordinates (default rule: iso_c)",
+    "Compress-then-Merge: core space, a shared frame of rank r' (HOOI; default: the whole core space), the rule on "
+    "the r'×r' coordinates, one cut to rank r (default rule: tsv)",
     "r, 1..min(R, out, in)",
-    # Iso-C on the shared frame's coordinates, at λ 1 with no tuning, kept the most of each task's gain on the
-    # quality benchmark (docs/benchmarks.md: 3 seeds, ahead of TIES tuned); with a linear rule CtM equals
-    # merge-then-compress.
-    default_rule="iso_c",
+    # TSV in the whole core space, at λ 1 with no tuning, kept the most of each task's gain on the quality
+    # benchmark (docs/benchmarks.md, issue 11: 8 tasks, 3 seeds, ranks 8/16/32, chosen on val by a rule written
+    # before the runs). The paper's CtM is frame_rank = r (configs/ctm-paper.yaml).
+    default_rule="tsv",
     merge_groups=compress_then_merge_groups,
-    factored_cores=True,
+    core_numbers=lambda total, tasks, rank, params: 10 * total**2 + 4 * tasks * frame_rank(rank, total, params) ** 2,
     params={
         "hooi_tolerance": Param(
             cs.HOOI_TOLERANCE,
@@ -278,6 +305,17 @@ def _ctm_output(
             open_low=True,
         ),
         "max_sweeps": Param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module", integer=True),
+        "frame_rank": Param(
+            DEFAULT_FRAME_RANK,
+            0,
+            1_000_000,
+            "rank r' of the shared frame the rule works in, then cut to --rank; values ≤ --rank: r' = r (the "
+            "paper's CtM); 0: the whole core space R",
+            integer=True,
+        ),
+        "isotropic": Param(
+            0, 0, 1, "1: the r singular values kept by the final cut set to their mean (Iso-C's spectrum)", integer=True
+        ),
     },
 )
 def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:

@@ -17,14 +17,15 @@ import torch
 
 from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
-from ctm_cli.engine import default_max_memory, merge_modules, plan_waves, resolve_device
+from ctm_cli.base_model import BaseModel, resolve_base_model
+from ctm_cli.engine import default_max_memory, merge_modules, method_core_numbers, plan_waves, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
-from ctm_cli.model_card import render_model_card
+from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.plan import describe_plan
 from ctm_cli.publish import check_push_target, push_folder
-from ctm_cli.recipe import DEFAULTS, AdapterEntry, Recipe, dump_recipe, recipe_data
+from ctm_cli.recipe import DEFAULTS, SEED_RANGE, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
@@ -36,6 +37,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
 # Config fields that narrow down which of the target modules PEFT wraps.
 _LAYER_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+# PEFT task types whose model class adds the task's head to modules_to_save and loads it from the adapter.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class MergeRequest:
     private: bool = False
     modules_to_save: str | None = None
     allow_missing: bool = False
+    base_model: str | None = None  # recorded as the base model instead of the inputs' (not compared then)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **options: Any) -> MergeRequest:
@@ -81,6 +85,7 @@ class MergeRequest:
             seed=recipe.seed,
             modules_to_save=recipe.modules_to_save,
             allow_missing=recipe.allow_missing,
+            base_model=recipe.base_model,
             **options,
         )
 
@@ -102,6 +107,9 @@ class _Prepared:
     weights: list[float]
     device: torch.device
     output_dtype: torch.dtype
+    base_model: BaseModel
+    task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
+    warnings: list[str]
 
     def settings(self) -> dict[str, Any]:
         """The resolved settings as the report and the plan show them."""
@@ -116,6 +124,8 @@ class _Prepared:
             "seed": self.request.seed,
             "device": str(self.device),
             "dtype": str(self.output_dtype).removeprefix("torch."),
+            "base_model": self.base_model.name,
+            "base_model_overridden": self.base_model.overridden,
         }
 
     def recipe(self) -> Recipe:
@@ -137,6 +147,7 @@ class _Prepared:
             output=str(request.output),
             modules_to_save=request.modules_to_save,
             allow_missing=request.allow_missing,
+            base_model=request.base_model,
         )
 
     def inputs(self) -> list[dict[str, Any]]:
@@ -159,10 +170,13 @@ def _check_weights(weights: list[float] | None, count: int) -> list[float]:
     return weights
 
 
+def _check_dtype(requested: str | None) -> None:
+    if requested is not None and requested not in DTYPES:
+        raise UsageError(f"--dtype {requested!r} is not one of: {', '.join(DTYPES)}")
+
+
 def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype:
     if requested is not None:
-        if requested not in DTYPES:
-            raise UsageError(f"--dtype {requested!r} is not one of: {', '.join(DTYPES)}")
         return DTYPES[requested]
     found = set().union(*(a.dtypes() for a in adapters))
     return found.pop() if len(found) == 1 else torch.float32
@@ -189,10 +203,13 @@ def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
     return {"target_modules": targets if compact else paths, **dict.fromkeys(_LAYER_FIELDS)}
 
 
-def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None) -> dict[str, Any]:
+def output_config(
+    adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None, decided: dict[str, Any]
+) -> dict[str, Any]:
     """The merged adapter's config: the first input's fields, with the written ranks, scale 1 everywhere
     (alpha = r, per module through rank/alpha patterns where a module's rank differs), targets that wrap
-    exactly the merged modules, and the `modules_to_save` of the kept non-LoRA tensors."""
+    exactly the merged modules, the `modules_to_save` of the kept non-LoRA tensors, and the `decided`
+    fields (base model, task type)."""
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(n.removeprefix(MODEL_PREFIX)): r for n, r in ranks.items() if r != rank}
     config = dict(adapters[0].config)
@@ -206,7 +223,21 @@ def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_sav
         modules_to_save=modules_to_save,
         fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
     )
+    config.update(decided)
     return config
+
+
+def _task_type(adapters: list[Adapter], kept: KeptTensors) -> tuple[str | None, list[str]]:
+    """The task type the output config can carry, and a warning when it cannot keep the inputs': PEFT's
+    classification and question-answering models load their head from the adapter, so an adapter without its
+    head is written as a plain (task-less) LoRA that PEFT loads onto any model class."""
+    task_type = adapters[0].config.get("task_type")
+    if task_type not in _HEAD_TASKS or kept.modules_to_save:
+        return task_type, []
+    return None, [
+        f"task_type {task_type} written as null: PEFT loads a {task_type} adapter only with its head, which is "
+        "not in the merged adapter; loaded onto a model of that task, it keeps the model's own head"
+    ]
 
 
 def _prepare(request: MergeRequest) -> _Prepared:
@@ -216,17 +247,24 @@ def _prepare(request: MergeRequest) -> _Prepared:
     method_params, rule_params = resolve_settings(method, rule, request.rule_params)
     if not 0.0 <= request.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
+    if request.base_model is not None and not request.base_model.strip():
+        raise UsageError("--base-model needs a model name or path, got ''")
+    if not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed must be from -2**63 to 2**64-1, got {request.seed}")
+    _check_dtype(request.dtype)
+    device = resolve_device(request.device)
     check_output(request.output, request.force)
     if request.push_to_hub is not None:
         check_push_target(request.push_to_hub)
     revisions = request.revisions or [None] * len(request.sources)
     sources = [locate_source(source, revision) for source, revision in zip(request.sources, revisions, strict=True)]
     adapters = [Adapter(source.folder, source.source) for source in sources]
+    base_model = resolve_base_model(adapters, request.base_model)
     specs = check_compatible(adapters, request.allow_missing)
     kept = keep_extra_tensors(adapters, request.modules_to_save)
+    task_type, task_warnings = _task_type(adapters, kept)
     weights = _check_weights(request.weights, len(adapters))
     check_rank(specs, request.rank, method, rule)
-    device = resolve_device(request.device)
     max_memory = request.max_memory if request.max_memory is not None else default_max_memory(device)
     return _Prepared(
         request=request,
@@ -238,10 +276,13 @@ def _prepare(request: MergeRequest) -> _Prepared:
         adapters=adapters,
         specs=specs,
         kept=kept,
-        waves=plan_waves(specs, max_memory, method.factored_cores),
+        waves=plan_waves(specs, max_memory, method_core_numbers(method, request.rank, method_params)),
         weights=weights,
         device=device,
         output_dtype=_output_dtype(adapters, request.dtype),
+        base_model=base_model,
+        task_type=task_type,
+        warnings=[*base_model.warnings, *task_warnings],
     )
 
 
@@ -249,7 +290,13 @@ def plan_merge(request: MergeRequest) -> dict:
     """What `run_merge` would do, for --dry-run: every check runs, nothing is merged or written."""
     prepared = _prepare(request)
     plan = describe_plan(
-        prepared.adapters[0], prepared.specs, prepared.waves, prepared.method, request.rank, prepared.output_dtype
+        prepared.adapters[0],
+        prepared.specs,
+        prepared.waves,
+        prepared.method,
+        request.rank,
+        prepared.output_dtype,
+        method_core_numbers(prepared.method, request.rank, prepared.method_params),
     )
     return {
         "dry_run": True,
@@ -258,6 +305,7 @@ def plan_merge(request: MergeRequest) -> dict:
         "settings": prepared.settings(),
         "inputs": prepared.inputs(),
         "recipe": recipe_data(prepared.recipe()),
+        "warnings": prepared.warnings,
         **plan,
     }
 
@@ -310,19 +358,22 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         on_progress,
     )
     ranks = {s.name: s.output_rank for s in merged.stats}
-    config = output_config(prepared.adapters, ranks, prepared.kept.modules_to_save)
+    decided = {"base_model_name_or_path": prepared.base_model.name, "task_type": prepared.task_type}
+    config = output_config(prepared.adapters, ranks, prepared.kept.modules_to_save, decided)
     report_settings = {**prepared.settings(), "rank": config["r"]}
     inputs = hashed_inputs()
     recipe = prepared.recipe()
     report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
     report["recipe"] = recipe_data(recipe)
     report["extra_tensors"] = prepared.kept.report
+    report["warnings"] = prepared.warnings
     metadata = {
         "format": "pt",
         "ctm_version": __version__,
         "ctm_settings": json.dumps(report_settings, sort_keys=True),
         "ctm_inputs": json.dumps([{"source": i["source"], "sha256": i["sha256"]} for i in inputs]),
     }
+    model_id = request.push_to_hub or request.output.absolute().name
     write_adapter(
         request.output,
         merged.tensors | prepared.kept.tensors,
@@ -332,7 +383,7 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
             "merge_report.json": json.dumps(report, indent=2) + "\n",
             "merge_report.md": render_markdown(report),
             "recipe.yaml": dump_recipe(recipe),
-            "README.md": render_model_card(report, request.push_to_hub or request.output.absolute().name),
+            "README.md": render_model_card(report, model_id, loading_class(prepared.adapters[0].config)),
         },
         request.force,
     )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ctm_cli.adapter import Adapter
-from ctm_cli.engine import group_bytes, wave_bytes
+from ctm_cli.engine import CoreNumbers, group_bytes, wave_bytes
 from ctm_cli.methods import Method
 from ctm_cli.validate import ModuleSpec
 
@@ -50,6 +50,7 @@ def describe_plan(
     method: Method,
     rank: int,
     dtype: torch.dtype,
+    core_numbers: CoreNumbers,
 ) -> dict[str, Any]:
     """The plan as plain data: every module with its shape and ranks, the device groups (merged a wave at a
     time) and the estimates."""
@@ -59,7 +60,7 @@ def describe_plan(
             "shape": [group[0].out_features, group[0].in_features],
             "ranks": list(group[0].ranks),
             "modules": len(group),
-            "device_bytes": group_bytes(group, method.factored_cores),
+            "device_bytes": group_bytes(group, core_numbers),
         }
         for wave_index, wave in enumerate(waves)
         for group in wave
@@ -76,6 +77,6 @@ def describe_plan(
         ],
         "groups": group_rows,
         "waves": len(waves),
-        "estimated_device_bytes": max(wave_bytes(wave, method.factored_cores) for wave in waves),
+        "estimated_device_bytes": max(wave_bytes(wave, core_numbers) for wave in waves),
         "estimated_output_bytes": safetensors_bytes(output_shapes(adapter, specs, method, rank), dtype),
     }

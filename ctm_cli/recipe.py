@@ -15,6 +15,7 @@ Schema (every key but `adapters` is optional; defaults as for `ctm merge`):
     dtype: null                   # float32 | float16 | bfloat16 | null (the inputs' dtype)
     device: auto
     output: merged/
+    base_model: null              # the base model to record when the inputs name it differently (or not at all)
 """
 
 from __future__ import annotations
@@ -31,10 +32,19 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ctm_cli import __version__
 from ctm_cli.errors import UsageError
+from ctm_cli.untrusted import TooLargeError, read_limited
 
 ADAPTER_KEYS = ("source", "weight", "revision")
-_STRING_TAG = "tag:yaml.org,2002:str"
-_NULL_TAG = "tag:yaml.org,2002:null"
+_YAML_TAG = "tag:yaml.org,2002:"
+_STRING_TAG = _YAML_TAG + "str"
+_NULL_TAG = _YAML_TAG + "null"
+# The YAML tags a recipe may hold (what plain YAML resolves to); any other (`!!python/name:...`, `!!binary`, a
+# local `!tag`) is refused by name.
+_ALLOWED_TAGS = {
+    _YAML_TAG + name for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")
+}
+RECIPE_LIMIT = 16 * 1024**2  # bytes read of a recipe at most: a recipe is small; /dev/zero is not a recipe
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class Recipe:
     output: str | None = None
     modules_to_save: str | None = None
     allow_missing: bool = False
+    base_model: str | None = None  # None: the inputs' own base model, which must agree
 
 
 RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
@@ -101,6 +112,8 @@ class _Reader:
         """A scalar as written (so `revision: 2024` is the tag "2024", not a number)."""
         if not isinstance(node, ScalarNode) or node.tag == _NULL_TAG or node.value == "":
             self.fail(node, key, f"expected text, got {_describe(node)}")
+        if "\x00" in node.value:  # no path or name holds one; the OS would refuse it later
+            self.fail(node, key, "contains a NUL character")
         return node.value
 
     def optional_text(self, node: Node, key: str) -> str | None:
@@ -129,7 +142,29 @@ class _Reader:
         return value
 
     def _scalar(self, node: Node) -> Any:
-        return self._constructor.construct_object(node, deep=True) if isinstance(node, ScalarNode) else None
+        """The scalar's value, or None for anything that is not a well-formed scalar (`!!int abc`)."""
+        if not isinstance(node, ScalarNode):
+            return None
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+            return None
+
+    def refuse_odd_tags(self, document: Node) -> None:
+        """Refuse, by line and name, any YAML tag beyond plain YAML's (every node visited once, aliases too)."""
+        pending, seen = [document], set()
+        while pending:
+            node = pending.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.tag not in _ALLOWED_TAGS:
+                tag = "!!" + node.tag.removeprefix(_YAML_TAG) if node.tag.startswith(_YAML_TAG) else node.tag
+                raise UsageError(f"{self.name}:{node.start_mark.line + 1}: YAML tag {tag} is not allowed in a recipe")
+            if isinstance(node, MappingNode):
+                pending.extend(item for pair in node.value for item in pair)
+            elif isinstance(node, SequenceNode):
+                pending.extend(node.value)
 
 
 def _describe(node: Node) -> str:
@@ -173,6 +208,7 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
         "output": reader.optional_text,
         "modules_to_save": reader.optional_text,
         "allow_missing": reader.boolean,
+        "base_model": reader.optional_text,
     }
     settings = {key: read(values[key], key) for key, read in readers.items() if key in values}
     if "params" in values:
@@ -182,6 +218,8 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
         reader.fail(values["rank"], "rank", f"must be 0 (full rank: core, knots) or positive, got {settings['rank']}")
     if not 0.0 <= settings.get("beta", 1.0) <= 1.0:
         reader.fail(values["beta"], "beta", f"must be in [0, 1], got {settings['beta']}")
+    if not SEED_RANGE[0] <= settings.get("seed", 0) <= SEED_RANGE[1]:
+        reader.fail(values["seed"], "seed", f"must be from -2**63 to 2**64-1, got {settings['seed']}")
     return settings
 
 
@@ -193,9 +231,12 @@ def parse_recipe(text: str, name: str) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark is not None else name
         raise UsageError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{name}: not a recipe (lists or mappings nested too deeply)") from exc
     if document is None:
         raise UsageError(f"{name}: empty recipe (it needs at least `adapters:`)")
     reader = _Reader(name)
+    reader.refuse_odd_tags(document)
     values = reader.mapping(document, "", RECIPE_KEYS)
     if "adapters" not in values:
         reader.fail(document, "adapters", "missing (list two or more adapters, each with a `source:`)")
@@ -205,8 +246,8 @@ def parse_recipe(text: str, name: str) -> Recipe:
 def load_recipe(path: Path) -> Recipe:
     """A recipe from a YAML file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_limited(path, RECIPE_LIMIT).decode("utf-8")
+    except (OSError, UnicodeDecodeError, TooLargeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"{path}: cannot read the recipe ({reason})") from exc
     return parse_recipe(text, str(path))

@@ -11,6 +11,7 @@ from typing import Any
 from ctm_cli import __version__
 from ctm_cli.adapter import Adapter
 from ctm_cli.engine import ModuleStats
+from ctm_cli.untrusted import printable
 
 WORST_SHOWN = 5
 
@@ -110,11 +111,13 @@ def _quirk_lines(report: dict[str, Any]) -> list[str]:
         f"- non-LoRA tensor {entry['key']}: {entry['action']} ({', '.join(entry['from'])})"
         for entry in report.get("extra_tensors", [])
     ]
+    lines += [f"- warning: {warning}" for warning in report.get("warnings", [])]
     return ["", "Quirks handled:", "", *lines] if lines else []
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """A short human summary: settings, inputs, totals and the worst modules first."""
+    """A short human summary: settings, inputs, totals and the worst modules first (text from the inputs
+    escaped: no control characters)."""
     settings, summary = report["settings"], report["summary"]
     lines = [
         "# ctm merge report",
@@ -148,4 +151,4 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     lines += _quirk_lines(report)
     lines += ["", "Per-module figures are in merge_report.json.", ""]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -56,7 +56,8 @@ def _missing_message(holder: Adapter, lacking: Adapter, names: list[str]) -> str
 
 
 def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> list[ModuleSpec]:
-    """The modules to merge, after checking base model, module sets and shapes agree across adapters.
+    """The modules to merge, after checking module sets and shapes agree across adapters (base models are
+    compared by base_model.resolve_base_model).
 
     With `allow_missing`, a module some adapters lack is merged with rank 0 (a zero update) for them.
     """
@@ -64,10 +65,6 @@ def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> li
         raise UsageError("a merge needs at least two adapters")
     for adapter in adapters:
         _refuse_unsupported(adapter)
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1:
-        listing = "; ".join(f"{a.source}: {a.base_model}" for a in adapters)
-        raise IncompatibleError(f"adapters were trained on different base models ({listing})")
     names = sorted(set().union(*(a.modules for a in adapters)))
     if not allow_missing:
         for holder in adapters:

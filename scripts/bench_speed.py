@@ -221,9 +221,10 @@ def ctm_in_process(
     """The merge alone (`run_merge`) in this process, the device's peak memory during it and the engine's
     estimate of that peak (the largest wave's bytes_per_module sum); with `profile`, a cProfile listing."""
     from ctm_cli.adapter import Adapter
-    from ctm_cli.engine import default_max_memory, plan_waves, wave_bytes
-    from ctm_cli.methods import get_method
+    from ctm_cli.engine import default_max_memory, method_core_numbers, plan_waves, wave_bytes
+    from ctm_cli.methods import get_method, resolve_settings
     from ctm_cli.pipeline import MergeRequest, run_merge
+    from ctm_cli.rules import get_rule
     from ctm_cli.validate import check_compatible
 
     options = {} if max_memory is None else {"max_memory": max_memory * 1024**2}
@@ -237,8 +238,10 @@ def ctm_in_process(
         **options,
     )
     budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
-    factored = get_method(request.method).factored_cores
-    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, factored)
+    method = get_method(request.method)
+    method_params, _ = resolve_settings(method, get_rule(request.rule or method.default_rule), params)
+    numbers = method_core_numbers(method, rank, method_params)
+    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, numbers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
@@ -258,7 +261,7 @@ def ctm_in_process(
         "groups": sum(len(wave) for wave in waves),
         "waves": len(waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "estimated_device_bytes": max(wave_bytes(wave, factored) for wave in waves),
+        "estimated_device_bytes": max(wave_bytes(wave, numbers) for wave in waves),
     }
 
 

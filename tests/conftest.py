@@ -11,6 +11,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import copy
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def save_peft_adapter(model, folder: Path, seed: int, base_model: str, **lora_op
 
     config = LoraConfig(init_lora_weights=False, **lora_options)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
+    with warnings.catch_warnings():  # transformers' deprecation notice raised inside PEFT, not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(folder)
     config_path = folder / "adapter_config.json"
     saved = json.loads(config_path.read_text())
@@ -233,3 +236,11 @@ def stored_dtypes(folder: Path) -> set[str]:
     """The safetensors dtype names (F32, BF16, ...) of an adapter's stored tensors."""
     with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
         return {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 (not a dict)
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A fresh folder holding everything one ctm run could touch, and `refuses` to check a refusal (sandbox.py)."""
+    from sandbox import Sandbox
+
+    return Sandbox(tmp_path / "sandbox", monkeypatch)

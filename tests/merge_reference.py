@@ -191,16 +191,25 @@ def cut_rule(rule: Rule, rank: int, name: str = "", w: Sequence[float] = (), lam
     return lambda xs: truncated(rule(xs), rank)
 
 
+def flattened(x: np.ndarray) -> np.ndarray:
+    """x with its numerically nonzero singular values replaced by their mean (Iso-C's spectrum)."""
+    u, s, vh = np.linalg.svd(x, full_matrices=False)
+    present = s > max(x.shape) * EPS * s[0]
+    return s[present].mean() * u[:, present] @ vh[present]
+
+
 def draws(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The uniform float32 draws torch makes for a stack of `shape` from a fresh generator with `seed`."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
 
 
-def ctm(bs, as_, rank: int, rule: Rule, beta: float = 1.0) -> np.ndarray:
-    """CtM: QR core space, HOOI frame of the balanced cores, rule on uᵀ C_t v, Q_B u M vᵀ Q_Aᵀ."""
+def ctm(bs, as_, rank: int, rule: Rule, beta: float = 1.0, cut: Callable | None = None) -> np.ndarray:
+    """CtM: QR core space, HOOI frame of the balanced cores at rank r' = `rank`, rule on uᵀ C_t v, then
+    (with `cut`, see cut_rule) the merge-and-cut to the output rank; Q_B u M vᵀ Q_Aᵀ."""
     space = qr_core_space(as_, bs, [1.0] * len(bs))
     frame = hooi(balance(space.cores, beta), rank)
-    merged = rule([frame.u.T @ c @ frame.v for c in space.cores])
+    coordinates = [frame.u.T @ c @ frame.v for c in space.cores]
+    merged = rule(coordinates) if cut is None else cut(coordinates)[0]
     return space.q_b @ frame.u @ merged @ frame.v.T @ space.q_a.T
 
 

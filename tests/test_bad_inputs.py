@@ -1,5 +1,6 @@
-"""Every bad input: one `ctm: error:` line naming the file and the cause, a documented exit code, and no
-output folder created or changed; interrupts and write failures leave nothing behind."""
+"""Every bad input: one `ctm: error:` line naming the file and the cause, a documented exit code, and nothing
+created or changed (each refusal runs in a sandbox, tests/sandbox.py); interrupts and write failures leave
+nothing behind. More bad inputs: test_bad_inputs_catalog.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from conftest import fails, listing, run_ctm, single_error_line
 from safetensors.torch import load_file, save_file
+from sandbox import run_as_user
 
 import ctm_cli.engine
 import ctm_cli.writer
@@ -40,6 +42,12 @@ def good(make_adapter) -> Path:
 def other(make_adapter, tmp_path) -> Path:
     """A private, writable copy of a second valid adapter (r=4), for the tests to break."""
     return Path(shutil.copytree(make_adapter(r=4, alpha=8, seed=32, targets=TARGETS), tmp_path / "other"))
+
+
+@pytest.fixture
+def pair_in(sandbox, good, make_adapter) -> tuple[Path, Path]:
+    """A valid adapter and a writable copy of a second one (for the test to break), both in the sandbox."""
+    return sandbox.copy(good, "good"), sandbox.copy(make_adapter(r=4, alpha=8, seed=32, targets=TARGETS), "other")
 
 
 def edit_config(folder: Path, **changes) -> Path:
@@ -144,15 +152,14 @@ CASES: dict[str, Callable[[Path], tuple[Path, int, list[str]]]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_adapter(case, good, other, out_parent):
+def test_bad_adapter(case, sandbox, pair_in):
+    good, other = pair_in
     named, code, words = CASES[case](other)
-    line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4"], code, out_parent)
-    assert str(named) in line
-    for word in words:
-        assert word in line, (word, line)
+    sandbox.refuses(["merge", good, other, "-o", sandbox.out, "--rank", "4"], code, str(named), *words)
 
 
-def test_legacy_pickle_with_code_never_runs(good, other, out_parent, tmp_path):
+def test_legacy_pickle_with_code_never_runs(sandbox, pair_in, tmp_path):
+    good, other = pair_in
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -160,8 +167,10 @@ def test_legacy_pickle_with_code_never_runs(good, other, out_parent, tmp_path):
             return (Path.touch, (marker,))
 
     to_legacy_bin(other, {A_KEY: Payload()})
-    line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4"], 3, out_parent)
-    assert str(other / "adapter_model.bin") in line and "weights-only" in line
+    args = ["merge", good, other, "-o", sandbox.out, "--rank", "4"]
+    line = sandbox.refuses(args, 3, str(other / "adapter_model.bin"))
+    assert "weights-only" in line and "safetensors" in line and "it calls " in line
+    assert "weights_only" not in line and "allowlist" not in line  # torch's advice to load unsafely is not passed on
     assert not marker.exists()
     torch.load(other / "adapter_model.bin", weights_only=False)  # the payload is live: unsafe loading runs it
     assert marker.exists()
@@ -173,21 +182,19 @@ def test_legacy_bin_of_plain_tensors_merges(good, other, out_parent):
     assert result.exit_code == 0, result.stderr
 
 
-def test_single_adapter(good, out_parent):
-    line = fails(["merge", good, "-o", out_parent / "out", "--rank", "4"], 2, out_parent)
-    assert "at least two adapters" in line
+def test_single_adapter(sandbox, pair_in):
+    sandbox.refuses(["merge", pair_in[0], "-o", sandbox.out, "--rank", "4"], 2, "at least two adapters")
 
 
 @pytest.mark.parametrize("rank", ["0", "-3"])
-def test_rank_not_positive(good, other, out_parent, rank):
-    line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", rank], 2, out_parent)
-    assert f"got {rank}" in line
+def test_rank_not_positive(sandbox, pair_in, rank):
+    sandbox.refuses(["merge", *pair_in, "-o", sandbox.out, "--rank", rank], 2, "--rank", f"got {rank}")
 
 
 @pytest.mark.parametrize("weights", ["1,nan", "inf,1", "1,-inf"])
-def test_weights_not_finite(good, other, out_parent, weights):
-    line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4", "--weights", weights], 2, out_parent)
-    assert "--weights must be finite" in line
+def test_weights_not_finite(sandbox, pair_in, weights):
+    args = ["merge", *pair_in, "-o", sandbox.out, "--rank", "4", "--weights", weights]
+    sandbox.refuses(args, 2, "--weights must be finite")
 
 
 @pytest.mark.parametrize(
@@ -198,9 +205,8 @@ def test_weights_not_finite(good, other, out_parent, weights):
     ],
     ids=["float32", "float16-output"],
 )
-def test_merged_factors_overflow(good, other, out_parent, options, code, words):
-    line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4", *options], code, out_parent)
-    assert words in line and "model.layers." in line
+def test_merged_factors_overflow(sandbox, pair_in, options, code, words):
+    sandbox.refuses(["merge", *pair_in, "-o", sandbox.out, "--rank", "4", *options], code, words, "model.layers.")
 
 
 def test_negative_weights_are_task_negation(good, other, out_parent):
@@ -208,9 +214,10 @@ def test_negative_weights_are_task_negation(good, other, out_parent):
     assert result.exit_code == 0, result.stderr
 
 
-def test_unknown_modules_to_save_policy(good, other, out_parent):
-    line = fails(["merge", good, other, "-o", out_parent / "out", "--modules-to-save", "keep"], 2, out_parent)
-    assert "drop, first, mean" in line
+def test_unknown_modules_to_save_policy(sandbox, pair_in):
+    sandbox.refuses(
+        ["merge", *pair_in, "-o", sandbox.out, "--modules-to-save", "keep"], 2, "--modules-to-save", "drop, first, mean"
+    )
 
 
 # ---------------------------------------------------------------- output location
@@ -222,20 +229,8 @@ def test_output_folder_not_writable(good, other, tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir()
     parent.chmod(0o500)
-    prefix = []
     try:
-        if os.access(parent, os.W_OK):
-            if shutil.which("setpriv") is None:
-                pytest.skip("running as root and setpriv is not available to drop CAP_DAC_OVERRIDE")
-            prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-        args = ["merge", str(good), str(other), "-o", str(parent / "out"), "--rank", "4"]
-        result = subprocess.run(
-            [*prefix, sys.executable, "-m", "ctm_cli", *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            timeout=120,
-        )
+        result = run_as_user(["merge", good, other, "-o", parent / "out", "--rank", "4"])
         assert result.returncode == 5, result.stderr
         line = single_error_line(result.stderr)
         assert line == f"ctm: error: {parent}: not writable"

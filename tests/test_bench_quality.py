@@ -20,11 +20,13 @@ from quality_merges import (
     default_spec,
     next_lambdas,
     parse_catalog,
+    parse_variant,
     select,
     tuning_specs,
 )
 from quality_metrics import (
     best_config,
+    check_label_words,
     gain_retention,
     label_words,
     leave_one_task_out,
@@ -194,6 +196,41 @@ def test_merge_spec_cli_args_and_names():
     ]  # fmt: skip
     assert spec.label == "ctm+ties r=16 β=0.25 density=0.25 λ=0.5"
     assert spec.folder_name == "ctm-ties-r16-b0.25-density0.25-lambda0.5-s1"
+
+
+def test_variants_fix_settings_in_multiples_of_the_rank():
+    tsv = RuleInfo("tsv", False, {"lambda": 1.0})
+    ctm = MethodInfo("ctm", takes_beta=True)
+    variant = parse_variant("ctm+tsv:frame_rank=2r,beta=0.25")
+    spec = variant.spec(ctm, tsv, 16, seed=2)
+    assert spec.combo == "ctm+tsv[frame_rank=2r,beta=0.25]"
+    assert spec.label == "ctm+tsv[frame_rank=2r,beta=0.25] r=16 β=0.25 frame_rank=32 λ=1"
+    assert spec.cli_args()[-6:] == ["--beta", "0.25", "--param", "frame_rank=32.0", "--param", "lambda=1.0"]
+    assert variant.spec(ctm, tsv, 8, seed=2).param("frame_rank") == 16
+    assert "[" not in spec.folder_name and "," not in spec.folder_name
+    grid = Grid(betas=(0.0, 1.0), merge_params={"density": (0.1,)})
+    tuned = tuning_specs(ctm, tsv, [16], grid, 0, variant)
+    assert [(s.beta, s.param("frame_rank")) for s in tuned] == [(0.25, 32)]  # β fixed by the variant: not tuned
+    whole = parse_variant("ctm+ties:frame_rank=0")
+    ties = RuleInfo("ties", False, {"density": 0.2})
+    tuned = tuning_specs(ctm, ties, [8], grid, 0, whole)
+    assert [(s.beta, s.param("frame_rank"), s.param("density")) for s in tuned] == [(0.0, 0, 0.1), (1.0, 0, 0.1)]
+
+
+@pytest.mark.parametrize(
+    "text", ["ctm+tsv", "ctm:frame_rank=2", "ctm+tsv:frame_rank", "ctm+tsv:frame_rank=xr", "+ta:a=1"]
+)
+def test_bad_variants_are_refused(text):
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant(text)
+
+
+def test_label_words_must_be_present_and_distinct():
+    check_label_words("trec", ["DESC", "ENTY", "ABBR"])
+    with pytest.raises(ValueError, match=r"task 'emoji': class '😀' has no label words"):
+        check_label_words("emoji", ["happy", "😀"])
+    with pytest.raises(ValueError, match=r"classes 'not-offensive' and 'not offensive' both read 'not offensive'"):
+        check_label_words("tweets", ["not-offensive", "not offensive"])
 
 
 def _final(kind, combo, gr_a, gr_b, beta=None):

@@ -35,6 +35,7 @@ def _ta_settings(rank: int, tasks: int, beta: float = 1.0) -> MergeSettings:
         rule_params={"lambda": 1.0},
         weights=torch.ones(tasks, dtype=torch.float64, device=DEVICE),
         beta=beta,
+        method_params={"frame_rank": rank},  # ctm: DESIGN's CtM, a HOOI frame of the output rank
     )
 
 
@@ -162,14 +163,15 @@ def test_device_memory_stays_within_the_estimate(make_adapter) -> None:
     wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
     adapters = [Adapter(make_adapter(r=16, seed=seed, model_overrides=wider)) for seed in range(4)]
     specs = check_compatible(adapters)
-    waves = engine.plan_waves(specs, 10**10, factored_cores=True)
+    numbers = engine.method_core_numbers(get_method("ctm"), 16, {})
+    waves = engine.plan_waves(specs, 10**10, numbers)
     for _ in range(2):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
         engine.merge_modules(adapters, waves, get_method("ctm"), _ta_settings(16, 4), DEVICE, torch.float32)
     peak = torch.cuda.max_memory_allocated() - baseline
-    estimate = max(sum(len(g) * engine.bytes_per_module(g[0], True) for g in wave) for wave in waves)
+    estimate = max(sum(len(g) * engine.bytes_per_module(g[0], numbers) for g in wave) for wave in waves)
     assert peak <= estimate + 4 * 2**20, (peak, estimate)
 
 

@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 import ctm_cli.pipeline
 from ctm_cli.adapter import Adapter
 from ctm_cli.cli import app
-from ctm_cli.engine import bytes_per_module
+from ctm_cli.engine import bytes_per_module, method_core_numbers
 from ctm_cli.errors import EXIT_CODES
-from ctm_cli.model_card import render_model_card
+from ctm_cli.methods import get_method
+from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.validate import ModuleSpec
 
 FLOAT32 = 4
@@ -90,9 +91,10 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     # Groups: one per distinct shape, every module in exactly one; device bytes from the engine's formula.
     assert sum(g["modules"] for g in plan["groups"]) == 14
     assert sorted(tuple(g["shape"]) for g in plan["groups"]) == sorted({tuple(s) for s in shapes.values()})
+    numbers = method_core_numbers(get_method("ctm"), 4, plan["settings"]["method_params"])
     for group in plan["groups"]:
         spec = ModuleSpec("m", *group["shape"], ranks=tuple(group["ranks"]), embedding=False)
-        assert group["device_bytes"] == group["modules"] * bytes_per_module(spec, factored_cores=True)  # ctm
+        assert group["device_bytes"] == group["modules"] * bytes_per_module(spec, numbers)
     # Waves: groups merged together within the budget; the estimate is the largest wave's.
     assert plan["waves"] == 1 and {g["wave"] for g in plan["groups"]} == {0}
     assert plan["estimated_device_bytes"] == sum(g["device_bytes"] for g in plan["groups"])
@@ -174,7 +176,7 @@ def test_model_card(merged, pair):
     body = text.split("---\n", 2)[2]
     for path in pair:
         assert f"| {path} | local |" in body
-    for row in ("| method | ctm |", "| rule | iso_c |", "| rank | 4 |"):
+    for row in ("| method | ctm |", "| rule | tsv |", "| rank | 4 |"):
         assert row in body
     assert "PeftModel.from_pretrained(base, 'out')" in body
     assert {"README.md", "recipe.yaml", "merge_report.json", "merge_report.md"} <= set(listing(out))
@@ -184,7 +186,8 @@ def test_model_card_leaves_local_base_paths_out_of_the_metadata(merged):
     report = json.loads((merged[0] / "merge_report.json").read_text())
     for item in report["inputs"]:
         item["base_model"] = "/models/llama|base"
-    text = render_model_card(report, "merged")
+    report["settings"]["base_model"] = "/models/llama|base"
+    text = render_model_card(report, "merged", loading_class({"task_type": "CAUSAL_LM"}))
     front = yaml.safe_load(text.split("---\n")[1])
     assert "base_model" not in front and front["library_name"] == "peft"
     assert "AutoModelForCausalLM.from_pretrained('/models/llama|base')" in text
@@ -284,13 +287,15 @@ def test_shell_completion():
 
 
 def test_compare_merges_measures_how_far_two_merges_are(pair, tmp_path):
-    """scripts/compare_merges.py: zero against itself; a merge with HOOI cut to one sweep against the default."""
+    """scripts/compare_merges.py: zero against itself; a merge with HOOI cut to one sweep against the converged
+    one (the paper's CtM: a frame of the output rank, found by HOOI)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from compare_merges import module_differences, report_figures
 
     exact, rough = tmp_path / "exact", tmp_path / "rough"
-    assert run_ctm("merge", *pair, "--rank", "4", "-o", exact, "--quiet").exit_code == 0
-    assert run_ctm("merge", *pair, "--rank", "4", "--param", "max_sweeps=1", "-o", rough, "--quiet").exit_code == 0
+    paper = ["merge", *pair, "--rank", "4", "--param", "frame_rank=4", "--quiet"]
+    assert run_ctm(*paper, "-o", exact).exit_code == 0
+    assert run_ctm(*paper, "--param", "max_sweeps=1", "-o", rough).exit_code == 0
     same = module_differences(Adapter(exact), Adapter(exact))
     assert len(same) == 14 and max(same.values()) == 0.0
     apart = module_differences(Adapter(rough), Adapter(exact))

@@ -68,7 +68,7 @@ def test_defaults():
     assert recipe == Recipe(adapters=(AdapterEntry("a"), AdapterEntry("b")))
     assert (recipe.method, recipe.rule, recipe.rank, recipe.beta, recipe.seed, recipe.device) == (
         "ctm",
-        None,  # the method's default rule: iso_c for ctm (methods.Method.default_rule)
+        None,  # the method's default rule: tsv for ctm (methods.Method.default_rule)
         16,
         1.0,
         0,
@@ -230,9 +230,9 @@ def test_recipe_yaml_repeats_the_merge(pair, tmp_path):
     written = first / "recipe.yaml"
     assert load_recipe(written) == Recipe(
         adapters=(AdapterEntry(str(pair[0]), 1.0), AdapterEntry(str(pair[1]), -0.5)),
-        rule="iso_c",  # ctm's default rule, written out resolved
+        rule="tsv",  # ctm's default rule, written out resolved
         rank=6,
-        params={"lambda": 0.8, "hooi_tolerance": 1e-10, "max_sweeps": 500},
+        params={"lambda": 0.8, "hooi_tolerance": 1e-10, "max_sweeps": 500, "frame_rank": 0, "isotropic": 0},
         beta=0.3,
         seed=5,
         dtype="float32",
