@@ -578,7 +578,16 @@ def robustmerge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
 
 
 def iso_cts_split(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
-    """(common size k, per-task size s) with k + T·s = r, as Iso-CTS splits its rank budget."""
+    """(common size k, per-task size s) with k + T·s = r: s = ⌊(r − ⌊r·f⌋)/T + ½⌋ (half up), at most ⌊r/T⌋.
+
+    Neither reference code rounds this way. Iso-CTS's code splits the full rank n = min(out, in) by the same
+    formula but with Python's round (half to even); applied at the CtM paper's setting (r 16, T 8, f 0.8:
+    (16 − 12)/8 = ½) that gives s = 0, no task-specific directions at all. The CtM paper's code fixes s = 1,
+    k = r − T (and needs r > T).
+    Half up keeps Iso-CTS's share f and gives the CtM code's split wherever ½ ≤ (r − ⌊r·f⌋)/T < 3/2 (r 16
+    or 32 with T 8, r 16 with T 6); elsewhere s follows f (T 2, r 16: s 2, where the CtM code keeps 1; r 8,
+    T 8: s 0, where the CtM code refuses to run).
+    """
     per_task = math.floor((rank - math.floor(rank * common_fraction)) / tasks + 0.5)
     per_task = min(per_task, rank // tasks)
     return rank - tasks * per_task, per_task
@@ -594,8 +603,9 @@ def iso_cts_split(rank: int, tasks: int, common_fraction: float) -> tuple[int, i
 def iso_cts(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """Iso-CTS (Marczak et al. 2025) at rank r, exactly, in core space.
 
-    X_t = c_t C_t, Σ = Σ_t X_t. Split r into k common and s per task as the paper does: s =
-    round_half_up((r − ⌊r·iso_common⌋)/T) (at most ⌊r/T⌋), k = r − T·s. Common: the top-k singular
+    X_t = c_t C_t, Σ = Σ_t X_t. Split r into k common and s per task (iso_cts_split: s =
+    round_half_up((r − ⌊r·iso_common⌋)/T), at most ⌊r/T⌋, k = r − T·s; at r 16 and T 8 that is the CtM
+    paper code's k = r − T, s = 1, not Iso-CTS's half-to-even rounding). Common: the top-k singular
     triplets (U_c, σ_c, V_c) of Σ. Task t: the top-s triplets of its residual X_t − U_c U_cᵀ X_t.
     The r left and r right vectors are each orthogonalised (polar factor) and the spectrum set to the
     mean σ̄ of the r chosen singular values: ΔW = σ̄ · U* V*ᵀ.

@@ -98,6 +98,16 @@ RULES: dict[str, Rule] = {}
 LAMBDA = Param(1.0, -1e6, 1e6, "scaling λ applied to the merged matrix")
 DENSITY = Param(0.2, 0.0, 1.0, "fraction of entries kept by magnitude", open_low=True)
 SIGN_COUNT = Param(0, 0, 1, "sign election: 0 = by total mass (TIES), 1 = by count (even split: by mass)", integer=True)
+# How many of a matrix's d entries a trim to density ρ keeps (TRIM_COUNT's values).
+TRIM_NEAREST, TRIM_REFERENCE, TRIM_PEFT = 0, 1, 2
+TRIM_COUNT = Param(
+    TRIM_NEAREST,
+    TRIM_NEAREST,
+    TRIM_PEFT,
+    "entries a trim keeps of d: 0 = round(ρ·d), at least 1; 1 = ⌊ρ·d⌋+1 (the TIES and CtM papers' code); "
+    "2 = ⌊ρ·d⌋ (PEFT)",
+    integer=True,
+)
 DROP_RATE = Param(0.9, 0.0, 1.0, "probability p of dropping an entry (kept ones are scaled by 1/(1-p))", open_high=True)
 
 
@@ -143,21 +153,32 @@ def weighted_sum(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (stack * _task_weights(stack, weights)).sum(dim=-3)
 
 
-def kept_count(size: int, density: float) -> int:
-    """How many of `size` entries a density keeps: the nearest whole number, at least 1."""
+def kept_count(size: int, density: float, trim_count: int = TRIM_NEAREST) -> int:
+    """How many of `size` entries a density keeps (at most `size`), by the counting rule `trim_count`.
+
+    TRIM_NEAREST: the nearest whole number, at least 1. TRIM_REFERENCE: ⌊ρ·d⌋+1, what the TIES and CtM
+    reference code keeps (the mask |x| ≥ the (d−⌊ρ·d⌋)-th smallest magnitude). TRIM_PEFT: ⌊ρ·d⌋, PEFT's
+    top-k, which keeps nothing when ρ·d < 1.
+    """
+    if trim_count == TRIM_REFERENCE:
+        return min(size, math.floor(density * size) + 1)
+    if trim_count == TRIM_PEFT:
+        return min(size, math.floor(density * size))
     return min(size, max(1, math.floor(density * size + 0.5)))
 
 
-def top_fraction_mask(matrices: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of each (m, n) matrix's `kept_count(m·n, density)` largest-magnitude entries.
+def top_fraction_mask(matrices: torch.Tensor, density: float, trim_count: int = TRIM_NEAREST) -> torch.Tensor:
+    """Boolean mask of each (m, n) matrix's `kept_count(m·n, density, trim_count)` largest-magnitude entries.
 
-    Entries tied with the smallest kept magnitude are all kept; an empty matrix (a rank-0 input) keeps nothing.
+    Entries tied with the smallest kept magnitude are all kept (as the TIES code does; PEFT's top-k keeps
+    exactly k); an empty matrix (a rank-0 input), or a count of 0, keeps nothing.
     """
     magnitudes = matrices.abs().flatten(-2)
     size = magnitudes.shape[-1]
-    if size == 0:
+    count = kept_count(size, density, trim_count) if size else 0
+    if count == 0:
         return torch.zeros_like(matrices, dtype=torch.bool)
-    threshold = magnitudes.kthvalue(size - kept_count(size, density) + 1, dim=-1, keepdim=True).values
+    threshold = magnitudes.kthvalue(size - count + 1, dim=-1, keepdim=True).values
     return (magnitudes >= threshold).view(matrices.shape)
 
 
@@ -172,10 +193,12 @@ def _disjoint_mean(stack: torch.Tensor, by_count: bool) -> torch.Tensor:
     return (stack * agrees).sum(dim=-3) / count
 
 
-def _ties(stack: torch.Tensor, weights: torch.Tensor, density: float, by_count: bool) -> torch.Tensor:
+def _ties(stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
+    """TIES on the weighted stack with the rule's density, trim_count and sign_count (λ not applied)."""
     weighted = stack * _task_weights(stack, weights)
-    trimmed = weighted * top_fraction_mask(weighted, density) if density < 1 else weighted
-    return _disjoint_mean(trimmed, by_count)
+    density = params["density"]
+    trimmed = weighted * top_fraction_mask(weighted, density, int(params["trim_count"])) if density < 1 else weighted
+    return _disjoint_mean(trimmed, bool(params["sign_count"]))
 
 
 def _drop_and_rescale(stack: torch.Tensor, drop_rate: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -216,6 +239,7 @@ def weighted_mean(
     "TIES: keep each w_t X_t's top entries by magnitude, elect a sign per entry, average the agreeing ones; × λ",
     linear=False,
     density=DENSITY,
+    trim_count=TRIM_COUNT,
     sign_count=SIGN_COUNT,
     **{"lambda": LAMBDA},
 )
@@ -224,13 +248,15 @@ def ties(
 ) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023) on the weighted matrices w_t X_t.
 
-    Trim: keep each matrix's `density` fraction of entries by magnitude. Elect: per entry the sign of
-    the summed kept values (sign_count=0) or of the summed signs (1; an even split is decided by the
-    summed values); an exact zero goes to +. Breaking even splits by mass rather than always to +
-    keeps the rule equivariant to sign flips of the basis, which SVD-based frames leave arbitrary.
+    Trim: keep each matrix's `density` fraction of entries by magnitude, counted as `trim_count` says
+    (kept_count: 0 = nearest, ctm's default; 1 = ⌊ρ·d⌋+1 as the TIES and CtM papers' code; 2 = ⌊ρ·d⌋ as
+    PEFT). Elect: per entry the sign of the summed kept values (sign_count=0) or of the summed signs (1;
+    an even split is decided by the summed values); an exact zero goes to +. Breaking even splits by mass
+    rather than always to + keeps the rule equivariant to sign flips of the basis, which SVD-based frames
+    leave arbitrary.
     Disjoint mean: the mean of the kept values with the elected sign (zero where none). Times λ.
     """
-    return params["lambda"] * _ties(stack, weights, params["density"], bool(params["sign_count"]))
+    return params["lambda"] * _ties(stack, weights, params)
 
 
 @register(
@@ -253,15 +279,17 @@ def dare(
     linear=False,
     drop_rate=DROP_RATE,
     density=Param(1.0, 0.0, 1.0, "fraction kept by the TIES trim after the drop (1 = no trim)", open_low=True),
+    trim_count=TRIM_COUNT,
     sign_count=SIGN_COUNT,
     **{"lambda": LAMBDA},
 )
 def dare_ties(
     stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
 ) -> torch.Tensor:
-    """DARE's random drop and rescale, then TIES (trim by `density`, 1 = none as in PEFT and MergeKit)."""
+    """DARE's random drop and rescale, then TIES (trim by `density`, 1 = none as in PEFT and MergeKit; counted
+    as `trim_count` says)."""
     dropped = _drop_and_rescale(stack, params["drop_rate"], generator)
-    return params["lambda"] * _ties(dropped, weights, params["density"], bool(params["sign_count"]))
+    return params["lambda"] * _ties(dropped, weights, params)
 
 
 @register(
@@ -320,11 +348,13 @@ def isotropic_common(
     "magnitude pruning: keep the top entries of Σ w_t X_t by magnitude (density); × λ",
     linear=False,
     density=DENSITY,
+    trim_count=TRIM_COUNT,
     **{"lambda": LAMBDA},
 )
 def magnitude_prune(
     stack: torch.Tensor, weights: torch.Tensor, params: dict[str, float], generator: torch.Generator | None
 ) -> torch.Tensor:
-    """The weighted sum with all but its `density` fraction of largest-magnitude entries zeroed, times λ."""
+    """The weighted sum with all but its `density` fraction of largest-magnitude entries (counted as
+    `trim_count` says) zeroed, times λ."""
     total = weighted_sum(stack, weights)
-    return params["lambda"] * total * top_fraction_mask(total, params["density"])
+    return params["lambda"] * total * top_fraction_mask(total, params["density"], int(params["trim_count"]))

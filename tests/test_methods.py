@@ -417,7 +417,8 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
         }
         assert max(relative(written[n], exact[n]) for n in exact) < 1e-5
     if "--lambda" in args:
-        assert report["settings"]["rule_params"] == {"density": 0.25, "lambda": 0.75, "sign_count": 0.0}
+        expected_params = {"density": 0.25, "lambda": 0.75, "sign_count": 0.0, "trim_count": 0.0}
+        assert report["settings"]["rule_params"] == expected_params
     markdown = (out / "merge_report.md").read_text()
     assert ("energy lost by the final truncation" in markdown) == (method in {"ctm", "mtc", "core", "knots"})
 
