@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ctm_cli.methods import METHODS
-from ctm_cli.rules import RULES, Param
+from ctm_cli.params import Param
+from ctm_cli.rules import RULES
 
 
 def _params(params: dict[str, Param]) -> dict[str, dict[str, Any]]:

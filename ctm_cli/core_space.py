@@ -51,7 +51,6 @@ class SharedFrame:
     v: torch.Tensor  # (..., R, r)
     sweeps: torch.Tensor  # (...,) int
     energy: torch.Tensor  # (...,) Σ‖uᵀ C̃_t v‖² at convergence
-    start_energy: torch.Tensor  # (...,) the same at the HOSVD start
     total_energy: torch.Tensor  # (...,) Σ‖C̃_t‖²
 
 
@@ -169,7 +168,6 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     block = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
     u_block, v_block = (_top_eigenvectors(gram, block) for gram in grams)
     energy = _frame_energy(cores.times_left(u_block[..., :rank]), v_block[..., :rank])
-    start = energy.clone()
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
@@ -192,12 +190,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
         if still <= COMPACTION_FRACTION * members.numel():
             members, batch, running = members[running], batch.select(running), running[running]
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, start, total)
-
-
-def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Coordinates M_t = uᵀ C_t v of every task's core in the shared frame (..., T, r, r)."""
-    return matmul(matmul(u.mT.unsqueeze(-3), cores), v.unsqueeze(-3))
+    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, total)
 
 
 def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -250,7 +243,7 @@ class FactoredCores:
         return self._scaled(per_task_products(self.a, matmul(self.b.mT, u), self.ranks))
 
     def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Coordinates M_t = uᵀ C_t v (..., T, r, r), as `project` gives them for dense cores."""
+        """Coordinates M_t = uᵀ C_t v (..., T, r, r) of every task's core in the frame (u, v)."""
         return self._scaled(per_task_products(matmul(u.mT, self.b), matmul(self.a.mT, v), self.ranks))
 
     def norms(self) -> torch.Tensor:
@@ -267,10 +260,6 @@ class FactoredCores:
         left = matmul(matmul(self.b, matmul(self.a.mT, self.a) * mask), self.b.mT)
         return left, matmul(matmul(self.a, matmul(self.b.mT, self.b) * mask), self.a.mT)
 
-    def dense(self) -> torch.Tensor:
-        """The cores themselves (..., T, R, R), as `core_space` gives them."""
-        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
-
 
 @dataclass(frozen=True)
 class FactoredCoreSpace:
@@ -282,7 +271,7 @@ class FactoredCoreSpace:
 
 
 def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
-    """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
+    """`core_space` without forming the T cores: the same frames, and cores equal to its cores."""
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
     left, r_b = gram_frame(matmul(b64.mT, b64))
     right, r_a = gram_frame(matmul(a64, a64.mT))
@@ -296,21 +285,14 @@ def balance_factored(cores: FactoredCores, beta: float) -> FactoredCores:
     return replace(cores, scales=cores.scales * _balancing_factors(cores.norms(), beta))
 
 
-def shared_frame_factored(
-    cores: FactoredCores, rank: int, tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
-) -> SharedFrame:
-    """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
-    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
-    rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
-    return shared_frames_factored([cores], [rank], tolerance, max_sweeps)[0]
-
-
 def shared_frames_factored(
     batches: list[FactoredCores], ranks: list[int], tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
 ) -> list[SharedFrame]:
-    """`shared_frame_factored` of several batches of cores (modules of different shapes, say) at once: batches
-    with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel launches
-    for all of them; each module's result is the one it gets alone."""
+    """Rank-(r, r) partial Tucker of each batch of cores over their first two modes by HOOI (DESIGN §1), each
+    C_t v taken as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured
+    energy rises by less than `tolerance` (relative) or `max_sweeps` is reached. Batches (modules of different
+    shapes, say) with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel
+    launches for all of them; each module's result is the one it gets alone."""
     frames: list[SharedFrame | None] = [None] * len(batches)
     buckets: dict[tuple, list[int]] = {}
     for index, (cores, rank) in enumerate(zip(batches, ranks, strict=True)):
@@ -339,7 +321,7 @@ def whole_frame(cores: FactoredCores) -> SharedFrame:
     batch = cores.scales.shape[:-1]
     eye = torch.eye(size, dtype=cores.b.dtype, device=cores.b.device).expand(*batch, size, size)
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(eye, eye, torch.zeros(batch, dtype=torch.int64, device=total.device), total, total, total)
+    return SharedFrame(eye, eye, torch.zeros(batch, dtype=torch.int64, device=total.device), total, total)
 
 
 def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFrame:
@@ -350,7 +332,7 @@ def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFram
         v=frame.v[part].reshape(*batch, size, rank),
         **{
             name: getattr(frame, name)[part].reshape(batch)
-            for name in ("sweeps", "energy", "start_energy", "total_energy")
+            for name in ("sweeps", "energy", "total_energy")
         },
     )
 

@@ -24,7 +24,9 @@ from ctm_cli.adapter import Adapter
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
-from ctm_cli.validate import ModuleSpec
+from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.params import Params
+from ctm_cli.rules import RuleError
 
 COMPUTE_DTYPE = torch.float32
 CPU_MAX_MEMORY = 2 * 1024**3
@@ -99,7 +101,7 @@ def dense_core_numbers(spec: ModuleSpec) -> int:
     return 3 * len(spec.ranks) * spec.total_rank**2
 
 
-def method_core_numbers(method: Method, rank: int, method_params: dict[str, float]) -> CoreNumbers:
+def method_core_numbers(method: Method, rank: int, method_params: Params) -> CoreNumbers:
     """The core-space memory of `method` per module at the requested rank, as planning needs it."""
 
     def numbers(spec: ModuleSpec) -> int:
@@ -415,10 +417,12 @@ def _to_output(
 def _merge_wave(
     method: Method, factors: list[FactorGroup], settings: list[MergeSettings], wave: list[list[ModuleSpec]]
 ) -> list[MergeResult]:
-    """Run the method on a wave of groups; a linear-algebra breakdown (extreme values) becomes a clear usage
-    error."""
+    """Run the method on a wave of groups; inputs its rule cannot merge, and a linear-algebra breakdown (extreme
+    values), become a clear usage error."""
     try:
         return method.merge_all(factors, settings)
+    except RuleError as exc:
+        raise UsageError(str(exc)) from exc
     except torch.linalg.LinAlgError as exc:
         raise UsageError(
             f"{_group_label([spec for group in wave for spec in group])}: the merge broke down numerically "

@@ -24,13 +24,15 @@ from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.interrupts import output_written
 from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import loading_class, render_model_card
+from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.params import Params
 from ctm_cli.plan import describe_plan
 from ctm_cli.publish import check_push_target, push_folder
 from ctm_cli.recipe import DEFAULTS, SEED_RANGE, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
-from ctm_cli.validate import ModuleSpec, check_compatible, check_rank, missing_modules
+from ctm_cli.validate import check_compatible, missing_modules
 from ctm_cli.writer import check_apart, check_output, write_adapter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,8 +102,8 @@ class _Prepared:
     request: MergeRequest
     method: Method
     rule: Rule
-    method_params: dict[str, float]
-    rule_params: dict[str, float]
+    method_params: Params
+    rule_params: Params
     sources: list[ResolvedSource]
     adapters: list[Adapter]
     specs: list[ModuleSpec]
@@ -119,8 +121,8 @@ class _Prepared:
         return {
             "method": self.method.name,
             "rule": self.rule.name,
-            "method_params": self.method_params,
-            "rule_params": self.rule_params,
+            "method_params": dict(self.method_params),
+            "rule_params": dict(self.rule_params),
             "rank": self.request.rank,
             "beta": self.request.beta,
             "weights": self.weights,
@@ -268,7 +270,7 @@ def _prepare(request: MergeRequest) -> _Prepared:
     kept = keep_extra_tensors(adapters, request.modules_to_save)
     task_type, task_warnings = _task_type(adapters, kept)
     weights = _check_weights(request.weights, len(adapters))
-    check_rank(specs, request.rank, method, rule)
+    method.check_rank(specs, request.rank, rule)
     max_memory = request.max_memory if request.max_memory is not None else default_max_memory(device)
     return _Prepared(
         request=request,

@@ -10,7 +10,7 @@ import torch
 from ctm_cli.adapter import Adapter
 from ctm_cli.engine import CoreNumbers, group_bytes, wave_bytes
 from ctm_cli.methods import Method
-from ctm_cli.validate import ModuleSpec
+from ctm_cli.module_spec import ModuleSpec
 
 # Room for the ctm metadata (settings and input hashes) in the safetensors header; the rest is computed.
 METADATA_ALLOWANCE = 2048

@@ -11,6 +11,7 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
+from helpers import dense_cores, project, shared_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import balance, hooi
@@ -32,10 +33,10 @@ def _ta_settings(rank: int, tasks: int, beta: float = 1.0) -> MergeSettings:
     return MergeSettings(
         rank=rank,
         rule=get_rule("ta"),
-        rule_params={"lambda": 1.0},
+        rule_params=get_rule("ta").resolve({"lambda": 1.0}),
         weights=torch.ones(tasks, dtype=torch.float64, device=DEVICE),
         beta=beta,
-        method_params={"frame_rank": rank},  # ctm: DESIGN's CtM, a HOOI frame of the output rank
+        method_params=get_method("ctm").resolve({"frame_rank": rank}),  # ctm: DESIGN's CtM, a HOOI frame of rank r
     )
 
 
@@ -234,20 +235,20 @@ def test_factored_cores_equal_dense_cores(factors: tuple, beta: float, rank: int
     dense, factored = cs.core_space(b, a, ranks), cs.factored_core_space(b, a, ranks)
     assert torch.equal(dense.left, factored.left) and torch.equal(dense.right, factored.right)
     scale = dense.cores.abs().max()
-    assert torch.allclose(factored.cores.dense(), dense.cores, atol=1e-12 * scale)
+    assert torch.allclose(dense_cores(factored.cores), dense.cores, atol=1e-12 * scale)
     balanced = torch.stack([torch.from_numpy(np.stack(balance(list(c.cpu().numpy()), beta))) for c in dense.cores])
     balanced = balanced.to(DEVICE)
     balanced_factored = cs.balance_factored(factored.cores, beta)
-    assert torch.allclose(balanced_factored.dense(), balanced, atol=1e-11 * scale)
+    assert torch.allclose(dense_cores(balanced_factored), balanced, atol=1e-11 * scale)
     assert torch.allclose(balanced_factored.norms(), torch.linalg.matrix_norm(balanced), rtol=1e-10)
     left_gram, right_gram = balanced_factored.grams()
     assert torch.allclose(left_gram, (balanced @ balanced.mT).sum(dim=-3), atol=1e-10 * scale**2)
     assert torch.allclose(right_gram, (balanced.mT @ balanced).sum(dim=-3), atol=1e-10 * scale**2)
-    frame = cs.shared_frame_factored(balanced_factored, rank)
+    frame = shared_frame(balanced_factored, rank)
     for module in range(balanced.shape[0]):  # the frame against the float64 numpy HOOI of tests/reference.py
         expected = hooi(list(balanced[module].cpu().numpy()), rank)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * max(expected.energy, 1e-300)
-    coordinates = cs.project(dense.cores, frame.u, frame.v)
+    coordinates = project(dense.cores, frame.u, frame.v)
     assert torch.allclose(factored.cores.project(frame.u, frame.v), coordinates, atol=1e-11 * scale)
 
 
@@ -298,14 +299,14 @@ def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch() -> Non
     b = torch.cat([torch.cat([strength * common, noise], -1) for noise in own], -1)
     a = torch.randn(modules, sum(ranks), 50, generator=generator, dtype=torch.float64)
     cores = cs.factored_core_space(b.to(DEVICE), a.to(DEVICE), ranks).cores
-    frame = cs.shared_frame_factored(cores, 4)
+    frame = shared_frame(cores, 4)
     assert len(set(frame.sweeps.tolist())) > 1
     for module in range(modules):
-        alone = cs.shared_frame_factored(cores.select(torch.tensor([module], device=DEVICE)), 4)
+        alone = shared_frame(cores.select(torch.tensor([module], device=DEVICE)), 4)
         assert int(alone.sweeps[0]) == int(frame.sweeps[module])
         assert torch.allclose(alone.energy[0], frame.energy[module], rtol=1e-12)
         assert torch.allclose(alone.u[0] @ alone.u[0].mT, frame.u[module] @ frame.u[module].mT, atol=1e-9)
-        expected = hooi(list(cores.select(torch.tensor([module], device=DEVICE)).dense()[0].cpu().numpy()), 4)
+        expected = hooi(list(dense_cores(cores.select(torch.tensor([module], device=DEVICE)))[0].cpu().numpy()), 4)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * expected.energy
 
 

@@ -34,7 +34,8 @@ import pytest
 import torch
 from conftest import REAL_ADAPTERS, inputs_of, relative, run_ctm, written_deltas
 
-from ctm_cli.methods import FactorGroup, MergeSettings, frame_rank, get_method, resolve_settings
+from ctm_cli.methods import FactorGroup, MergeSettings, get_method, resolve_settings
+from ctm_cli.methods.ctm import frame_rank
 from ctm_cli.recipe import AdapterEntry, Recipe, dump_recipe, load_recipe
 from ctm_cli.rules import TRIM_REFERENCE, get_rule
 
@@ -147,7 +148,8 @@ def paper_settings() -> tuple[Recipe, dict[str, float]]:
 def test_paper_config_names_the_paper_setting() -> None:
     recipe, params = paper_settings()
     assert (recipe.method, recipe.rule, recipe.rank, recipe.beta) == ("ctm", "ties", 16, 0.25)
-    assert frame_rank(recipe.rank, 64, recipe.params) == recipe.rank  # the HOOI frame has the output rank
+    method_params = get_method("ctm").resolve(recipe.params)
+    assert frame_rank(recipe.rank, 64, method_params) == recipe.rank  # the HOOI frame has the output rank
     assert (params["density"], params["lambda"], params["sign_count"]) == (0.25, 0.75, 0)
     assert params["trim_count"] == TRIM_REFERENCE
 

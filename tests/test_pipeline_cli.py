@@ -91,7 +91,8 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     # Groups: one per distinct shape, every module in exactly one; device bytes from the engine's formula.
     assert sum(g["modules"] for g in plan["groups"]) == 14
     assert sorted(tuple(g["shape"]) for g in plan["groups"]) == sorted({tuple(s) for s in shapes.values()})
-    numbers = method_core_numbers(get_method("ctm"), 4, plan["settings"]["method_params"])
+    ctm = get_method("ctm")
+    numbers = method_core_numbers(ctm, 4, ctm.resolve(plan["settings"]["method_params"]))
     for group in plan["groups"]:
         spec = ModuleSpec("m", *group["shape"], ranks=tuple(group["ranks"]), embedding=False)
         assert group["device_bytes"] == group["modules"] * bytes_per_module(spec, numbers)
