@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -51,3 +53,13 @@ class OutputError(CtmError):
     """The output location exists, is a file or cannot be written."""
 
     exit_code = EXIT_OUTPUT
+
+
+def unreadable(path: Path, error: OSError) -> InputError:
+    """The error for a file or folder the operating system will not let ctm read (permissions, I/O)."""
+    return InputError(f"{path}: cannot be read ({error.strerror or error})")
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of a library's (possibly multi-line) error text, for ctm's one-line messages."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)

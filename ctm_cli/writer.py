@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from ctm_cli import staging
 from ctm_cli.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from ctm_cli.errors import OutputError
+from ctm_cli.safetensors_format import encode
 from ctm_cli.sources import ADAPTER_FILES
 
 
@@ -77,18 +76,6 @@ def _identities(paths: list[Path]) -> set[tuple[int, int]]:
     return {identity for identity in map(_identity, paths) if identity is not None}
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors encoding with its metadata in sorted order, so equal inputs give byte-identical files
-    (the library writes the metadata map in an order that changes from call to call)."""
-    data = save(tensors, metadata=metadata)
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
-
-
 def write_adapter(
     path: Path,
     tensors: dict[str, torch.Tensor],
@@ -108,7 +95,7 @@ def write_adapter(
     except OSError as exc:
         raise OutputError(f"{target.parent}: cannot create a temporary folder ({exc.strerror or exc})") from exc
     try:
-        (stage.folder / SAFETENSORS_NAME).write_bytes(safetensors_bytes(tensors, metadata))
+        (stage.folder / SAFETENSORS_NAME).write_bytes(encode(tensors, metadata))
         (stage.folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in text_files.items():
             (stage.folder / name).write_text(text, encoding="utf-8")

@@ -309,7 +309,7 @@ def text_write_failing(self, *args, **kwargs):
 INJECTED = {
     "disk-full-weights": (Path, "write_bytes", lambda: disk_full, 5, ["No space left on device"]),
     "disk-full-config": (Path, "write_text", lambda: text_write_failing, 5, ["No space left on device"]),
-    "interrupt-writing": (ctm_cli.writer, "safetensors_bytes", lambda: interrupted, 130, ["interrupted"]),
+    "interrupt-writing": (ctm_cli.writer, "encode", lambda: interrupted, 130, ["interrupted"]),
     "interrupt-mid-merge": (
         ctm_cli.engine,
         "_load_group",

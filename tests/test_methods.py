@@ -399,7 +399,7 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
     out = tmp_path / "out"
     report = cli_merge(two, out, "--rank", "6", *args)
     config, modules = read_adapter(out)
-    assert config["r"] == rank and report["settings"]["rank"] == rank
+    assert config["r"] == rank and report["settings"]["written_rank"] == rank
     assert all(a.shape[0] == rank for a, _ in modules.values())
     base = load_base()
     merged = PeftModel.from_pretrained(load_base(), out).merge_and_unload()
