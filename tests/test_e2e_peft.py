@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
+from helpers import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
 from reference import ctm_ta, exact_sum
 from safetensors.torch import load_file, save_file
 

@@ -12,8 +12,7 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
-from conftest import run_ctm
-from test_e2e_peft import PREFIX, inputs_of, read_adapter, relative, written_deltas
+from helpers import PREFIX, inputs_of, read_adapter, relative, run_ctm, written_deltas
 
 from ctm_cli import core_space as cs
 from ctm_cli.errors import UsageError

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, listing, run_ctm, single_error_line
-from test_bad_inputs import SIGINT_SCRIPT
-from test_sources import adapter_files, cache_repo, hub_cache  # noqa: F401 (hub_cache is a fixture)
+from helpers import SIGINT_SCRIPT, adapter_files, cache_repo, fails, listing, run_ctm, single_error_line
 
 import ctm_cli.pipeline
 import ctm_cli.staging
@@ -127,7 +125,7 @@ def test_overlap_is_refused_before_any_adapter_is_read(inputs, monkeypatch):
 
 
 @pytest.fixture
-def hub_input(hub_cache, inputs) -> Path:  # noqa: F811 (the fixture imported above)
+def hub_input(hub_cache, inputs) -> Path:
     """org/a in an offline Hugging Face cache (its files links into blobs/); returns the repo's cache folder."""
     cache_repo(hub_cache, "org/a", adapter_files(inputs[0]))
     return hub_cache / "models--org--a"

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_ADAPTERS, inputs_of, relative, run_ctm, written_deltas
+from helpers import REAL_ADAPTERS, inputs_of, relative, run_ctm, written_deltas
 
 from ctm_cli.methods import FactorGroup, MergeSettings, get_method, resolve_settings
 from ctm_cli.methods.ctm import frame_rank

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import yaml
-from conftest import listing, run_ctm
+from helpers import listing, run_ctm
 from typer.testing import CliRunner
 
 import ctm_cli.pipeline

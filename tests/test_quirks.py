@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     PREFIX,
     REAL_ADAPTERS,
     WEIGHTS,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import listing, run_ctm
+from helpers import listing, run_ctm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
