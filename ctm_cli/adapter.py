@@ -305,10 +305,9 @@ class Adapter:
         return self._reader.get(key)
 
     def dtypes(self) -> set[torch.dtype]:
-        """The dtypes of the stored LoRA factors."""
-        return {self._reader.dtype(m.a_key) for m in self.modules.values()} | {
-            self._reader.dtype(m.b_key) for m in self.modules.values()
-        }
+        """The dtypes of the stored LoRA factors (floats: `_module` refuses any other)."""
+        keys = [key for module in self.modules.values() for key in (module.a_key, module.b_key)]
+        return {dtype for dtype in map(self._reader.dtype, keys) if dtype is not None}
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of a stored tensor without reading it."""

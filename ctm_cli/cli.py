@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from inspect import Parameter, signature
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
@@ -27,7 +27,7 @@ from ctm_cli.untrusted import printable
 
 # The command-line library's own error classes (typer >= 0.2x ships its own copy of click, so they are taken
 # from typer's exported BadParameter rather than imported from click).
-_CLICK_ERROR = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+_CLICK_ERROR: Any = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
 stderr = Console(stderr=True)
 
 
@@ -50,11 +50,20 @@ class _Commands(TyperGroup):
     """ctm's command group: the parser's errors (unknown option or command, bad or missing value) become one
     `ctm: error:` line with a hint, exit code 2, instead of the library's multi-line box."""
 
-    def main(self, args: Any = None, *rest: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = functools.partial(super().main, args, prog_name, complete_var, False, windows_expand_args, **extra)
         if not standalone_mode:
-            return super().main(args, *rest, standalone_mode=False, **kwargs)
+            return run()
         try:
-            code = super().main(args, *rest, standalone_mode=False, **kwargs)
+            code = run()
         except _CLICK_ERROR as error:
             if type(error).__name__ != "NoArgsIsHelpError":  # `ctm` alone: the help is already printed
                 given = sys.argv[1:] if args is None else list(args)
@@ -127,7 +136,7 @@ class _ProgressBar:
                 transient=True,
             )
         )
-        self._task = None
+        self._task: TaskID | None = None
 
     def start(self, total: int) -> None:
         if self._progress is not None:
@@ -135,7 +144,7 @@ class _ProgressBar:
             self._task = self._progress.add_task("merge", total=total, rate="")
 
     def advance(self, done: int) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, done)
             task = self._progress.tasks[0]
             if task.elapsed:

@@ -293,7 +293,7 @@ def shared_frames_factored(
     energy rises by less than `tolerance` (relative) or `max_sweeps` is reached. Batches (modules of different
     shapes, say) with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel
     launches for all of them; each module's result is the one it gets alone."""
-    frames: list[SharedFrame | None] = [None] * len(batches)
+    frames: dict[int, SharedFrame] = {}
     buckets: dict[tuple, list[int]] = {}
     for index, (cores, rank) in enumerate(zip(batches, ranks, strict=True)):
         buckets.setdefault((tuple(cores.ranks), rank, cores.b.device), []).append(index)
@@ -311,7 +311,7 @@ def shared_frames_factored(
             part = slice(start, start + cores.b.shape[0])
             start = part.stop
             frames[index] = _unflatten(frame, part, batches[index].scales.shape[:-1])
-    return frames
+    return [frames[index] for index in range(len(batches))]
 
 
 def whole_frame(cores: FactoredCores) -> SharedFrame:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +27,7 @@ from ctm_cli.rules import RuleError
 from ctm_cli.safetensors_format import PlainReads
 
 COMPUTE_DTYPE = torch.float32
+Number = TypeVar("Number", int, float)
 # Input files read at once by the engine's reader.
 READ_THREADS = 8
 # Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
@@ -242,6 +244,8 @@ def _finite(*tensors: torch.Tensor) -> bool:
 def _task_factors(raw: _RawGroup, task: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, s·B) of one adapter for every module of the group, (G, r_t, in) and (G, out, r_t), float32."""
     rows = raw.pieces[task]
+    if rows is None:
+        raise ValueError(f"input {task} has none of this group's modules")
     a = torch.stack([a_piece.view(raw.data) for a_piece, _ in rows]).to(COMPUTE_DTYPE)
     b = torch.stack([b_piece.view(raw.data) for _, b_piece in rows]).to(COMPUTE_DTYPE)
     return a, b * raw.scales[task].view(-1, 1, 1)
@@ -311,7 +315,7 @@ def _output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
     return module.a_key, module.b_key
 
 
-def _optional(values: torch.Tensor | None, index: int, kind: type) -> float | int | None:
+def _optional(values: torch.Tensor | None, index: int, kind: Callable[[float], Number]) -> Number | None:
     return None if values is None else kind(values[index].item())
 
 

@@ -174,7 +174,8 @@ def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
     lists = [a.config.get("target_modules") for a in adapters]
     targets = lists[0]
     compact = (
-        all(isinstance(t, list) and sorted(t) == sorted(targets) for t in lists)
+        isinstance(targets, list)
+        and all(isinstance(t, list) and sorted(t) == sorted(targets) for t in lists)
         and all(set(a.modules) == set(names) for a in adapters)
         and not any(a.config.get(key) for a in adapters for key in _LAYER_FIELDS)
         and all(_listed(path, targets) for path in paths)

@@ -2,7 +2,7 @@
 # Install ctm (distribution ctm-merge) into the current Python, editable, from this checkout.
 #
 #   bash scripts/install.sh          # ctm + what scripts/demo.py needs (transformers, peft)
-#   bash scripts/install.sh --dev    # ctm + test and lint tools (pytest, hypothesis, ruff)
+#   bash scripts/install.sh --dev    # ctm + test, lint and type-check tools (pytest, hypothesis, ruff, mypy)
 #
 # torch is installed first, and only when no torch is importable; an existing torch (say a CUDA build) is
 # kept. What `pip install torch==2.13.0` fetches depends on the machine: on Linux x86_64 PyPI serves the

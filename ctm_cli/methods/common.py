@@ -73,5 +73,9 @@ def merge_and_cut(
         flat = partial(isotropic_spectrum, scale=1.0, size=size) if isotropic else None
         return cs.truncate(apply_rule(stack, settings), settings.rank, left_map, right_map, spectrum=flat)
     total = weighted_sum(stack, settings.weights)
-    remap = partial(spectrum, params=settings.rule_params, size=size)
+    rule_params = settings.rule_params
+
+    def remap(kept: torch.Tensor) -> torch.Tensor:
+        return spectrum(kept, rule_params, size)
+
     return cs.truncate(total, settings.rank, left_map, right_map, spectrum=remap)
