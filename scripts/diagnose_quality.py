@@ -168,13 +168,14 @@ def seed_figures(groups: list[Group], ranks: list[int]) -> dict:
     return {
         "per_task": per_task,
         "per_merge": per_merge,
-        "per_module": module_rows(groups, diagnoses["tsv"]),
+        "per_module": module_rows(groups, diagnoses["tsv"], ranks),
         "ranks_for_keeps": {rule: summary.ranks_for_keeps for rule, summary in summaries.items()},
     }
 
 
-def module_rows(groups: list[Group], diagnoses: list[dg.Diagnosis]) -> list[dict]:
-    """Per module: mean overlap of B and A over pairs, conflict share, and the ranks keeping 90/95/99% (tsv)."""
+def module_rows(groups: list[Group], diagnoses: list[dg.Diagnosis], ranks: list[int]) -> list[dict]:
+    """Per module: mean overlap of B and A over pairs, conflict share, the share kept at each rank and the ranks
+    keeping 90/95/99% (of the merge the diagnoses were made for)."""
     rows = []
     for group, diagnosis in zip(groups, diagnoses, strict=True):
         curves = dg.energy_curve(diagnosis.merge_energies)
@@ -186,7 +187,7 @@ def module_rows(groups: list[Group], diagnoses: list[dg.Diagnosis]) -> list[dict
                     "overlap_B": float(_mean_over_others(diagnosis.column_overlap[index].numpy()).mean()),
                     "overlap_A": float(_mean_over_others(diagnosis.row_overlap[index].numpy()).mean()),
                     "conflict": float(diagnosis.conflict.against[index].sum() / diagnosis.conflict.energy[index].sum()),
-                    "kept_16": float(curves[index, 15]),
+                    **{f"kept_{rank}": float(curves[index, min(rank, curves.shape[-1]) - 1]) for rank in ranks},
                     **{f"rank_{round(keep * 100)}": keeps[keep][index] for keep in dg.REPORTED_KEEPS},
                 }
             )
@@ -405,7 +406,7 @@ def render(analysis: dict, command: str) -> str:
         values += [row["gr"][str(r)] for r in ranks]
         lines.append(f"| {task} | {' | '.join(_format(v) for v in values)} |")
     lines += ["", f"(kept and GR: {default}.)", "", "## Per module type (mean over layers and seeds)", ""]
-    columns = ["overlap_B", "overlap_A", "conflict", "kept_16", "rank_90", "rank_95", "rank_99"]
+    columns = ["overlap_B", "overlap_A", "conflict", *(f"kept_{r}" for r in ranks), "rank_90", "rank_95", "rank_99"]
     lines += [f"| module | {' | '.join(columns)} |", "|---|" + "---|" * len(columns)]
     for kind, row in analysis["per_module_type"].items():
         lines.append(f"| {kind} | {' | '.join(_format(row[c]) for c in columns)} |")
