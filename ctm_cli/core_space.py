@@ -252,6 +252,10 @@ class FactoredCores:
         squares = torch.stack([products[..., cols, cols].sum(dim=(-2, -1)) for cols in column_slices(self.ranks)], -1)
         return squares.clamp_min(0).sqrt() * self.scales.abs()
 
+    def dense(self) -> torch.Tensor:
+        """The cores themselves (..., T, R, R), as `core_space` gives them."""
+        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
+
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t), HOOI's HOSVD start, as b·D_a·bᵀ and a·D_b·aᵀ with D block-diagonal."""
         weights = torch.repeat_interleave(self.scales.square(), torch.tensor(self.ranks, device=self.b.device), dim=-1)
@@ -271,7 +275,7 @@ class FactoredCoreSpace:
 
 
 def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
-    """`core_space` without forming the T cores: the same frames, and cores equal to its cores."""
+    """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
     left, r_b = gram_frame(matmul(b64.mT, b64))
     right, r_a = gram_frame(matmul(a64, a64.mT))
@@ -285,14 +289,21 @@ def balance_factored(cores: FactoredCores, beta: float) -> FactoredCores:
     return replace(cores, scales=cores.scales * _balancing_factors(cores.norms(), beta))
 
 
+def shared_frame_factored(
+    cores: FactoredCores, rank: int, tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
+) -> SharedFrame:
+    """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
+    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
+    rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
+    return shared_frames_factored([cores], [rank], tolerance, max_sweeps)[0]
+
+
 def shared_frames_factored(
     batches: list[FactoredCores], ranks: list[int], tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
 ) -> list[SharedFrame]:
-    """Rank-(r, r) partial Tucker of each batch of cores over their first two modes by HOOI (DESIGN §1), each
-    C_t v taken as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured
-    energy rises by less than `tolerance` (relative) or `max_sweeps` is reached. Batches (modules of different
-    shapes, say) with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel
-    launches for all of them; each module's result is the one it gets alone."""
+    """`shared_frame_factored` of several batches of cores (modules of different shapes, say) at once: batches
+    with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel launches
+    for all of them; each module's result is the one it gets alone."""
     frames: dict[int, SharedFrame] = {}
     buckets: dict[tuple, list[int]] = {}
     for index, (cores, rank) in enumerate(zip(batches, ranks, strict=True)):

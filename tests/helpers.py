@@ -258,21 +258,9 @@ def adapter_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------------ core space
 
 
-def dense_cores(cores: cs.FactoredCores) -> torch.Tensor:
-    """The factored cores formed in full (..., T, R, R), as `cs.core_space` gives them."""
-    return cs.per_task_products(cores.b, cores.a.mT, cores.ranks) * cores.scales.unsqueeze(-1).unsqueeze(-1)
-
-
 def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Coordinates M_t = uᵀ C_t v of every dense core in the frame (u, v) (..., T, r, r)."""
     return matmul(matmul(u.mT.unsqueeze(-3), cores), v.unsqueeze(-3))
-
-
-def shared_frame(
-    cores: cs.FactoredCores, rank: int, tolerance: float = cs.HOOI_TOLERANCE, max_sweeps: int = cs.HOOI_MAX_SWEEPS
-) -> cs.SharedFrame:
-    """The HOOI frame of one batch of cores."""
-    return cs.shared_frames_factored([cores], [rank], tolerance, max_sweeps)[0]
 
 
 def hosvd_energy(cores: cs.FactoredCores, rank: int) -> torch.Tensor:

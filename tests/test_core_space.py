@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import dense_cores, hosvd_energy, shared_frame
+from helpers import hosvd_energy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,7 +93,7 @@ def test_hooi_never_keeps_less_than_hosvd(factors: tuple, rank: int) -> None:
     group = _group(b, a)
     cores = cs.factored_core_space(group.b_cat, group.a_cat, group.ranks).cores
     rank = min(rank, sum(group.ranks))
-    frame = shared_frame(cores, rank)
+    frame = cs.shared_frame_factored(cores, rank)
     assert float(frame.energy[0]) >= float(hosvd_energy(cores, rank)[0]) * (1 - 1e-12)
     assert float(frame.energy[0]) <= float(frame.total_energy[0]) * (1 + 1e-12)
     eye = torch.eye(rank, dtype=torch.float64, device=DEVICE)
@@ -110,7 +110,7 @@ def test_beta_zero_frame_ignores_an_adapters_scale(factors: tuple, factor: float
     one_scaled = torch.ones_like(cores.scales)
     one_scaled[..., 0] = factor
     scaled = replace(cores, scales=cores.scales * one_scaled)
-    frames = [shared_frame(cs.balance_factored(c, 0.0), rank) for c in (cores, scaled)]
+    frames = [cs.shared_frame_factored(cs.balance_factored(c, 0.0), rank) for c in (cores, scaled)]
     projector_u = [f.u[0] @ f.u[0].T for f in frames]
     projector_v = [f.v[0] @ f.v[0].T for f in frames]
     # HOOI stops at a 1e-10 relative energy gain: subspace angles are then ~sqrt(1e-10) = 1e-5.
@@ -175,7 +175,7 @@ def test_batched_modules_equal_one_by_one() -> None:
 def test_balance_formula(beta: float) -> None:
     b, a = torch.randn(2, 20, 6, dtype=torch.float64), torch.randn(2, 6, 18, dtype=torch.float64)
     cores = cs.factored_core_space(b, a, [1, 2, 3]).cores
-    norms = torch.linalg.matrix_norm(dense_cores(cores))
+    norms = torch.linalg.matrix_norm(cores.dense())
     balanced = cs.balance_factored(cores, beta)
     expected = norms * beta + (1 - beta) * norms.mean(dim=1, keepdim=True)
-    assert torch.allclose(torch.linalg.matrix_norm(dense_cores(balanced)), expected)
+    assert torch.allclose(torch.linalg.matrix_norm(balanced.dense()), expected)

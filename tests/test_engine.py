@@ -11,7 +11,7 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
-from helpers import dense_cores, project, shared_frame
+from helpers import project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import balance, hooi
@@ -235,16 +235,16 @@ def test_factored_cores_equal_dense_cores(factors: tuple, beta: float, rank: int
     dense, factored = cs.core_space(b, a, ranks), cs.factored_core_space(b, a, ranks)
     assert torch.equal(dense.left, factored.left) and torch.equal(dense.right, factored.right)
     scale = dense.cores.abs().max()
-    assert torch.allclose(dense_cores(factored.cores), dense.cores, atol=1e-12 * scale)
+    assert torch.allclose(factored.cores.dense(), dense.cores, atol=1e-12 * scale)
     balanced = torch.stack([torch.from_numpy(np.stack(balance(list(c.cpu().numpy()), beta))) for c in dense.cores])
     balanced = balanced.to(DEVICE)
     balanced_factored = cs.balance_factored(factored.cores, beta)
-    assert torch.allclose(dense_cores(balanced_factored), balanced, atol=1e-11 * scale)
+    assert torch.allclose(balanced_factored.dense(), balanced, atol=1e-11 * scale)
     assert torch.allclose(balanced_factored.norms(), torch.linalg.matrix_norm(balanced), rtol=1e-10)
     left_gram, right_gram = balanced_factored.grams()
     assert torch.allclose(left_gram, (balanced @ balanced.mT).sum(dim=-3), atol=1e-10 * scale**2)
     assert torch.allclose(right_gram, (balanced.mT @ balanced).sum(dim=-3), atol=1e-10 * scale**2)
-    frame = shared_frame(balanced_factored, rank)
+    frame = cs.shared_frame_factored(balanced_factored, rank)
     for module in range(balanced.shape[0]):  # the frame against the float64 numpy HOOI of tests/reference.py
         expected = hooi(list(balanced[module].cpu().numpy()), rank)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * max(expected.energy, 1e-300)
@@ -299,14 +299,14 @@ def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch() -> Non
     b = torch.cat([torch.cat([strength * common, noise], -1) for noise in own], -1)
     a = torch.randn(modules, sum(ranks), 50, generator=generator, dtype=torch.float64)
     cores = cs.factored_core_space(b.to(DEVICE), a.to(DEVICE), ranks).cores
-    frame = shared_frame(cores, 4)
+    frame = cs.shared_frame_factored(cores, 4)
     assert len(set(frame.sweeps.tolist())) > 1
     for module in range(modules):
-        alone = shared_frame(cores.select(torch.tensor([module], device=DEVICE)), 4)
+        alone = cs.shared_frame_factored(cores.select(torch.tensor([module], device=DEVICE)), 4)
         assert int(alone.sweeps[0]) == int(frame.sweeps[module])
         assert torch.allclose(alone.energy[0], frame.energy[module], rtol=1e-12)
         assert torch.allclose(alone.u[0] @ alone.u[0].mT, frame.u[module] @ frame.u[module].mT, atol=1e-9)
-        expected = hooi(list(dense_cores(cores.select(torch.tensor([module], device=DEVICE)))[0].cpu().numpy()), 4)
+        expected = hooi(list(cores.select(torch.tensor([module], device=DEVICE)).dense()[0].cpu().numpy()), 4)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * expected.energy
 
 
