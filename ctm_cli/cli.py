@@ -163,7 +163,7 @@ def _given(ctx: typer.Context) -> set[str]:
 
 
 # The recipe settings that are options of `ctm merge`: (type, Setting) by name, from the recipe's schema.
-_RECIPE_OPTIONS = {name: (kind, rule) for name, (kind, rule) in SCHEMA.items() if rule.flags}
+_RECIPE_OPTIONS = {name: (kind, spec) for name, (kind, spec) in SCHEMA.items() if spec.flags}
 
 
 def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -176,9 +176,9 @@ def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
             name,
             Parameter.POSITIONAL_OR_KEYWORD,
             annotation=kind,
-            default=typer.Option(getattr(DEFAULTS, name), *rule.flags, help=escape(rule.help), metavar=rule.metavar),
+            default=typer.Option(getattr(DEFAULTS, name), *spec.flags, help=escape(spec.help), metavar=spec.metavar),
         )
-        for name, (kind, rule) in _RECIPE_OPTIONS.items()
+        for name, (kind, spec) in _RECIPE_OPTIONS.items()
     ]
     parameters = []
     for parameter in own.parameters.values():

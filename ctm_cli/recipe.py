@@ -137,10 +137,10 @@ class Recipe:
 
     def check(self) -> None:
         """Refuse a value no merge can use, naming its flag (the YAML reader names file, line and key instead)."""
-        for name, (_, rule) in SCHEMA.items():
-            problem = rule.problem(getattr(self, name)) if rule.flags else None
+        for name, (_, spec) in SCHEMA.items():
+            problem = spec.problem(getattr(self, name)) if spec.flags else None
             if problem:
-                raise UsageError(f"{rule.flags[0]} {problem}")
+                raise UsageError(f"{spec.flags[0]} {problem}")
         bad = [entry.weight for entry in self.adapters if not math.isfinite(entry.weight)]
         if bad:
             raise UsageError(f"--weights must be finite numbers, got {bad[0]}")
@@ -286,7 +286,7 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
     """The recipe's settings (all keys but `adapters`), each read by its type and checked by its Setting."""
     settings: dict[str, Any] = {}
     for name, node in values.items():
-        kind, rule = SCHEMA[name]
+        kind, spec = SCHEMA[name]
         if name == "adapters":
             continue
         if name == "params":
@@ -294,7 +294,7 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
             settings["params"] = {key: reader.number(value, f"params.{key}") for key, value in params.items()}
             continue
         value = _READERS[kind](reader, node, name)
-        problem = rule.problem(value)
+        problem = spec.problem(value)
         if problem:
             reader.fail(node, name, problem)
         settings[name] = value
