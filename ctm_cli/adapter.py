@@ -198,6 +198,12 @@ class _BinReader:
 FLOAT_DTYPES = frozenset(DTYPES.values())
 
 
+def output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
+    """The (A, B) weight keys a merged module is written under: as the first adapter that has it spells them."""
+    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
+    return module.a_key, module.b_key
+
+
 class Adapter:
     """A PEFT LoRA folder: config fields, the LoRA modules found in its weights, lazy factor access."""
 

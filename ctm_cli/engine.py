@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from ctm_cli.adapter import Adapter
+from ctm_cli.adapter import Adapter, output_keys
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
@@ -309,12 +309,6 @@ def _merge_wave(
         ) from exc
 
 
-def _output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
-    """The (A, B) weight keys of a module as the first adapter that has it spells them."""
-    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
-    return module.a_key, module.b_key
-
-
 def _optional(values: torch.Tensor | None, index: int, kind: Callable[[float], Number]) -> Number | None:
     return None if values is None else kind(values[index].item())
 
@@ -360,7 +354,7 @@ def merge_modules(
             seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
             for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):
                 for index, spec in enumerate(group):
-                    a_key, b_key = _output_keys(adapters, spec.name)
+                    a_key, b_key = output_keys(adapters, spec.name)
                     tensors[a_key] = lora_a[index].contiguous()
                     tensors[b_key] = lora_b[index].contiguous()
                     stats.append(_module_stats(spec, result, index, lora_a.shape[1], seconds))

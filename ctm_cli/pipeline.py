@@ -275,7 +275,7 @@ def prepare(request: MergeRequest) -> PreparedMerge:
 def plan_merge(prepared: PreparedMerge) -> dict:
     """What `run_merge` would do, for --dry-run: every check has run, nothing is merged or written."""
     plan = describe_plan(
-        prepared.adapters[0],
+        prepared.adapters,
         prepared.specs,
         prepared.waves,
         prepared.written_ranks(),

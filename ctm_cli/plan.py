@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ctm_cli.adapter import Adapter
+from ctm_cli.adapter import Adapter, output_keys
 from ctm_cli.methods import Method
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.params import Params
@@ -104,19 +104,19 @@ def plan_waves(
 
 
 def output_shapes(
-    adapter: Adapter, specs: list[ModuleSpec], written_ranks: dict[str, int]
+    adapters: list[Adapter], specs: list[ModuleSpec], written_ranks: dict[str, int]
 ) -> dict[str, tuple[int, int]]:
-    """Shape of every tensor the merged adapter will hold, by weight key (keys as in `adapter`)."""
+    """Shape of every tensor the merged adapter will hold, by weight key (`adapter.output_keys`)."""
     shapes = {}
     for spec in specs:
-        module, rank = adapter.modules[spec.name], written_ranks[spec.name]
-        shapes[module.a_key] = (rank, spec.in_features)
-        shapes[module.b_key] = (spec.out_features, rank)
+        (a_key, b_key), rank = output_keys(adapters, spec.name), written_ranks[spec.name]
+        shapes[a_key] = (rank, spec.in_features)
+        shapes[b_key] = (spec.out_features, rank)
     return shapes
 
 
 def describe_plan(
-    adapter: Adapter,
+    adapters: list[Adapter],
     specs: list[ModuleSpec],
     waves: list[list[list[ModuleSpec]]],
     written_ranks: dict[str, int],
@@ -136,6 +136,7 @@ def describe_plan(
         for wave_index, wave in enumerate(waves)
         for group in wave
     ]
+    shapes = output_shapes(adapters, specs, written_ranks)
     return {
         "modules": [
             {
@@ -149,5 +150,5 @@ def describe_plan(
         "groups": group_rows,
         "waves": len(waves),
         "estimated_device_bytes": max(wave_bytes(wave, core_numbers) for wave in waves),
-        "estimated_output_bytes": encoded_size(output_shapes(adapter, specs, written_ranks), dtype, METADATA_ALLOWANCE),
+        "estimated_output_bytes": encoded_size(shapes, dtype, METADATA_ALLOWANCE),
     }
