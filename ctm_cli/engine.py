@@ -101,15 +101,15 @@ class _Piece:
 
 
 class _AdapterTensors:
-    """Tensors of an adapter whose weights are not safetensors (a legacy .bin, already in memory)."""
+    """Tensors of an adapter read through it: a legacy .bin (already in memory), or a single-file LoRA's factors
+    (built from its stored tensors: ctm_cli/formats)."""
 
     def __init__(self, adapter: Adapter):
         self._adapter = adapter
 
     def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of a stored tensor."""
-        tensor = self._adapter.tensor(key)
-        return tensor.dtype, tuple(tensor.shape)
+        return self._adapter.dtype(key) or torch.float32, self._adapter.shape(key)
 
     def read_into(self, key: str, target: torch.Tensor) -> None:
         """Copy the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
@@ -121,7 +121,7 @@ class _AdapterTensors:
 
 
 def _tensor_source(adapter: Adapter) -> PlainReads | _AdapterTensors:
-    if adapter.weights_path.suffix == ".safetensors":
+    if adapter.weights_path.suffix == ".safetensors" and adapter.single_file is None:  # read as stored
         return PlainReads(adapter.weights_path)
     return _AdapterTensors(adapter)
 

@@ -20,10 +20,12 @@ from ctm_cli.base_model import BaseModel, resolve_base_model
 from ctm_cli.engine import merge_modules, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
+from ctm_cli.formats import adapter_files, align_names, output_style
 from ctm_cli.interrupts import output_written
 from ctm_cli.methods import METHODS, MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.module_weights import apply_module_weights
 from ctm_cli.params import Params
 from ctm_cli.plan import CoreNumbers, default_max_memory, describe_plan, method_core_numbers, plan_waves
 from ctm_cli.publish import check_push_target, push_folder
@@ -75,6 +77,8 @@ class PreparedMerge:
     base_model: BaseModel
     task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
     warnings: list[str]
+    output_style: str  # what --format writes: peft, kohya or diffusers (ctm_cli/formats)
+    module_weights: dict[str, Any]  # each module_weights pattern: its weights and how many modules it weighted
     started: float  # time.perf_counter() when preparing began: the report's `seconds` count from there
 
     @property
@@ -108,6 +112,8 @@ class PreparedMerge:
             "dtype": str(self.output_dtype).removeprefix("torch."),
             "base_model": self.base_model.name,
             "base_model_overridden": self.base_model.overridden,
+            "format": self.output_style,
+            "module_weights": self.module_weights,
         }
 
     def recipe(self) -> Recipe:
@@ -243,6 +249,9 @@ def prepare(request: MergeRequest) -> PreparedMerge:
     sources = [locate_source(entry.source, entry.revision) for entry in recipe.adapters]
     check_apart(output, [(source.source, source.folder) for source in sources])
     adapters = [Adapter(source.folder, source.source) for source in sources]
+    align_names(adapters)
+    style = output_style(recipe.format, adapters)
+    module_weights = apply_module_weights(adapters, recipe.module_weights)
     base_model = resolve_base_model(adapters, recipe.base_model)
     specs = check_compatible(adapters, recipe.allow_missing)
     kept = keep_extra_tensors(adapters, recipe.modules_to_save)
@@ -268,6 +277,8 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         base_model=base_model,
         task_type=task_type,
         warnings=[*base_model.warnings, *task_warnings],
+        output_style=style,
+        module_weights=module_weights,
         started=started,
     )
 
@@ -359,11 +370,11 @@ def run_merge(
         "ctm_inputs": json.dumps([{"source": i["source"], "sha256": i["sha256"]} for i in inputs]),
     }
     model_id = request.push_to_hub or prepared.output.absolute().name
+    tensors = merged.tensors | prepared.kept.tensors
+    stem = prepared.output.absolute().name
     write_adapter(
         prepared.output,
-        merged.tensors | prepared.kept.tensors,
-        config,
-        metadata,
+        adapter_files(prepared.output_style, tensors, config, metadata, prepared.adapters, stem),
         {
             "merge_report.json": json.dumps(report, indent=2) + "\n",
             "merge_report.md": render_markdown(report),

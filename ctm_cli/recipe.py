@@ -23,6 +23,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ctm_cli import __version__
 from ctm_cli.errors import UsageError
+from ctm_cli.patterns import pattern_problem
 from ctm_cli.untrusted import TooLargeError, read_limited
 
 ADAPTER_KEYS = ("source", "weight", "revision")
@@ -38,6 +39,7 @@ RECIPE_LIMIT = 16 * 1024**2  # bytes read of a recipe at most: a recipe is small
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype writes
 EXTRA_TENSOR_POLICIES = ("drop", "first", "mean")  # what --modules-to-save does with non-LoRA tensors
+OUTPUT_FORMATS = ("auto", "peft", "kohya", "diffusers")  # what --format writes (ctm_cli/formats)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,16 @@ class Recipe:
         metavar="NAME",
         check=_name_problem,
     )
+    format: str = setting(
+        "auto",
+        "Output style: auto (the inputs'), peft, kohya or diffusers (kohya and diffusers: one .safetensors file).",
+        "--format",
+        choices=OUTPUT_FORMATS,
+    )
+    module_weights: dict[str, list[float]] = dataclasses.field(
+        default_factory=dict,
+        metadata={"setting": Setting("per-module weights: a regex of module names -> one weight per adapter")},
+    )
 
     def check(self) -> None:
         """Refuse a value no merge can use, naming its flag (the YAML reader names file, line and key instead)."""
@@ -217,6 +229,18 @@ class _Reader:
             self.fail(node, key, f"expected true or false, got {_describe(node)}")
         return value
 
+    def weight_map(self, node: Node, key: str) -> dict[str, list[float]]:
+        """A mapping of regular expressions (checked by `patterns.pattern_problem`) to lists of finite numbers."""
+        weights = {}
+        for pattern, value in self.mapping(node, key, None).items():
+            problem = pattern_problem(pattern)
+            if problem:
+                self.fail(value, f"{key}.{pattern}", f"pattern refused: {problem}")
+            if not isinstance(value, SequenceNode):
+                self.fail(value, f"{key}.{pattern}", f"expected one weight per adapter, got {_describe(value)}")
+            weights[pattern] = [self.number(item, f"{key}.{pattern}") for item in value.value]
+        return weights
+
     def _scalar(self, node: Node) -> Any:
         """The scalar's value, or None for anything that is not a well-formed scalar (`!!int abc`)."""
         if not isinstance(node, ScalarNode):
@@ -279,6 +303,7 @@ _READERS: dict[Any, Callable[[_Reader, Node, str], Any]] = {
     int: _Reader.integer,
     float: _Reader.number,
     bool: _Reader.boolean,
+    dict[str, list[float]]: _Reader.weight_map,
 }
 
 
