@@ -396,7 +396,8 @@ def _print_summary(info: dict, spectra: int) -> None:
     console = Console()
     facts = Table(show_header=False, box=None)
     for key in (
-        "path", "base_model", "peft_type", "r", "rank_pattern", "lora_alpha", "alpha_pattern",
+        "path", "style", "kinds", "blocks", "base_model", "peft_type", "r", "rank_pattern", "lora_alpha",
+        "alpha_pattern",
         "use_rslora", "scale", "fan_in_fan_out", "target_modules", "lora_modules", "lora_parameters",
         "modules_to_save", "other_parameters", "weights_file", "file_size", "dtype",
     ):  # fmt: skip

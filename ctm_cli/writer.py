@@ -6,10 +6,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from ctm_cli import staging
 from ctm_cli.errors import OutputError
+from ctm_cli.safetensors_format import encode
 from ctm_cli.sources import ADAPTER_FILES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -70,7 +75,11 @@ def _identities(paths: list[Path]) -> set[tuple[int, int]]:
     return {identity for identity in map(_identity, paths) if identity is not None}
 
 
-def write_adapter(path: Path, weight_files: dict[str, bytes], text_files: dict[str, str], force: bool) -> None:
+# A file of the written adapter: text (its config), or the tensors and metadata of a safetensors file.
+WeightFile: TypeAlias = "str | tuple[dict[str, torch.Tensor], dict[str, str]]"
+
+
+def write_adapter(path: Path, weight_files: dict[str, WeightFile], text_files: dict[str, str], force: bool) -> None:
     """Write the adapter (`weight_files`: its config and weights, from ctm_cli/formats) and its companion files to
     `path` atomically (staging.py): on failure, or an interrupt before the final swap, nothing changes. What killed
     runs left beside it is cleaned up first, and the output checked again after (an output that a kill had left
@@ -83,8 +92,11 @@ def write_adapter(path: Path, weight_files: dict[str, bytes], text_files: dict[s
     except OSError as exc:
         raise OutputError(f"{target.parent}: cannot create a temporary folder ({exc.strerror or exc})") from exc
     try:
-        for name, data in weight_files.items():
-            (stage.folder / name).write_bytes(data)
+        for name, content in weight_files.items():
+            if isinstance(content, str):
+                (stage.folder / name).write_text(content)
+            else:
+                (stage.folder / name).write_bytes(encode(*content))
         for name, text in text_files.items():
             (stage.folder / name).write_text(text, encoding="utf-8")
         staging.install(stage)

@@ -64,7 +64,9 @@ def lora_tensors(shape: tuple[int, ...], rank: int, generator: torch.Generator) 
     }
 
 
-def lycoris_tensors(kind: str, shape: tuple[int, ...], rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def lycoris_tensors(
+    kind: str, shape: tuple[int, ...], rank: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """A LyCORIS module's tensors by their names in the file: tucker (LoCon with lora_mid), loha, loha_tucker, lokr
     (w1 full, w2 = w2_a·w2_b), lokr_full (both full), lokr_both (both decomposed), lokr_tucker (conv, t2)."""
     out, inputs, *kernel = shape
@@ -115,7 +117,10 @@ def write_lora_file(
     tensors = {}
     for name, shape in modules.items():
         kind = (kinds or {}).get(name, "lora")
-        stored = lora_tensors(shape, rank, generator) if kind == "lora" else lycoris_tensors(kind, shape, rank, generator)
+        if kind == "lora":
+            stored = lora_tensors(shape, rank, generator)
+        else:
+            stored = lycoris_tensors(kind, shape, rank, generator)
         if alpha is not None:
             stored["alpha"] = torch.tensor(alpha)
         for role, tensor in stored.items():
@@ -127,7 +132,7 @@ def write_lora_file(
 def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every tensor of a safetensors file in float64, and its metadata."""
     with safe_open(str(path), "pt") as handle:
-        tensors = {key: handle.get_tensor(key).to(torch.float64).numpy() for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key).to(torch.float64).numpy() for key in handle.keys()}  # noqa: SIM118
         return tensors, handle.metadata() or {}
 
 

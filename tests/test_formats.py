@@ -22,6 +22,8 @@ from lora_files import (
     read_tensors,
     write_lora_file,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ctm_cli.errors import EXIT_INCOMPATIBLE, EXIT_USAGE
 from ctm_cli.formats import FORMATS
@@ -100,7 +102,8 @@ def test_kohya_round_trip_loads_and_merges_again(tmp_path):
     first = [write_lora_file(tmp_path / f"{s}.safetensors", SD15_KOHYA, 4, s, 1.0) for s in (1, 2)]
     merged = merge(tmp_path, first, "--rank", "4")
     tensors, metadata = read_tensors(merged / "merged.safetensors")
-    expected_keys = {f"{name}.{suffix}" for name in SD15_KOHYA for suffix in ("lora_down.weight", "lora_up.weight", "alpha")}
+    suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
+    expected_keys = {f"{name}.{suffix}" for name in SD15_KOHYA for suffix in suffixes}
     assert set(tensors) == expected_keys
     for name, (out, *rest) in SD15_KOHYA.items():
         ones = (1,) * (len(rest) - 1)
@@ -162,8 +165,6 @@ def test_lycoris_merge_with_ctm_matches_the_dense_reference_at_full_rank(tmp_pat
 def test_base_dependent_adapters_are_refused_saying_why(tmp_path, key, what):
     bad = write_lora_file(tmp_path / "bad.safetensors", FLUX_KOHYA, 4, 1)
     tensors, _ = read_tensors(bad)
-    from safetensors.torch import save_file
-
     extra = {f"lora_unet_double_blocks_0_img_attn_qkv.{key}": np.ones((1, 32))}
     save_file({k: torch.from_numpy(v).float() for k, v in {**tensors, **extra}.items()}, str(bad))
     good = write_lora_file(tmp_path / "good.safetensors", FLUX_KOHYA, 4, 2)
@@ -246,7 +247,65 @@ def test_half_precision_files_merge_and_keep_their_dtype(tmp_path):
         write_lora_file(tmp_path / f"{s}.safetensors", SD15_KOHYA, 4, s, 4.0, dtype=torch.float16) for s in (1, 2)
     ]
     output = merge(tmp_path, inputs, "--method", "cat")
-    with __import__("safetensors").safe_open(str(output / "merged.safetensors"), "pt") as handle:
-        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys() if not key.endswith(".alpha")}
+    with safe_open(str(output / "merged.safetensors"), "pt") as handle:
+        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys() if not key.endswith(".alpha")}  # noqa: SIM118
     assert dtypes == {"F16"}
     assert_close(dense_updates(output), exact_sum(inputs), 2e-3)
+
+
+def _recipe(tmp_path: Path, inputs: list[Path], extra: str) -> Path:
+    adapters = "".join(f"  - source: {path}\n" for path in inputs)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"adapters:\n{adapters}method: cat\n{extra}")
+    return path
+
+
+def test_module_weights_scale_each_adapters_update_of_the_modules_they_match(tmp_path):
+    inputs = [write_lora_file(tmp_path / f"{s}.safetensors", SD15_KOHYA, 4, s, 2.0) for s in (1, 2)]
+    recipe = _recipe(tmp_path, inputs, "module_weights:\n  _te_: [1, 0]\n  down_blocks: [0.5, 2]\n  attn: [3, 3]\n")
+    output = merge(tmp_path, [], "--config", recipe)
+    first, second = (dense_updates(path) for path in inputs)
+    weights = {"_te_": (1.0, 0.0), "down_blocks": (0.5, 2.0), "attn": (3.0, 3.0)}  # the first pattern found wins
+    expected = {}
+    for name in SD15_KOHYA:
+        w1, w2 = next((w for pattern, w in weights.items() if pattern in name), (1.0, 1.0))
+        expected[name] = w1 * first[name] + w2 * second[name]
+    assert_close(dense_updates(output), expected)
+    report = json.loads((output / "merge_report.json").read_text())
+    assert report["settings"]["module_weights"] == {
+        "_te_": {"weights": [1.0, 0.0], "modules": 1},
+        "down_blocks": {"weights": [0.5, 2.0], "modules": 3},
+        "attn": {"weights": [3.0, 3.0], "modules": 1},
+    }
+    assert report["recipe"]["module_weights"] == {"_te_": [1.0, 0.0], "down_blocks": [0.5, 2.0], "attn": [3.0, 3.0]}
+    assert "module_weights:" in (output / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("  _te_: [1, 0, 1]\n", "has 3 weights but there are 2 adapters"),
+    ("  vae: [1, 0]\n", "matches no module"),
+    ("  (a+)+b: [1, 0]\n", "pattern refused"),
+    ("  _te_: 1\n", "expected one weight per adapter"),
+])  # fmt: skip
+def test_bad_module_weights_are_refused(tmp_path, entry, message):
+    inputs = [write_lora_file(tmp_path / f"{s}.safetensors", SD15_KOHYA, 4, s) for s in (1, 2)]
+    recipe = _recipe(tmp_path, inputs, f"module_weights:\n{entry}")
+    stderr = fails(["merge", "--config", recipe, "-o", tmp_path / "out"], EXIT_USAGE, tmp_path)
+    assert message in stderr
+
+
+def test_inspect_shows_the_style_kinds_and_blocks(tmp_path):
+    kinds = {"lora_unet_down_blocks_0_resnets_0_conv1": "loha"}
+    path = write_lora_file(tmp_path / "l.safetensors", SD15_KOHYA, 4, 1, 1.0, kinds=kinds)
+    result = run_ctm("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["style"] == "kohya"
+    assert info["kinds"] == {"lora": 4, "loha": 1}
+    assert info["blocks"] == {"te.text_model_encoder_layers": 1, "unet.down_blocks": 3, "unet.up_blocks": 1}
+    diffusers = write_lora_file(tmp_path / "d.safetensors", SDXL_DIFFUSERS, 4, 1, None, "diffusers")
+    info = json.loads(run_ctm("inspect", diffusers, "--json").stdout)
+    assert info["style"] == "diffusers"
+    assert info["blocks"] == {"text_encoder.text_model": 1, "text_encoder_2.text_model": 1, "unet.down_blocks": 1}
+    table = run_ctm("inspect", diffusers).stdout
+    assert "diffusers" in table and "unet.down_blocks" in table

@@ -14,10 +14,10 @@ from ctm_cli.formats import kohya
 from ctm_cli.formats.diffusers import kohya_name
 from ctm_cli.formats.single_file import FACTOR_KEYS
 from ctm_cli.formats.styles import STYLES
-from ctm_cli.safetensors_format import encode
 
 if TYPE_CHECKING:
     from ctm_cli.adapter import Adapter
+    from ctm_cli.writer import WeightFile
 
 PEFT = "peft"
 FORMATS = ("auto", PEFT, *STYLES)  # what --format takes
@@ -87,16 +87,13 @@ def adapter_files(
     metadata: dict[str, str],
     adapters: list[Adapter],
     stem: str,
-) -> dict[str, bytes]:
+) -> dict[str, WeightFile]:
     """The files holding the merged adapter, by name: adapter_config.json and adapter_model.safetensors for PEFT,
     else one `<stem>.safetensors` in the style's keys (convolutions in their kernel layout, scale 1 everywhere)."""
     from ctm_cli.adapter import CONFIG_NAME, SAFETENSORS_NAME
 
     if style == PEFT:
-        return {
-            SAFETENSORS_NAME: encode(tensors, metadata),
-            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-        }
+        return {SAFETENSORS_NAME: (tensors, metadata), CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
     shapes: dict[str, tuple[int, ...] | None] = {}
     for adapter in adapters:
         if adapter.single_file is not None:
@@ -118,4 +115,4 @@ def adapter_files(
         conv = {renamed(name) for name in names if math.prod((shapes.get(name) or ())[2:]) > 1}  # k × k kernels
         inputs = [adapter.single_file.metadata if adapter.single_file else {} for adapter in adapters]
         metadata = {**metadata, **kohya.metadata(inputs, ranks, conv)}
-    return {f"{stem}.safetensors": encode(written, metadata)}
+    return {f"{stem}.safetensors": (written, metadata)}

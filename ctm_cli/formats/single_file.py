@@ -28,11 +28,11 @@ BASE_MODEL_METADATA = ("modelspec.architecture", "ss_base_model_version")
 def locate(path: Path) -> Path | None:
     """The single-file LoRA that `path` names: a `.safetensors` file, or a folder without adapter_config.json that
     holds exactly one (other than a PEFT adapter_model.safetensors); None where it names anything else."""
-    if path.suffix == SUFFIX and path.is_file():
-        return path
-    if not path.is_dir() or (path / CONFIG_NAME).exists():
-        return None
     try:
+        if path.suffix == SUFFIX and path.is_file():
+            return path
+        if not path.is_dir() or (path / CONFIG_NAME).exists():
+            return None
         found = sorted(item for item in path.iterdir() if item.suffix == SUFFIX and item.is_file())
     except OSError:
         return None  # the PEFT reader names the problem
