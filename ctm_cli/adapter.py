@@ -219,7 +219,7 @@ class Adapter:
         if self.single_file is not None:
             self.config, self.weights_path = self.single_file.config, self.single_file.path
             self._reader: SafetensorsFile | _BinReader | SingleFile = self.single_file
-            self.modules, self.extra_keys = self.single_file.modules, []
+            self.modules, self.extra_keys = self.single_file.modules, list[str]()
             return
         self.config = _read_config(self.folder)
         self.weights_path = self._find_weights()

@@ -309,3 +309,9 @@ def test_inspect_shows_the_style_kinds_and_blocks(tmp_path):
     assert info["blocks"] == {"text_encoder.text_model": 1, "text_encoder_2.text_model": 1, "unet.down_blocks": 1}
     table = run_ctm("inspect", diffusers).stdout
     assert "diffusers" in table and "unet.down_blocks" in table
+
+
+def test_the_model_card_of_a_kohya_merge_describes_a_kohya_file(tmp_path):
+    inputs = [write_lora_file(tmp_path / f"{s}.safetensors", SD15_KOHYA, 4, s) for s in (1, 2)]
+    card = (merge(tmp_path, inputs, "--rank", "4") / "README.md").read_text()
+    assert "kohya-style LoRA file" in card and "PeftModel" not in card and "library_name" not in card

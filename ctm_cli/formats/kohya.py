@@ -7,6 +7,7 @@ the `ss_*` metadata kohya-style tools read."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import torch
 
@@ -36,17 +37,20 @@ def write(name: str, a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, 
     }
 
 
+def _most_common(values: list[int]) -> int:
+    return Counter(values).most_common(1)[0][0]
+
+
 def metadata(inputs: list[dict[str, str]], ranks: dict[str, int], conv: set[str]) -> dict[str, str]:
     """The `ss_*` metadata of a merged kohya file: network module, dim and alpha (the most common rank of the linear
     and 1×1 modules; alpha = dim, scale 1), conv_dim / conv_alpha where `conv` (k × k convolutions) are merged, and
     the first input's base-model fields."""
     linear = [rank for name, rank in ranks.items() if name not in conv]
-    dim = max(set(linear or ranks.values()), key=(linear or list(ranks.values())).count)
+    dim = _most_common(linear or list(ranks.values()))
     data = {key: inputs[0][key] for key in KEPT_METADATA if key in inputs[0]}
     data.update(ss_network_module="networks.lora", ss_network_dim=str(dim), ss_network_alpha=str(float(dim)))
-    conv_ranks = [ranks[name] for name in conv]
-    if conv_ranks:
-        conv_dim = max(set(conv_ranks), key=conv_ranks.count)
+    if conv:
+        conv_dim = _most_common([ranks[name] for name in conv])
         data["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))})
     data["ss_training_comment"] = f"merged by ctm from {len(inputs)} LoRAs"
     return data

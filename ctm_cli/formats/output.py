@@ -3,6 +3,7 @@ and the files of the written adapter: a PEFT folder's config and weights, or one
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -42,8 +43,7 @@ def align_names(adapters: list[Adapter]) -> None:
     for adapter in adapters:
         single = adapter.single_file
         if single is not None and single.style == "diffusers":
-            two_encoders = _two_encoders(list(single.modules))
-            single.rename(lambda name, two=two_encoders: kohya_name(name, two))
+            single.rename(functools.partial(kohya_name, two_text_encoders=_two_encoders(list(single.modules))))
             single.style = "kohya"
             adapter.modules = single.modules
 
