@@ -158,7 +158,7 @@ def _tucker(core: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
 
 def dense_update(parts: dict[str, np.ndarray]) -> np.ndarray:
     """A module's ΔW (flattened to out × in·k·k), float64, with its scale (alpha / rank; 1 without alpha)."""
-    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else None  # 0: none (kohya)
     if "hada_w1_a" in parts:
         if "hada_t1" in parts:
             w1 = _tucker(parts["hada_t1"], parts["hada_w1_a"], parts["hada_w1_b"])

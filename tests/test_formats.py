@@ -87,6 +87,14 @@ def test_cat_of_single_files_is_their_exact_sum_in_their_own_style(tmp_path, key
         assert down.shape == (12, *shape[1:])
 
 
+def test_an_alpha_of_zero_means_scale_one_as_in_kohya(tmp_path):
+    pairs = ((1, 0.0), (2, 8.0))
+    inputs = [write_lora_file(tmp_path / f"{s}.safetensors", FLUX_KOHYA, 4, s, alpha) for s, alpha in pairs]
+    output = merge(tmp_path, inputs, "--method", "cat")
+    first = write_lora_file(tmp_path / "same.safetensors", FLUX_KOHYA, 4, 1, None)
+    assert_close(dense_updates(output), exact_sum([first, inputs[1]]))
+
+
 def test_mtc_equals_kohyas_dense_svd_merge(tmp_path):
     """kohya's svd_merge_lora: the dense sum, truncated to rank r by SVD; ctm's mtc gives it from the cores."""
     inputs = [write_lora_file(tmp_path / f"{s}.safetensors", SDXL_KOHYA, 8, s, 4.0) for s in (1, 2, 3)]

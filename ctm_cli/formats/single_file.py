@@ -14,7 +14,7 @@ import torch
 
 from ctm_cli.adapter import CONFIG_NAME, FLOAT_DTYPES, SAFETENSORS_NAME, LoraModule
 from ctm_cli.errors import IncompatibleError, InputError
-from ctm_cli.formats.kinds import KINDS, REFUSED, Kind, Layout, LayoutError, kind_of
+from ctm_cli.formats.kinds import KINDS, REFUSED, Kind, LayoutError, kind_of
 from ctm_cli.formats.styles import detect
 from ctm_cli.patterns import MAX_NAME_LENGTH
 from ctm_cli.safetensors_format import SafetensorsFile
@@ -86,7 +86,7 @@ class SingleFile:
         for key in keys.values():
             if self._file.dtype(key) not in FLOAT_DTYPES:
                 raise InputError(f"{self.path}: tensor {key} is not a float16/bfloat16/float32/float64 tensor")
-        alpha = self._alpha(name, keys.get("alpha"), layout)
+        alpha = self._alpha(name, keys.get("alpha"))
         self.kinds[name] = kind.name
         self.weight_shapes[name] = layout.weight_shape
         scale = 1.0 if alpha is None or layout.alpha_rank is None else alpha / layout.alpha_rank
@@ -102,14 +102,15 @@ class SingleFile:
             embedding=False,
         )
 
-    def _alpha(self, name: str, key: str | None, layout: Layout) -> float | None:
-        """The module's stored alpha (a one-element tensor), or None."""
+    def _alpha(self, name: str, key: str | None) -> float | None:
+        """The module's stored alpha (a one-element tensor), or None where there is none or it is 0 (kohya's
+        lora.py reads an alpha of 0 as no alpha: scale 1)."""
         if key is None:
             return None
         tensor = self._file.get(key)
         if tensor.numel() != 1 or not math.isfinite(float(tensor.float().reshape(()))):
             raise InputError(f"{self.path}: module {name}: alpha {key} is not one finite number")
-        return float(tensor.float().reshape(()))
+        return float(tensor.float().reshape(())) or None
 
     @property
     def config(self) -> dict[str, Any]:
