@@ -190,7 +190,7 @@ def main() -> None:
     paths = write_files(modules, args.adapters, args.rank, workdir / "inputs")
     outputs = workdir / "outputs"
     outputs.mkdir(exist_ok=True)
-    ctm_merge(paths, outputs / "warm-up", args.rank, args.device, "cat", None)  # imports, allocator, page cache
+    ctm_merge(paths, outputs / "warm-up", args.rank, args.device, "mtc", "ta")  # imports, allocator, page cache
     figures = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
