@@ -323,3 +323,17 @@ def test_the_model_card_of_a_kohya_merge_describes_a_kohya_file(tmp_path):
     inputs = [write_lora_file(tmp_path / f"{s}.safetensors", SD15_KOHYA, 4, s) for s in (1, 2)]
     card = (merge(tmp_path, inputs, "--rank", "4") / "README.md").read_text()
     assert "kohya-style LoRA file" in card and "PeftModel" not in card and "library_name" not in card
+
+
+def test_older_diffusers_keys_read_like_lora_a_and_b(tmp_path):
+    modern = write_lora_file(tmp_path / "modern.safetensors", SD15_DIFFUSERS, 4, 1, 2.0, "diffusers")
+    tensors, _ = read_tensors(modern)
+    older = {
+        key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): value
+        for key, value in tensors.items()
+    }
+    older_path = tmp_path / "older.safetensors"
+    save_file({key: torch.from_numpy(value).float() for key, value in older.items()}, str(older_path))
+    other = write_lora_file(tmp_path / "other.safetensors", SD15_DIFFUSERS, 4, 2, None, "diffusers")
+    output = merge(tmp_path, [older_path, other], "--method", "cat")
+    assert_close(dense_updates(output), exact_sum([modern, other]))
