@@ -175,8 +175,10 @@ def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
         Parameter(
             name,
             Parameter.POSITIONAL_OR_KEYWORD,
-            annotation=kind,
-            default=typer.Option(getattr(DEFAULTS, name), *spec.flags, help=escape(spec.help), metavar=spec.metavar),
+            annotation=kind if spec.parser is None else str,
+            default=typer.Option(
+                getattr(DEFAULTS, name), *spec.flags, help=escape(spec.help), metavar=spec.metavar, parser=spec.parser
+            ),
         )
         for name, (kind, spec) in _RECIPE_OPTIONS.items()
     ]
