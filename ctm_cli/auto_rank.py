@@ -23,7 +23,8 @@ def check_auto_rank(method: Method, rule: Rule[Any], method_params: Params) -> N
     """Refuse --rank auto where the energy curve is not exact for the merge's output."""
     if not curve_is_exact(method, rule, method_params):
         params = dict(method_params)
-        frame = f" (frame_rank {params['frame_rank']:g}, isotropic {params['isotropic']:g})" if method.name == "ctm" else ""
+        ctm = method.name == "ctm"
+        frame = f" (frame_rank {params['frame_rank']:g}, isotropic {params['isotropic']:g})" if ctm else ""
         raise UsageError(
             f"--rank auto needs ctm with frame_rank 0 and isotropic 0, core, or mtc with a linear or spectral rule "
             f"(merges whose kept energy is known at every rank), not {method.name}{frame} with rule {rule.name}; "
