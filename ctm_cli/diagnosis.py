@@ -103,6 +103,15 @@ def diagnose_groups(
     return results
 
 
+def full_rank_energies(groups: list[GroupDiagnosis]) -> dict[str, float]:
+    """‖F‖² of each module's full-rank merge (the first curve's rule in the whole core space), by name."""
+    energies: dict[str, float] = {}
+    for part in groups:
+        totals = part.diagnosis.merge_energies.sum(dim=-1).tolist()
+        energies.update((spec.name, total) for spec, total in zip(part.specs, totals, strict=True))
+    return energies
+
+
 def _rounded(tensor: torch.Tensor) -> Any:
     """A tensor as nested lists of floats rounded to 6 significant digits (JSON that people can read)."""
 

@@ -18,7 +18,7 @@ from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.auto_rank import RankChoice, check_auto_rank, choose_ranks
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.diagnosis import GroupDiagnosis, diagnose_groups, diagnosis_data, merge_curves
+from ctm_cli.diagnosis import GroupDiagnosis, diagnose_groups, diagnosis_data, full_rank_energies, merge_curves
 from ctm_cli.engine import merge_modules, read_groups, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
@@ -402,7 +402,8 @@ def run_merge(
     report_settings = prepared.settings()
     inputs = hashed_inputs()
     repeat = prepared.recipe()
-    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - prepared.started)
+    energies = full_rank_energies(prepared.diagnosis)
+    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - prepared.started, energies)
     report["recipe"] = recipe_data(repeat)
     report["extra_tensors"] = prepared.kept.report
     report["warnings"] = prepared.warnings
