@@ -355,13 +355,26 @@ def _bytes(count: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-@app.command(epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules")
+@app.command(
+    epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules\n"
+    "ctm inspect math/ code/ chat/ --plot adapters.png"
+)
 def inspect(
-    path: str = typer.Argument(..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...)."),
+    paths: list[str] = typer.Argument(
+        ..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...); two or more: how they would merge."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout, only."),
     spectra: int = typer.Option(8, "--spectra", help="Singular values shown per module in the table."),
+    plot: Path | None = typer.Option(
+        None, "--plot", metavar="FILE.png", help="With two or more adapters: energy-kept curves and overlaps as a PNG."
+    ),
 ) -> None:
-    """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra."""
+    """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra. Given two or more
+    adapters: how they would merge (overlap, dominance, conflict, energy kept by a rank-r merge)."""
+    if len(paths) > 1 or plot is not None:
+        _inspect_many(paths, as_json, plot)
+        return
+    path = paths[0]
     from ctm_cli.adapter import Adapter
     from ctm_cli.sources import locate_source
     from ctm_cli.summary import summarize
@@ -371,6 +384,31 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     _print_summary(info, spectra)
+
+
+def _inspect_many(paths: list[str], as_json: bool, plot: Path | None) -> None:
+    """`ctm inspect a/ b/ …`: the diagnosis of two or more adapters (multi_inspect.py), shown or saved."""
+    from ctm_cli.errors import UsageError
+    from ctm_cli.multi_inspect import inspect_adapters
+    from ctm_cli.multi_inspect_view import check_plot_target, print_diagnosis, save_plot
+
+    def action() -> dict:
+        if len(paths) < 2:
+            raise UsageError("--plot needs two or more adapters (one adapter: ctm inspect ADAPTER)")
+        if plot is not None:
+            check_plot_target(plot)
+        data = inspect_adapters(paths)
+        if plot is not None:
+            save_plot(data, plot)
+        return data
+
+    data = _run(action)
+    for warning in data["warnings"]:
+        _print_line("ctm: warning:", warning, "yellow")
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_diagnosis(data)
 
 
 @app.command()
