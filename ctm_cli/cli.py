@@ -360,7 +360,7 @@ def _bytes(count: int) -> str:
     "ctm inspect math/ code/ chat/ --plot adapters.png"
 )
 def inspect(
-    paths: list[str] = typer.Argument(
+    path: list[str] = typer.Argument(
         ..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...); two or more: how they would merge."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout, only."),
@@ -371,15 +371,14 @@ def inspect(
 ) -> None:
     """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra. Given two or more
     adapters: how they would merge (overlap, dominance, conflict, energy kept by a rank-r merge)."""
-    if len(paths) > 1 or plot is not None:
-        _inspect_many(paths, as_json, plot)
+    if len(path) > 1 or plot is not None:
+        _inspect_many(path, as_json, plot)
         return
-    path = paths[0]
     from ctm_cli.adapter import Adapter
     from ctm_cli.sources import locate_source
     from ctm_cli.summary import summarize
 
-    info = _run(lambda: summarize(Adapter(locate_source(path).folder, path)))
+    info = _run(lambda: summarize(Adapter(locate_source(path[0]).folder, path[0])))
     if as_json:
         print(json.dumps(info, indent=2))
         return

@@ -83,14 +83,12 @@ def diagnose_groups(
         b_cat, a_cat = group.b_cat.to(torch.float64), group.a_cat.to(torch.float64)
         weights = weights.to(b_cat)
         first = curves[0]
-        diagnosis = dg.diagnose(
-            b_cat, a_cat, group.ranks, first.rule, weights, first.params, frame_rank, beta, generator
-        )
-        others = []
-        if len(curves) > 1:
-            whole = dg.frame_coordinates(cs.factored_core_space(b_cat, a_cat, group.ranks).cores, 0)
-            for curve in curves[1:]:
-                others.append(dg.merge_spectrum(whole, curve.rule, weights, curve.params, generator).energies.cpu())
+        cores = cs.factored_core_space(b_cat, a_cat, group.ranks).cores
+        diagnosis = dg.diagnose_cores(cores, first.rule, weights, first.params, frame_rank, beta, generator)
+        others = [
+            dg.merge_spectrum(cores.dense(), curve.rule, weights, curve.params, generator).energies.cpu()
+            for curve in curves[1:]
+        ]
         cpu = dg.Diagnosis(
             column_overlap=diagnosis.column_overlap.cpu(),
             row_overlap=diagnosis.row_overlap.cpu(),
