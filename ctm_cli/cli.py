@@ -166,6 +166,18 @@ def _given(ctx: typer.Context) -> set[str]:
 _RECIPE_OPTIONS = {name: (kind, spec) for name, (kind, spec) in SCHEMA.items() if spec.flags}
 
 
+def _bad_parameter_on_value_error(parser: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A setting's parser whose ValueError the command-line library reports as a bad value, in the setting's words."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parser(text)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parse
+
+
 def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give `command` an option for every recipe setting that has flags, made from the recipe's schema (flags, help,
     default, metavar) and placed after its `config` parameter, so that a setting is declared once, in recipe.py.
@@ -177,7 +189,11 @@ def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
             Parameter.POSITIONAL_OR_KEYWORD,
             annotation=kind if spec.parser is None else str,
             default=typer.Option(
-                getattr(DEFAULTS, name), *spec.flags, help=escape(spec.help), metavar=spec.metavar, parser=spec.parser
+                getattr(DEFAULTS, name),
+                *spec.flags,
+                help=escape(spec.help),
+                metavar=spec.metavar,
+                parser=None if spec.parser is None else _bad_parameter_on_value_error(spec.parser),
             ),
         )
         for name, (kind, spec) in _RECIPE_OPTIONS.items()

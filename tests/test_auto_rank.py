@@ -167,7 +167,7 @@ def test_dry_run_shows_the_chosen_ranks(two, tmp_path) -> None:
         (["--rank-per-module"], "--rank-per-module applies only with --rank auto"),
         (["--rank", "auto", "--keep", "0"], "--keep must be a share in (0, 1], got 0.0"),
         (["--rank", "auto", "--keep", "1.5"], "--keep must be a share in (0, 1], got 1.5"),
-        (["--rank", "some"], "invalid value for '--rank'"),
+        (["--rank", "some"], "invalid value for '--rank' / '-r': expected an integer or auto, got 'some'"),
     ],
 )
 def test_refusals(two, out_parent, args: list[str], message: str) -> None:
