@@ -2,8 +2,8 @@
 of the energy of the same rule's full-rank merge, read off the energy curves of the diagnosis (no I/O).
 
 The curves are exact for the output only where the merge is the rule in the whole core space cut once to rank r
-(ctm with frame_rank 0 and no isotropic cut, core) or merge-then-compress in core space (mtc with a linear or
-spectral rule); `check_auto_rank` refuses the others.
+(ctm with frame_rank 0 and no isotropic cut, core) or merge-then-compress in core space (mtc with a linear rule),
+and the rule is not spectral (iso_c's rank-r form remaps its kept values); `check_auto_rank` refuses the others.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def check_auto_rank(method: Method, rule: Rule[Any], method_params: Params) -> N
         ctm = method.name == "ctm"
         frame = f" (frame_rank {params['frame_rank']:g}, isotropic {params['isotropic']:g})" if ctm else ""
         raise UsageError(
-            f"--rank auto needs ctm with frame_rank 0 and isotropic 0, core, or mtc with a linear or spectral rule "
-            f"(merges whose kept energy is known at every rank), not {method.name}{frame} with rule {rule.name}; "
-            "give --rank N"
+            f"--rank auto needs ctm with frame_rank 0 and isotropic 0 or core, with a rule that is not spectral, or "
+            f"mtc with a linear rule (merges whose kept energy is known at every rank), not {method.name}{frame} "
+            f"with rule {rule.name}; give --rank N"
         )
 
 

@@ -44,14 +44,17 @@ class GroupDiagnosis:
 
 
 def curve_is_exact(method: Method, rule: Rule[Any], method_params: Params) -> bool:
-    """Whether the energy curve of the rule in the whole core space is what this merge keeps at every rank: the
-    rule on the cores cut once (ctm with frame_rank 0 and no isotropic cut, core), or merge-then-compress run in
-    core space (mtc with a linear or spectral rule)."""
+    """Whether the energy curve of the rule in the whole core space is what this merge keeps at every rank, i.e.
+    its rank-r output is the best rank-r part of its full-rank merge F: the rule on the cores cut once (ctm with
+    frame_rank 0 and no isotropic cut, core), or merge-then-compress with a linear rule, run in core space. Not
+    a spectral rule: its rank-r form remaps the r kept values (iso_c: to their mean), so it is not F cut."""
     params = dict(method_params)
+    if rule.spectral:
+        return False
     if method.name == "ctm":
         return params.get("frame_rank") == 0 and params.get("isotropic") == 0
     if method.name == "mtc":
-        return rule.linear or rule.spectral
+        return rule.linear
     return method.name == "core"
 
 

@@ -160,6 +160,8 @@ def test_dry_run_shows_the_chosen_ranks(two, tmp_path) -> None:
     ("args", "message"),
     [
         (["--rank", "auto", "-p", "frame_rank=4"], "--rank auto needs ctm with frame_rank 0 and isotropic 0"),
+        (["--rank", "auto", "--rule", "iso_c"], "not ctm (frame_rank 0, isotropic 0) with rule iso_c"),
+        (["--rank", "auto", "--method", "mtc", "--rule", "iso_c"], "not mtc with rule iso_c"),
         (["--rank", "auto", "-p", "isotropic=1"], "not ctm (frame_rank 0, isotropic 1) with rule tsv"),
         (["--rank", "auto", "--method", "mtc", "--rule", "ties"], "not mtc with rule ties; give --rank N"),
         (["--rank", "auto", "--method", "knots"], "not knots with rule ta"),
