@@ -8,7 +8,7 @@ import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.fixed_order import matmul
-from ctm_cli.methods.common import from_core_maps, merge_and_cut, result
+from ctm_cli.methods.common import from_core_maps, loss_against_full_rank, merge_and_cut, result, rule_at_full_rank
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
 from ctm_cli.params import Params, param
 
@@ -84,6 +84,11 @@ def _ctm_output(
     inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
     whole = space.cores.norms()
     kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
+    whole_frame = frame.u.shape[-1] == space.cores.b.shape[-1]
+    full_rank_loss = None  # the truncation loss: the output is the cut of the rule's full-rank merge
+    if not whole_frame or isotropic or settings.rule.spectral:
+        full = rule_at_full_rank(coordinates if whole_frame else space.cores.dense(), settings)
+        full_rank_loss = loss_against_full_rank(cut, full, *((None, None) if whole_frame else (frame.u, frame.v)))
     return result(
         group,
         settings,
@@ -93,12 +98,16 @@ def _ctm_output(
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
         truncation_loss=cut.lost_energy,
+        full_rank_loss=full_rank_loss,
     )
 
 
 def _core_numbers(total_rank: int, tasks: int, rank: int, params: CtmParams) -> int:
-    """Float64 core-space numbers of one module: the factored cores and frames, and the T r' × r' coordinates."""
-    return 10 * total_rank**2 + 4 * tasks * frame_rank(rank, total_rank, params) ** 2
+    """Float64 core-space numbers of one module: the factored cores and frames, and the T r' × r' coordinates (with a
+    frame smaller than R, also the T R × R cores the full-rank reference of the report merges)."""
+    wide = frame_rank(rank, total_rank, params)
+    reference = 2 * tasks * total_rank**2 if wide < total_rank else 0
+    return 10 * total_rank**2 + 4 * tasks * wide**2 + reference
 
 
 @register(
