@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ctm_cli import __version__
+from ctm_cli import __version__, progress
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.engine import merge_modules, resolve_device
+from ctm_cli.engine import check_device, merge_modules
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.interrupts import output_written
@@ -30,8 +30,9 @@ from ctm_cli.publish import check_push_target, push_folder
 from ctm_cli.recipe import DEFAULTS, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
+from ctm_cli.safetensors_format import torch_dtype
 from ctm_cli.sources import ResolvedSource, locate_source
-from ctm_cli.validate import check_compatible, missing_modules
+from ctm_cli.validate import check_compatible, missing_modules, repeated_inputs
 from ctm_cli.writer import check_apart, check_output, write_adapter
 
 # Config fields that describe one adapter's training and no longer hold for the merge.
@@ -70,8 +71,8 @@ class PreparedMerge:
     kept: KeptTensors
     core_numbers: CoreNumbers  # the method's core-space memory per module, for the plan
     waves: list[list[list[ModuleSpec]]]
-    device: torch.device
-    output_dtype: torch.dtype
+    device: str  # checked by `engine.check_device`: cpu, cuda or cuda:N
+    output_dtype: str  # float32, float16, bfloat16, ...
     base_model: BaseModel
     task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
     warnings: list[str]
@@ -104,8 +105,8 @@ class PreparedMerge:
             "beta": recipe.beta,
             "weights": self.weights,
             "seed": recipe.seed,
-            "device": str(self.device),
-            "dtype": str(self.output_dtype).removeprefix("torch."),
+            "device": self.device,
+            "dtype": self.output_dtype,
             "base_model": self.base_model.name,
             "base_model_overridden": self.base_model.overridden,
         }
@@ -121,7 +122,7 @@ class PreparedMerge:
             ),
             rule=self.rule.name,
             params={**self.method_params, **self.rule_params},
-            dtype=str(self.output_dtype).removeprefix("torch."),
+            dtype=self.output_dtype,
             output=str(self.output),
         )
 
@@ -154,11 +155,11 @@ def _check_run_options(request: MergeRequest) -> None:
         raise UsageError(f"--max-memory must be a positive number of MiB, got {request.max_memory_mib}")
 
 
-def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype:
+def _output_dtype(adapters: list[Adapter], requested: str | None) -> str:
     if requested is not None:
-        return getattr(torch, requested)
+        return requested
     found = set().union(*(a.dtypes() for a in adapters))
-    return found.pop() if len(found) == 1 else torch.float32
+    return found.pop() if len(found) == 1 else "float32"
 
 
 def _listed(path: str, targets: list[str]) -> bool:
@@ -236,7 +237,7 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         raise UsageError(
             f"--beta {recipe.beta} has no effect with method {method.name} (β acts on: {users}); leave it at 1"
         )
-    device = resolve_device(recipe.device)
+    device = check_device(recipe.device)
     check_output(output, request.force)
     if request.push_to_hub is not None:
         check_push_target(request.push_to_hub)
@@ -267,7 +268,7 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         output_dtype=_output_dtype(adapters, recipe.dtype),
         base_model=base_model,
         task_type=task_type,
-        warnings=[*base_model.warnings, *task_warnings],
+        warnings=[*repeated_inputs(adapters), *base_model.warnings, *task_warnings],
         started=started,
     )
 
@@ -317,10 +318,9 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
     return result
 
 
-def run_merge(
-    prepared: PreparedMerge, on_start: Callable[[int], None], on_progress: Callable[[int], None]
-) -> dict:
-    """Carry out a prepared merge and return its report; nothing is written unless it all succeeds."""
+def run_merge(prepared: PreparedMerge) -> dict:
+    """Carry out a prepared merge and return its report; nothing is written unless it all succeeds. Its stages
+    are told to `progress`'s listeners."""
     request, recipe = prepared.request, prepared.request.recipe
     settings = MergeSettings(
         rank=recipe.rank,
@@ -331,16 +331,14 @@ def run_merge(
         beta=recipe.beta,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    on_start(len(prepared.specs))
     hashed_inputs = _in_background(prepared.inputs)  # the inputs' sha256 for the report, hashed while the merge runs
     merged = merge_modules(
         prepared.adapters,
         prepared.waves,
         prepared.method,
         settings,
-        prepared.device,
-        prepared.output_dtype,
-        on_progress,
+        torch.device(prepared.device),
+        torch_dtype(prepared.output_dtype),
     )
     ranks = {s.name: s.written_rank for s in merged.stats}
     decided = {"base_model_name_or_path": prepared.base_model.name, "task_type": prepared.task_type}
@@ -359,6 +357,7 @@ def run_merge(
         "ctm_inputs": json.dumps([{"source": i["source"], "sha256": i["sha256"]} for i in inputs]),
     }
     model_id = request.push_to_hub or prepared.output.absolute().name
+    progress.emit("writing", 0, 1, detail=str(prepared.output))
     write_adapter(
         prepared.output,
         merged.tensors | prepared.kept.tensors,
@@ -372,6 +371,7 @@ def run_merge(
         },
         request.force,
     )
+    progress.emit("writing", 1, 1, detail=str(prepared.output))
     if request.push_to_hub is not None:
         with output_written(prepared.output):
             report["pushed_to"] = push_folder(prepared.output, request.push_to_hub, request.private)

@@ -144,6 +144,8 @@ class Recipe:
         bad = [entry.weight for entry in self.adapters if not math.isfinite(entry.weight)]
         if bad:
             raise UsageError(f"--weights must be finite numbers, got {bad[0]}")
+        if self.adapters and not any(entry.weight for entry in self.adapters):
+            raise UsageError("--weights are all zero: the merged adapter would change nothing; give some a weight")
 
 
 # Every field: (its type, its Setting), in the schema's order.
@@ -259,6 +261,9 @@ def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
     entries = []
     for index, item in enumerate(node.value):
         key = f"adapters[{index}]"
+        if isinstance(item, ScalarNode) and item.tag == _STRING_TAG:  # `- path`: shorthand for `- source: path`
+            entries.append(AdapterEntry(source=reader.text(item, f"{key}.source")))
+            continue
         values = reader.mapping(item, key, ADAPTER_KEYS)
         if "source" not in values:
             reader.fail(item, key, "missing key 'source' (a local folder or Hub repo)")
