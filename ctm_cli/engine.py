@@ -306,6 +306,15 @@ def _load_group(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
 
 
+def _written_rank(
+    method: Method, settings: MergeSettings, group: list[ModuleSpec], written_ranks: dict[str, int] | None
+) -> int:
+    """The rank a group is written at: as planned, else the method's output rank for the requested one."""
+    if written_ranks is not None:
+        return written_ranks[group[0].name]
+    return method.output_rank(settings.rank, group[0].ranks)
+
+
 def _group_label(group: list[ModuleSpec]) -> str:
     """The group's first module, and how many more, for error messages."""
     return group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
@@ -371,9 +380,11 @@ def merge_modules(
     settings: MergeSettings,
     device: torch.device,
     output_dtype: torch.dtype,
+    written_ranks: dict[str, int] | None = None,
 ) -> MergeOutput:
     """Merge every wave of groups on `device`, keeping only the (small) results on the host; tells
-    `progress` the bytes read and the modules merged."""
+    `progress` the bytes read and the modules merged. Each module is written at `written_ranks[name]` (by default
+    the method's output rank for the requested one)."""
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
     settings = replace(settings, weights=settings.weights.to(device))
@@ -383,7 +394,7 @@ def merge_modules(
             progress.emit("merging", done, total, "modules", f"wave {number} of {len(waves)}")
             started = time.perf_counter()
             factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
-            each = [replace(settings, rank=method.output_rank(settings.rank, group[0].ranks)) for group in wave]
+            each = [replace(settings, rank=_written_rank(method, settings, group, written_ranks)) for group in wave]
             with single_threaded(device):  # bit-identical whatever the grouping and thread count
                 results = _merge_wave(method, factors, each, wave)
             outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]

@@ -70,6 +70,7 @@ class PreparedMerge:
     specs: list[ModuleSpec]
     kept: KeptTensors
     core_numbers: CoreNumbers  # the method's core-space memory per module, for the plan
+    rank_caps: dict[str, int]  # with --allow-missing: modules some inputs lack, written at the rank they can hold
     waves: list[list[list[ModuleSpec]]]
     device: str  # checked by `engine.check_device`: cpu, cuda or cuda:N
     output_dtype: str  # float32, float16, bfloat16, ...
@@ -89,8 +90,12 @@ class PreparedMerge:
         return [entry.weight for entry in self.request.recipe.adapters]
 
     def written_ranks(self) -> dict[str, int]:
-        """The rank each module is written with: the requested one, or the method's own (cat: R, ...)."""
-        return {spec.name: self.method.output_rank(self.requested_rank, spec.ranks) for spec in self.specs}
+        """The rank each module is written with: the requested one (or the most a module that some inputs lack can
+        hold, with --allow-missing), or the method's own (cat: R, ...)."""
+        return {
+            spec.name: self.method.output_rank(self.rank_caps.get(spec.name, self.requested_rank), spec.ranks)
+            for spec in self.specs
+        }
 
     def settings(self) -> dict[str, Any]:
         """The resolved settings as the report and the plan show them."""
@@ -221,6 +226,19 @@ def _task_type(adapters: list[Adapter], kept: KeptTensors) -> tuple[str | None, 
     ]
 
 
+def _capped(rank_caps: dict[str, int], rank: int) -> list[str]:
+    """The warning that modules some inputs lack are written below the requested rank, naming the first ones."""
+    if not rank_caps:
+        return []
+    names = sorted(rank_caps)
+    shown = ", ".join(f"{name} (rank {rank_caps[name]})" for name in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return [
+        f"{len(names)} module(s) that some inputs lack cannot hold rank {rank}: written at the most they hold, "
+        f"{shown}{more} (rank_pattern in the config)"
+    ]
+
+
 def prepare(request: MergeRequest) -> PreparedMerge:
     """Check a request and everything it names, without merging: the settings, the sources (resolved, Hub ones
     downloaded), the adapters (read, and checked to fit together), the output; then plan the modules in waves."""
@@ -248,7 +266,8 @@ def prepare(request: MergeRequest) -> PreparedMerge:
     specs = check_compatible(adapters, recipe.allow_missing)
     kept = keep_extra_tensors(adapters, recipe.modules_to_save)
     task_type, task_warnings = _task_type(adapters, kept)
-    method.check_rank(specs, recipe.rank, rule)
+    rank_caps = method.rank_caps(specs, recipe.rank, rule) if recipe.allow_missing else {}
+    method.check_rank([spec for spec in specs if spec.name not in rank_caps], recipe.rank, rule)
     core_numbers = method_core_numbers(method, recipe.rank, method_params)
     budget = default_max_memory(device) if request.max_memory_mib is None else request.max_memory_mib * 1024**2
     return PreparedMerge(
@@ -263,12 +282,15 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         specs=specs,
         kept=kept,
         core_numbers=core_numbers,
+        rank_caps=rank_caps,
         waves=plan_waves(specs, budget, core_numbers),
         device=device,
         output_dtype=_output_dtype(adapters, recipe.dtype),
         base_model=base_model,
         task_type=task_type,
-        warnings=[*repeated_inputs(adapters), *base_model.warnings, *task_warnings],
+        warnings=[
+            *repeated_inputs(adapters), *_capped(rank_caps, recipe.rank), *base_model.warnings, *task_warnings
+        ],
         started=started,
     )
 
@@ -339,6 +361,7 @@ def run_merge(prepared: PreparedMerge) -> dict:
         settings,
         torch.device(prepared.device),
         torch_dtype(prepared.output_dtype),
+        prepared.written_ranks(),
     )
     ranks = {s.name: s.written_rank for s in merged.stats}
     decided = {"base_model_name_or_path": prepared.base_model.name, "task_type": prepared.task_type}

@@ -124,7 +124,9 @@ class Recipe:
         choices=EXTRA_TENSOR_POLICIES,
     )
     allow_missing: bool = setting(
-        False, "Merge a module some adapters lack as a zero update for them.", "--allow-missing"
+        False,
+        "Merge a module some adapters lack as a zero update for them (at a lower rank where it cannot hold --rank).",
+        "--allow-missing",
     )
     base_model: str | None = setting(
         None,
