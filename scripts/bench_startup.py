@@ -1,5 +1,5 @@
 """Start-up benchmark of the commands that only describe: `ctm --help`, `ctm methods` (and `--json`), `ctm inspect`
-and `ctm merge --dry-run`, each the median wall time of several runs as a subprocess, printed beside two baselines
+and `ctm merge --dry-run`, each the median wall and CPU time of several runs as a subprocess, beside two baselines
 measured in the same run: the bare interpreter (`python -c pass`) and `python -c "import torch"`. `inspect
 --spectra 8` and a real merge (which load torch) are measured too, for comparison.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,15 +43,20 @@ def commands(adapters: list[str], scratch: Path) -> dict[str, list[str]]:
     }
 
 
-def median_seconds(command: list[str], runs: int) -> float:
-    """Median wall time of `command` over `runs` runs (after one unmeasured run that warms the page cache)."""
-    times = []
+def median_seconds(command: list[str], runs: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (user + system, steadier on a busy host) of `command` over `runs` runs,
+    after one unmeasured run that warms the page cache."""
+    walls, cpus = [], []
     for attempt in range(runs + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if attempt:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            walls.append(wall)
+            cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -67,12 +73,14 @@ def main() -> None:
         figures = {name: median_seconds(command, args.runs) for name, command in lines.items()}
     load = os.getloadavg()[0]
     if args.json:
-        print(json.dumps({"seconds": figures, "runs": args.runs, "load_average_1min": load, "cpus": os.cpu_count()}))
+        seconds = {name: {"wall": wall, "cpu": cpu} for name, (wall, cpu) in figures.items()}
+        print(json.dumps({"seconds": seconds, "runs": args.runs, "load_average_1min": load, "cpus": os.cpu_count()}))
         return
     print(f"median of {args.runs} runs; {os.cpu_count()} CPUs, load average {load:.2f}; A, B = {', '.join(adapters)}")
     width = max(map(len, figures))
-    for name, seconds in figures.items():
-        print(f"{name:<{width}}  {seconds:6.3f} s")
+    print(f"{'command':<{width}}  {'wall':>7}  {'CPU':>7}")
+    for name, (wall, cpu) in figures.items():
+        print(f"{name:<{width}}  {wall:6.3f}s  {cpu:6.3f}s")
 
 
 if __name__ == "__main__":
