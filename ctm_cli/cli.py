@@ -456,7 +456,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
         for column in ("name", "what it does", extra, "parameters (default, range)"):
             table.add_column(column)
         for entry in listing[kind]:
-            params = "\n".join(f"{n}={p['default']:g} {p['range']}" for n, p in entry["params"].items())
+            params = "\n".join(f"{n}={human.number(p['default'])} {p['range']}" for n, p in entry["params"].items())
             value = entry[extra] if isinstance(entry[extra], str) else ("yes" if entry[extra] else "no")
             table.add_row(entry["name"], entry["doc"], value, params or "-")
         console.print(table)
