@@ -32,8 +32,12 @@ COMMANDS = {
     "methods-json": ["methods", "--json"],
     "inspect": ["inspect", "{a}"],
     "inspect-json": ["inspect", "{a}", "--json"],
-    "dry-run": ["merge", "{a}", "{b}", "-o", "{out}", "--dry-run", "--rank", "8"],
-    "dry-run-json": ["merge", "{a}", "{b}", "-o", "{out}", "--dry-run", "--json", "--rule", "ties", "--rank", "4"],
+    # --device cpu: with the default `auto`, a machine with a GPU driver loads torch to ask it about CUDA
+    "dry-run": ["merge", "{a}", "{b}", "-o", "{out}", "--dry-run", "--rank", "8", "--device", "cpu"],
+    "dry-run-json": [
+        *("merge", "{a}", "{b}", "-o", "{out}", "--dry-run", "--json"),
+        *("--rule", "ties", "--rank", "4", "--device", "cpu"),
+    ],
 }
 
 
