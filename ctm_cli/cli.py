@@ -152,7 +152,7 @@ class _Stages:
         if self._progress is not None:
             self._progress.stop()
 
-    def __call__(self, event: progress.Progress) -> None:
+    def __call__(self, event: progress.Event) -> None:
         if self._progress is None:
             return
         if event.stage not in self._tasks:
@@ -168,7 +168,7 @@ class _Stages:
             )
 
 
-def _amount(event: progress.Progress) -> str:
+def _amount(event: progress.Event) -> str:
     """How far a stage is, in its units: `12.0 MiB of 45.0 MiB`, `10/36 modules`, `sweep 7`."""
     if event.unit == "bytes":
         return f"{human.size(int(event.done))} of {human.size(int(event.total or 0))}"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Progress:
+class Event:
     """One step of a stage: `done` of `total` units (total None where unknown, as for HOOI's sweeps), or, with
     `added`, `done` more units than at the last event; and what the stage is doing now in words (`detail`)."""
 
@@ -22,7 +22,7 @@ class Progress:
     added: bool = False
 
 
-Listener = Callable[[Progress], None]
+Listener = Callable[[Event], None]
 _listeners: list[Listener] = []
 
 
@@ -39,15 +39,15 @@ def listening(listener: Listener) -> Iterator[None]:
 
 def emit(stage: str, done: float, total: float | None, unit: str = "", detail: str = "") -> None:
     """Tell the listeners, if any, how far `stage` is."""
-    _send(Progress(stage, done, total, unit, detail))
+    _send(Event(stage, done, total, unit, detail))
 
 
 def add(stage: str, count: float, unit: str = "") -> None:
     """Tell the listeners, if any, that `stage` did `count` more units (a stage whose total only its caller
     knows: the core spaces, built group by group)."""
-    _send(Progress(stage, count, None, unit, added=True))
+    _send(Event(stage, count, None, unit, added=True))
 
 
-def _send(event: Progress) -> None:
+def _send(event: Event) -> None:
     for listener in list(_listeners):
         listener(event)

@@ -16,7 +16,7 @@ def test_a_merge_tells_its_stages_in_order(make_adapter, tmp_path: Path):
     (every module) and HOOI's sweeps (with the modules still iterating), then writing, in that order."""
     folders = [str(make_adapter(r=4, alpha=8, seed=s)) for s in (71, 72)]
     given = {"sources": folders, "rank": 4, "params": {"frame_rank": 4}, "output": str(tmp_path / "out")}
-    events: list[progress.Progress] = []
+    events: list[progress.Event] = []
     with progress.listening(events.append):
         run_merge(prepare(MergeRequest(build_recipe(None, given))))
     first = {}
@@ -34,7 +34,7 @@ def test_a_merge_tells_its_stages_in_order(make_adapter, tmp_path: Path):
     assert [e.done for e in sweeps] == list(range(1, len(sweeps) + 1))
     assert sweeps[0].detail == "14 of 14 modules still iterating" and sweeps[-1].detail.startswith("0 of 14")
     assert (by_stage["merging"][-1].done, by_stage["merging"][-1].total) == (14, 14)
-    assert events[-1] == progress.Progress("writing", 1, 1, detail=str(tmp_path / "out"))
+    assert events[-1] == progress.Event("writing", 1, 1, detail=str(tmp_path / "out"))
 
 
 def _shapes(folder: str) -> list[tuple[int, int]]:
