@@ -15,7 +15,7 @@ import torch
 
 from ctm_cli.errors import IncompatibleError, InputError, first_line, unreadable
 from ctm_cli.patterns import MAX_NAME_LENGTH, pattern_problem
-from ctm_cli.safetensors_format import DTYPES, SafetensorsFile
+from ctm_cli.safetensors_format import FLOAT_NAMES, FORMAT_NAMES, ITEM_SIZES, SafetensorsFile, dtype_name
 from ctm_cli.untrusted import TooLargeError, read_limited
 
 if TYPE_CHECKING:
@@ -191,14 +191,14 @@ class _BinReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensors[key].shape)
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
+    def dtype(self, key: str) -> str:
+        return dtype_name(self._tensors[key].dtype)
 
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
 
-FLOAT_DTYPES = frozenset(DTYPES.values())
+FLOAT_DTYPES = frozenset(FLOAT_NAMES.values())  # by name: float32, ...
 
 
 def output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
@@ -321,8 +321,8 @@ class Adapter:
         """Any stored tensor by key (e.g. a modules_to_save weight)."""
         return self._reader.get(key)
 
-    def dtypes(self) -> set[torch.dtype]:
-        """The dtypes of the stored LoRA factors (floats: `_module` refuses any other)."""
+    def dtypes(self) -> set[str]:
+        """The dtype names (`float32`...) of the stored LoRA factors (floats: `_module` refuses any other)."""
         keys = [key for module in self.modules.values() for key in (module.a_key, module.b_key)]
         return {dtype for dtype in map(self._reader.dtype, keys) if dtype is not None}
 
@@ -330,6 +330,10 @@ class Adapter:
         """Shape of a stored tensor without reading it."""
         return self._reader.shape(key)
 
-    def dtype(self, key: str) -> torch.dtype | None:
-        """dtype of a stored tensor without reading it (None for one ctm does not read)."""
+    def dtype(self, key: str) -> str | None:
+        """dtype name (`float32`...) of a stored tensor without reading it (None for one ctm does not read)."""
         return self._reader.dtype(key)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of a stored float tensor (a LoRA factor), without reading it."""
+        return math.prod(self.shape(key)) * ITEM_SIZES[FORMAT_NAMES[self.dtype(key) or "float32"]]

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from inspect import Parameter, signature
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from ctm_cli import __version__
-from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError
+from ctm_cli import __version__, human, plain_options, progress
+from ctm_cli.deferred_import import defer_import
+from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
 from ctm_cli.interrupts import interruption, sigterm_as_interrupt
 from ctm_cli.recipe import DEFAULTS, SCHEMA, parse_params, parse_weights
 from ctm_cli.untrusted import printable
@@ -59,6 +61,7 @@ class _Commands(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        plain_options.install(self)  # before parsing: keeps pydantic out of the start-up
         run = functools.partial(super().main, args, prog_name, complete_var, False, windows_expand_args, **extra)
         if not standalone_mode:
             return run()
@@ -118,41 +121,62 @@ def _run(action: Callable[[], Any]) -> Any:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
-class _ProgressBar:
-    """A rich progress bar over modules on stderr, or nothing when quiet or when stderr is not a terminal (where
-    rich would only print an empty line when the bar stops)."""
+class _Stages:
+    """The merge's stages on stderr while they run, one line each (how far, elapsed, time left, what it does now),
+    cleared at the end; nothing when quiet or when stderr is not a terminal (where rich would only print an empty
+    line when the display stops). A `progress` listener, called from the reading threads too (rich locks)."""
 
     def __init__(self, quiet: bool):
         self._progress = (
             None
             if quiet or not stderr.is_interactive
             else Progress(
-                TextColumn("merging"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.description:<8}"),
+                BarColumn(bar_width=20),
+                TextColumn("{task.fields[amount]}"),
                 TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[detail]}"),
                 console=stderr,
                 transient=True,
             )
         )
-        self._task: TaskID | None = None
+        self._tasks: dict[str, TaskID] = {}
 
-    def start(self, total: int) -> None:
+    def __enter__(self) -> _Stages:
         if self._progress is not None:
             self._progress.start()
-            self._task = self._progress.add_task("merge", total=total, rate="")
+        return self
 
-    def advance(self, done: int) -> None:
-        if self._progress is not None and self._task is not None:
-            self._progress.advance(self._task, done)
-            task = self._progress.tasks[0]
-            if task.elapsed:
-                self._progress.update(self._task, rate=f"{task.completed / task.elapsed:.1f} modules/s")
-
-    def stop(self) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+    def __call__(self, event: progress.Event) -> None:
+        if self._progress is None:
+            return
+        if event.stage not in self._tasks:
+            self._tasks[event.stage] = self._progress.add_task(event.stage, total=None, amount="", detail="")
+        task = self._tasks[event.stage]
+        if event.added:
+            self._progress.advance(task, event.done)
+            done = self._progress.tasks[task].completed
+            self._progress.update(task, amount=_amount(replace(event, done=done)))
+        else:
+            self._progress.update(
+                task, completed=event.done, total=event.total, amount=_amount(event), detail=printable(event.detail)
+            )
+
+
+def _amount(event: progress.Event) -> str:
+    """How far a stage is, in its units: `12.0 MiB of 45.0 MiB`, `10/36 modules`, `sweep 7`."""
+    if event.unit == "bytes":
+        return f"{human.size(int(event.done))} of {human.size(int(event.total or 0))}"
+    if event.unit == "sweeps":
+        return f"sweep {int(event.done)}"
+    if event.unit:
+        return f"{int(event.done)}{f'/{int(event.total)}' if event.total is not None else ''} {event.unit}"
+    return ""
 
 
 def _given(ctx: typer.Context) -> set[str]:
@@ -176,6 +200,14 @@ def _bad_parameter_on_value_error(parser: Callable[[str], Any]) -> Callable[[str
             raise typer.BadParameter(str(exc)) from None
 
     return parse
+def _metavar(kind: Any, spec: Any) -> str:
+    """What `--help` shows after a recipe option: its own metavar, its choices, or its kind in words (nothing for
+    a switch)."""
+    if spec.metavar:
+        return spec.metavar
+    if spec.choices:
+        return "|".join(spec.choices)
+    return {int: "INTEGER", float: "NUMBER", bool: ""}.get(kind, "TEXT")
 
 
 def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -192,7 +224,7 @@ def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
                 getattr(DEFAULTS, name),
                 *spec.flags,
                 help=escape(spec.help),
-                metavar=spec.metavar,
+                metavar=_metavar(kind, spec),
                 parser=None if spec.parser is None else _bad_parameter_on_value_error(spec.parser),
             ),
         )
@@ -251,16 +283,30 @@ def _quiet_hub_downloads() -> None:
 def merge(
     ctx: typer.Context,
     sources: list[str] | None = typer.Argument(
-        None, help="Adapter folders or Hub repos: org/name, org/name@rev, hf://org/name\\[@rev]\\[/subfolder]."
+        None,
+        help="Adapter folders or Hub repos: org/name, org/name@rev, hf://org/name\\[@rev]\\[/subfolder].",
     ),
     config: Path | None = typer.Option(
-        None, "--config", "-c", help="YAML recipe (see configs/); flags given here override its values."
+        None,
+        "--config",
+        "-c",
+        metavar="RECIPE",
+        help="YAML recipe (see configs/); flags given here override its values.",
     ),
-    weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 1,0.5."),
-    lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the rule (same as -p lambda=X)."),
-    param: list[str] = typer.Option([], "--param", "-p", help="Rule or method parameter NAME=VALUE (repeatable)."),
+    weights: str | None = typer.Option(
+        None, "--weights", "-w", metavar="W1,W2,...", help="Per-adapter weights, e.g. 1,0.5."
+    ),
+    lambda_: float | None = typer.Option(
+        None, "--lambda", metavar="NUMBER", help="Scaling λ of the rule (same as -p lambda=X)."
+    ),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", metavar="NAME=VALUE", help="Rule or method parameter NAME=VALUE (repeatable)."
+    ),
     max_memory_mib: int | None = typer.Option(
-        None, "--max-memory", help="Working-memory budget per wave, MiB (default: 2048 on CPU, 1/4 of a GPU)."
+        None,
+        "--max-memory",
+        metavar="MIB",
+        help="Working-memory budget per wave, MiB (default: 2048 on CPU, 1/4 of a GPU).",
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(
@@ -289,11 +335,8 @@ def merge(
         prepared = prepare(request)
         if dry_run:
             return plan_merge(prepared)
-        bar = _ProgressBar(quiet or as_json)
-        try:
-            return run_merge(prepared, bar.start, bar.advance)
-        finally:
-            bar.stop()
+        with _Stages(quiet or as_json) as stages, progress.listening(stages):
+            return run_merge(prepared)
 
     with sigterm_as_interrupt():
         result = _run(action)
@@ -334,16 +377,15 @@ def _print_merged(report: dict) -> None:
 def _print_plan(plan: dict) -> None:
     console = Console()
     settings = plan["settings"]
-    _say(
-        console,
-        f"dry run: {len(plan['inputs'])} adapters → {plan['output']}, method {settings['method']}, ",
-        f"rule {settings['rule']} {settings['rule_params']}, {len(plan['modules'])} modules, ",
-        f"dtype {settings['dtype']} on {settings['device']}; nothing written",
-    )
+    inputs, output = len(plan["inputs"]), plan["output"]
+    _say(console, f"dry run: {inputs} adapters → {output} at {_rank_words(settings)}; nothing written")
+    _say(console, f"  {_method_words(settings)}")
+    _say(console, f"  {len(plan['modules'])} modules, written as {settings['dtype']}, merged on {settings['device']}")
     for item in plan["inputs"]:
         revision = f" @ {item['revision']}" if item["revision"] else ""
-        _say(console, f"  {item['source']}{revision}: r={item['r']}, weight {item['weight']}")
-    table = Table(title="module groups (one device batch each, merged a wave at a time)")
+        _say(console, f"  {item['source']}{revision}: r={item['r']}, weight {human.number(item['weight'])}")
+    _say(console, "module groups (one device batch each, merged a wave at a time):")
+    table = Table()
     for column in ("wave", "shape", "input ranks", "modules", "device memory"):
         table.add_column(column)
     for group in plan["groups"]:
@@ -352,49 +394,70 @@ def _print_plan(plan: dict) -> None:
             "×".join(map(str, group["shape"])),
             ",".join(map(str, group["ranks"])),
             str(group["modules"]),
-            _bytes(group["device_bytes"]),
+            human.size(group["device_bytes"]),
         )
     console.print(table)
-    console.print(
-        f"{plan['waves']} wave(s), estimated device memory {_bytes(plan['estimated_device_bytes'])}, "
-        f"output {_bytes(plan['estimated_output_bytes'])} ({plan['estimated_output_bytes']} bytes)",
-        highlight=False,
+    waves, device_bytes = plan["waves"], plan["estimated_device_bytes"]
+    _say(
+        console,
+        f"{waves} wave{'s' if waves != 1 else ''}, estimated device memory {human.size(device_bytes)}, ",
+        f"output file {human.size(plan['estimated_output_bytes'])}",
     )
 
 
-def _bytes(count: int) -> str:
-    value, unit = float(count), "B"
-    for bigger in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f} {unit}"
+def _rank_words(settings: dict) -> str:
+    """The output rank, and the requested one where the method writes another: `rank 16`, `rank 32 (requested 16)`."""
+    written, requested = settings["written_rank"], settings["requested_rank"]
+    return f"rank {written}" + (f" (requested {requested})" if requested != written else "")
+
+
+def _method_words(settings: dict) -> str:
+    """Method and rule with their parameters as typed on a command line, and β where the method uses it."""
+    from ctm_cli.methods import METHODS
+
+    rule_params = f" ({human.value(settings['rule_params'])})" if settings["rule_params"] else ""
+    beta = f", β={human.number(settings['beta'])}" if METHODS[settings["method"]].uses_beta else ""
+    return f"method {settings['method']}, rule {settings['rule']}{rule_params}{beta}"
 
 
 @app.command(
-    epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules\n"
-    "ctm inspect math/ code/ chat/ --plot adapters.png"
+    epilog="Examples:\nctm inspect merged/\nctm inspect merged/ --spectra 8\n"
+    "ctm inspect org/name@v1.0 --json | jq .lora_modules\nctm inspect math/ code/ chat/ --plot adapters.png"
 )
 def inspect(
     path: list[str] = typer.Argument(
         ..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...); two or more: how they would merge."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout, only."),
-    spectra: int = typer.Option(8, "--spectra", help="Singular values shown per module in the table."),
+    spectra: int = typer.Option(
+        0,
+        "--spectra",
+        metavar="N",
+        help="Also compute each module's spectrum of s·B·A (reads every factor) and show its top N singular values.",
+    ),
     plot: Path | None = typer.Option(
         None, "--plot", metavar="FILE.png", help="With two or more adapters: energy-kept curves and overlaps as a PNG."
     ),
 ) -> None:
-    """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra. Given two or more
-    adapters: how they would merge (overlap, dominance, conflict, energy kept by a rank-r merge)."""
+    """Show what an adapter is: base model, ranks, scale, modules with shapes, sizes; per-module spectra on request.
+    Given two or more adapters: how they would merge (overlap, dominance, conflict, energy kept by a rank-r merge)."""
     if len(path) > 1 or plot is not None:
         _inspect_many(path, as_json, plot)
         return
     from ctm_cli.adapter import Adapter
     from ctm_cli.sources import locate_source
-    from ctm_cli.summary import summarize
+    from ctm_cli.summary import add_spectra, summarize
 
-    info = _run(lambda: summarize(Adapter(locate_source(path[0]).folder, path[0])))
+    def action() -> dict:
+        if spectra < 0:
+            raise UsageError(f"--spectra must be 0 (no spectra) or a positive number of singular values, got {spectra}")
+        adapter = Adapter(locate_source(path[0]).folder, path[0])
+        info = summarize(adapter)
+        if spectra:
+            add_spectra(adapter, info)
+        return info
+
+    info = _run(action)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -441,40 +504,76 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
         for column in ("name", "what it does", extra, "parameters (default, range)"):
             table.add_column(column)
         for entry in listing[kind]:
-            params = "\n".join(f"{n}={p['default']:g} {p['range']}" for n, p in entry["params"].items())
+            params = "\n".join(f"{n}={human.number(p['default'])} {p['range']}" for n, p in entry["params"].items())
             value = entry[extra] if isinstance(entry[extra], str) else ("yes" if entry[extra] else "no")
             table.add_row(entry["name"], entry["doc"], value, params or "-")
         console.print(table)
 
 
 def _print_summary(info: dict, spectra: int) -> None:
+    """inspect's view: the adapter's facts, one per line, then its modules (their shared name prefix said once,
+    sorted by layer number), with their spectra when asked."""
+    from ctm_cli.summary import common_prefix
+
     console = Console()
     facts = Table(show_header=False, box=None)
-    for key in (
-        "path", "style", "kinds", "blocks", "base_model", "peft_type", "r", "rank_pattern", "lora_alpha",
-        "alpha_pattern",
-        "use_rslora", "scale", "fan_in_fan_out", "target_modules", "lora_modules", "lora_parameters",
-        "modules_to_save", "other_parameters", "weights_file", "file_size", "dtype",
-    ):  # fmt: skip
-        facts.add_row(key, _cell(info[key]))
+    families = info["target_modules"]
+    family_prefix = common_prefix(families) if len(families) > 1 else ""
+    saved, named = info["saved_modules"], info["modules_to_save"]
+    unsaved = [name for name in named if not any(s == name or s.endswith(f".{name}") for s in saved)]
+    shown = {
+        "path": info["path"],
+        "style": info["style"],
+        "kinds": human.value(info["kinds"]),
+        "blocks": human.value(info["blocks"]),
+        "base_model": info["base_model"],
+        "peft_type": info["peft_type"],
+        "r": human.value(info["r"]) + _pattern_note(info["rank_pattern"]),
+        "lora_alpha": human.value(info["lora_alpha"]) + _pattern_note(info["alpha_pattern"]),
+        "use_rslora": info["use_rslora"],
+        "scale": human.value(info["scale"]),
+        "fan_in_fan_out": info["fan_in_fan_out"],
+        "target_modules": human.value([family.removeprefix(family_prefix) for family in families])
+        + (f" (under {family_prefix.removesuffix('.')})" if family_prefix else ""),
+        "lora_modules": info["lora_modules"],
+        "lora_parameters": human.count(info["lora_parameters"]),
+        "modules_to_save": human.value(saved)
+        + (f" ({human.count(info['other_parameters'])} parameters)" if saved else "")
+        + (f"; the config also names {human.value(unsaved)}, not in the file" if unsaved else ""),
+        "weights_file": f"{info['weights_file']}, {human.size(info['file_size'])}, {human.value(info['dtype'])}",
+    }
+    for key, shown_value in shown.items():
+        facts.add_row(key, _cell(shown_value if isinstance(shown_value, str) else human.value(shown_value)))
     console.print(facts)
-    table = Table(title="per-module spectra of s·B·A")
-    for column in ("module", "shape", "r", "scale", "‖ΔW‖", "eff. rank", "singular values"):
-        table.add_column(column)
+    names = [m["name"] for m in info["modules"]]
+    prefix = common_prefix(names) if len(names) > 1 else ""
+    _say(console, f"{len(names)} modules{f' under {prefix}' if prefix else ''}:")
+    table = Table()
+    uniform_scale = len(info["scale"]) == 1  # then the facts above give it
+    columns = ["module", "out×in", "r", *([] if uniform_scale else ["scale"])]
+    if spectra:
+        columns += ["‖ΔW‖", "eff. rank", f"top {spectra} singular values"]
+    for column in columns:
+        table.add_column(column, no_wrap=column != columns[-1], overflow="fold")
     for m in info["modules"]:
-        values = ", ".join(f"{x:.3g}" for x in m["singular_values"][:spectra])
-        table.add_row(
-            _cell(m["name"].removeprefix("base_model.model.")),
-            "×".join(map(str, m["shape"])),
-            str(m["rank"]),
-            f"{m['scale']:.4g}",
-            f"{m['norm']:.4g}",
-            f"{m['effective_rank']:.2f}",
-            values,
-        )
+        row: list[Text | str] = [_cell(m["name"].removeprefix(prefix)), "×".join(map(str, m["shape"])), str(m["rank"])]
+        row += [] if uniform_scale else [human.number(m["scale"])]
+        if spectra:
+            row += [
+                f"{m['norm']:.3g}",
+                f"{m['effective_rank']:.2f}",
+                ", ".join(f"{x:.3g}" for x in m["singular_values"][:spectra]),
+            ]
+        table.add_row(*row)
     console.print(table)
 
 
+def _pattern_note(pattern: dict) -> str:
+    """A config's per-module overrides after its default value: ` (rank_pattern: q_proj=16)`."""
+    return f" ({human.value(pattern)} by pattern)" if pattern else ""
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. torch is imported only by the commands that compute (see deferred_import)."""
+    defer_import("torch")
     app(prog_name="ctm")

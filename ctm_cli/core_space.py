@@ -6,11 +6,13 @@ one kernel launch. Shapes: G modules, T adapters, R = Σ r_t, r the output rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
+from ctm_cli import progress
 from ctm_cli.fixed_order import matmul
 
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
@@ -85,6 +87,7 @@ def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> Co
         [matmul(r_b[..., :, cols], r_a[..., :, cols].mT) for cols in column_slices(ranks)],
         dim=-3,
     )
+    progress.add("core spaces", math.prod(b_cat.shape[:-2]), "modules")
     return CoreSpace(left=left, right=right, cores=cores)
 
 
@@ -171,7 +174,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
-    for _ in range(max_sweeps):
+    for sweep in range(1, max_sweeps + 1):
         old_u, old_v, old_energy = u_block[members], v_block[members], energy[members]
         new_u = refine_eigenvectors(_task_columns(batch.times_right(old_v[..., :rank])), old_u)
         left_images = batch.times_left(new_u[..., :rank])
@@ -185,6 +188,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
         sweeps.index_add_(0, members, running.to(torch.int64))
         running = running & (gain >= tolerance)
         still = int(running.sum())
+        progress.emit("HOOI", sweep, None, "sweeps", f"{still} of {energy.shape[0]} modules still iterating")
         if still == 0:
             break
         if still <= COMPACTION_FRACTION * members.numel():
@@ -280,6 +284,7 @@ def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[in
     left, r_b = gram_frame(matmul(b64.mT, b64))
     right, r_a = gram_frame(matmul(a64, a64.mT))
     scales = torch.ones(*r_b.shape[:-2], len(ranks), dtype=torch.float64, device=r_b.device)
+    progress.add("core spaces", math.prod(b_cat.shape[:-2]), "modules")
     return FactoredCoreSpace(left=left, right=right, cores=FactoredCores(r_b, r_a, list(ranks), scales))
 
 

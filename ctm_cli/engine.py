@@ -10,6 +10,10 @@ holds two waves' stored factors plus the merged output, whatever the number of a
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,15 +22,19 @@ from typing import TypeVar
 
 import torch
 
+from ctm_cli import progress
 from ctm_cli.adapter import Adapter, output_keys
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.rules import RuleError
-from ctm_cli.safetensors_format import PlainReads
+from ctm_cli.safetensors_format import PlainReads, torch_dtype
 
-COMPUTE_DTYPE = torch.float32
+COMPUTE_DTYPE = "float32"  # by name (torch_dtype), so that importing the engine does not load torch
+_DEVICE_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
+# Present on Linux wherever a GPU driver torch could use is loaded: NVIDIA's, AMD's (ROCm).
+_GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
 Number = TypeVar("Number", int, float)
 # Input files read at once by the engine's reader.
 READ_THREADS = 8
@@ -61,23 +69,32 @@ class MergeOutput:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of a --device value (see `check_device`)."""
+    return torch.device(check_device(name))
+
+
+def check_device(name: str) -> str:
     """`auto` picks CUDA when present; otherwise the named device, refused unless it is the CPU or a CUDA
-    device this machine has."""
+    device this machine has. Returns the device's name; asks torch (which loads it) only where a GPU driver is."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+        return "cuda" if _cuda_available() else "cpu"
+    if _DEVICE_NAME.fullmatch(name) is None:
         raise UsageError(f"--device {name!r} is not one of: auto, cpu, cuda, cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
+    if name.startswith("cuda"):
+        if not _cuda_available():
             raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
+        count, index = torch.cuda.device_count(), torch.device(name).index
+        if index is not None and index >= count:
             raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return device
+    return name
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device. On Linux, a machine without an NVIDIA or AMD driver has none,
+    which is known without loading torch."""
+    if sys.platform == "linux" and not any(os.path.exists(path) for path in _GPU_DRIVER_PATHS):
+        return False
+    return torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -110,7 +127,7 @@ class _AdapterTensors:
 
     def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of a stored tensor."""
-        return self._adapter.dtype(key) or torch.float32, self._adapter.shape(key)
+        return torch_dtype(self._adapter.dtype(key) or "float32"), self._adapter.shape(key)
 
     def read_into(self, key: str, target: torch.Tensor) -> None:
         """Copy the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
@@ -138,6 +155,12 @@ class _RawGroup:
     scales: torch.Tensor
 
 
+def _factor_bytes(adapter: Adapter, group: list[ModuleSpec]) -> int:
+    """Bytes of the stored factors `adapter` has of a group's modules."""
+    modules = [adapter.modules[spec.name] for spec in group if spec.name in adapter.modules]
+    return sum(adapter.nbytes(module.a_key) + adapter.nbytes(module.b_key) for module in modules)
+
+
 def _aligned(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
 
@@ -155,6 +178,10 @@ class WaveStream:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-read")
         # the files themselves are read in parallel (file reads release the GIL)
         self._files = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(adapters)), thread_name_prefix="ctm-file")
+        groups = [group for wave in waves for group in wave]
+        self._total_bytes = sum(_factor_bytes(adapter, group) for group in groups for adapter in adapters)
+        self._read_bytes = 0
+        self._count_lock = threading.Lock()
 
     def __enter__(self) -> WaveStream:
         return self
@@ -204,14 +231,21 @@ class WaveStream:
                 module = adapter.modules[spec.name]
                 for key, piece in zip((module.a_key, module.b_key), pair, strict=True):
                     source.read_into(key, buffer[piece.offset : piece.offset + piece.nbytes])
+            self._count_read(sum(piece.nbytes for pair in rows or () for piece in pair))
 
         jobs = zip(self._sources, self._adapters, pieces, strict=True)
         for done in [self._files.submit(read_file, *job) for job in jobs]:
             done.result()
         return torch.tensor(
             [[a.modules[s.name].scale if s.name in a.modules else 0.0 for s in group] for a in self._adapters],
-            dtype=COMPUTE_DTYPE,
+            dtype=torch_dtype(COMPUTE_DTYPE),
         )
+
+    def _count_read(self, count: int) -> None:
+        """Add `count` bytes read, and tell the progress listeners."""
+        with self._count_lock:
+            self._read_bytes += count
+            progress.emit("reading", self._read_bytes, self._total_bytes, "bytes")
 
     def _fetch(self, index: int) -> list[_RawGroup]:
         """Read wave `index` into its staging buffer (two, used in turn) and copy it to the device."""
@@ -247,8 +281,8 @@ def _task_factors(raw: _RawGroup, task: int) -> tuple[torch.Tensor, torch.Tensor
     rows = raw.pieces[task]
     if rows is None:
         raise ValueError(f"input {task} has none of this group's modules")
-    a = torch.stack([a_piece.view(raw.data) for a_piece, _ in rows]).to(COMPUTE_DTYPE)
-    b = torch.stack([b_piece.view(raw.data) for _, b_piece in rows]).to(COMPUTE_DTYPE)
+    a = torch.stack([a_piece.view(raw.data) for a_piece, _ in rows]).to(torch_dtype(COMPUTE_DTYPE))
+    b = torch.stack([b_piece.view(raw.data) for _, b_piece in rows]).to(torch_dtype(COMPUTE_DTYPE))
     return a, b * raw.scales[task].view(-1, 1, 1)
 
 
@@ -282,6 +316,13 @@ def read_groups(
         for wave, raws in zip(waves, stream, strict=True):
             for group, raw in zip(wave, raws, strict=True):
                 yield group, _load_group(adapters, group, raw)
+def _written_rank(
+    method: Method, settings: MergeSettings, group: list[ModuleSpec], written_ranks: dict[str, int] | None
+) -> int:
+    """The rank a group is written at: as planned, else the method's output rank for the requested one."""
+    if written_ranks is not None:
+        return written_ranks[group[0].name]
+    return method.output_rank(settings.rank, group[0].ranks)
 
 
 def _group_label(group: list[ModuleSpec]) -> str:
@@ -350,23 +391,21 @@ def merge_modules(
     settings: MergeSettings,
     device: torch.device,
     output_dtype: torch.dtype,
-    on_progress: Callable[[int], None] = lambda done: None,
-    module_ranks: dict[str, int] | None = None,
+    written_ranks: dict[str, int] | None = None,
 ) -> MergeOutput:
-    """Merge every wave of groups on `device`, keeping only the (small) results on the host. `module_ranks` gives
-    the requested rank of each module where it is not settings.rank (the modules of a group share theirs)."""
+    """Merge every wave of groups on `device`, keeping only the (small) results on the host; tells
+    `progress` the bytes read and the modules merged. Each module is written at `written_ranks[name]` (by default
+    the method's output rank for the requested one)."""
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
     settings = replace(settings, weights=settings.weights.to(device))
+    done, total = 0, sum(len(group) for wave in waves for group in wave)
     with WaveStream(adapters, waves, device) as stream:
-        for wave, raws in zip(waves, stream, strict=True):
+        for number, (wave, raws) in enumerate(zip(waves, stream, strict=True), start=1):
+            progress.emit("merging", done, total, "modules", f"wave {number} of {len(waves)}")
             started = time.perf_counter()
             factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
-            requested = [settings.rank if module_ranks is None else module_ranks[group[0].name] for group in wave]
-            each = [
-                replace(settings, rank=method.output_rank(rank, group[0].ranks))
-                for rank, group in zip(requested, wave, strict=True)
-            ]
+            each = [replace(settings, rank=_written_rank(method, settings, group, written_ranks)) for group in wave]
             with single_threaded(device):  # bit-identical whatever the grouping and thread count
                 results = _merge_wave(method, factors, each, wave)
             outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
@@ -377,6 +416,7 @@ def merge_modules(
                     tensors[a_key] = lora_a[index].contiguous()
                     tensors[b_key] = lora_b[index].contiguous()
                     stats.append(_module_stats(spec, result, index, lora_a.shape[1], seconds))
-                on_progress(len(group))
+                done += len(group)
+            progress.emit("merging", done, total, "modules", f"wave {number} of {len(waves)} merged")
     stats.sort(key=lambda s: s.name)
     return MergeOutput(tensors=tensors, stats=stats)

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from ctm_cli import human
+from ctm_cli.methods import METHODS
 from ctm_cli.untrusted import printable
 
 TAGS = ["lora", "merge", "ctm"]
@@ -73,7 +75,7 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
     settings = report["settings"]
     base = settings.get("base_model") or "BASE_MODEL"
     model_class = model_class or LoadingClass("transformers", "AutoModel")
-    params = ", ".join(f"{name}={value}" for name, value in settings["rule_params"].items()) or "none"
+    params = human.value(settings["rule_params"])
     overridden = " (set with --base-model)" if settings.get("base_model_overridden") else ""
     lines = [
         f"# {model_id}",
@@ -88,7 +90,8 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
         "|---|---|---|---|---|---|---|",
     ]
     for index, item in enumerate(report["inputs"], start=1):
-        cells = [index, item["source"], item.get("revision") or "local", item["r"], item["lora_alpha"], item["weight"]]
+        cells = [index, item["source"], item.get("revision") or "local", item["r"], item["lora_alpha"]]
+        cells.append(human.number(item["weight"]))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | `{item['sha256'][:12]}` |")
     rows = [
         ("method", settings["method"]),
@@ -96,7 +99,7 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
         ("rule parameters", params),
         ("rank", settings["written_rank"]),
         ("requested rank", settings["requested_rank"]),
-        ("beta", settings["beta"]),
+        *([("beta", human.number(settings["beta"]))] if METHODS[settings["method"]].uses_beta else []),
         ("seed", settings["seed"]),
         ("dtype", settings["dtype"]),
         ("device", settings["device"]),

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from ctm_cli import __version__
+from ctm_cli import __version__, progress
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.auto_rank import RankChoice, check_auto_rank, choose_ranks
 from ctm_cli.base_model import BaseModel, resolve_base_model
 from ctm_cli.diagnosis import GroupDiagnosis, diagnose_groups, diagnosis_data, full_rank_energies, merge_curves
-from ctm_cli.engine import merge_modules, read_groups, resolve_device
+from ctm_cli.engine import check_device, merge_modules, read_groups
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.formats import adapter_files, align_names, output_style
@@ -34,8 +34,9 @@ from ctm_cli.publish import check_push_target, push_folder
 from ctm_cli.recipe import DEFAULT_KEEP, DEFAULTS, RANK_AUTO, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
+from ctm_cli.safetensors_format import torch_dtype
 from ctm_cli.sources import ResolvedSource, locate_source
-from ctm_cli.validate import check_compatible, missing_modules
+from ctm_cli.validate import check_compatible, missing_modules, repeated_inputs
 from ctm_cli.writer import check_apart, check_output, write_adapter
 
 # Config fields that describe one adapter's training and no longer hold for the merge.
@@ -73,9 +74,10 @@ class PreparedMerge:
     specs: list[ModuleSpec]
     kept: KeptTensors
     core_numbers: CoreNumbers  # the method's core-space memory per module, for the plan
+    rank_caps: dict[str, int]  # with --allow-missing: modules some inputs lack, written at the rank they can hold
     waves: list[list[list[ModuleSpec]]]
-    device: torch.device
-    output_dtype: torch.dtype
+    device: str  # checked by `engine.check_device`: cpu, cuda or cuda:N
+    output_dtype: str  # float32, float16, bfloat16, ...
     base_model: BaseModel
     task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
     warnings: list[str]
@@ -96,11 +98,13 @@ class PreparedMerge:
         return [entry.weight for entry in self.request.recipe.adapters]
 
     def written_ranks(self) -> dict[str, int]:
-        """The rank each module is written with: the requested (or with --rank auto, chosen) one, or the method's
-        own (cat: R, ...)."""
+        """The rank each module is written with: the requested one (with --rank auto, the chosen one; with
+        --allow-missing, at most what a module that some inputs lack can hold), or the method's own (cat: R, ...)."""
         chosen = self.rank_choice.ranks if self.rank_choice is not None else {}
         return {
-            spec.name: self.method.output_rank(chosen[spec.name] if chosen else int(self.requested_rank), spec.ranks)
+            spec.name: self.method.output_rank(
+                chosen[spec.name] if chosen else self.rank_caps.get(spec.name, int(self.requested_rank)), spec.ranks
+            )
             for spec in self.specs
         }
 
@@ -117,8 +121,8 @@ class PreparedMerge:
             "beta": recipe.beta,
             "weights": self.weights,
             "seed": recipe.seed,
-            "device": str(self.device),
-            "dtype": str(self.output_dtype).removeprefix("torch."),
+            "device": self.device,
+            "dtype": self.output_dtype,
             "base_model": self.base_model.name,
             "base_model_overridden": self.base_model.overridden,
             "format": self.output_style,
@@ -136,7 +140,7 @@ class PreparedMerge:
             ),
             rule=self.rule.name,
             params={**self.method_params, **self.rule_params},
-            dtype=str(self.output_dtype).removeprefix("torch."),
+            dtype=self.output_dtype,
             output=str(self.output),
         )
 
@@ -169,11 +173,11 @@ def _check_run_options(request: MergeRequest) -> None:
         raise UsageError(f"--max-memory must be a positive number of MiB, got {request.max_memory_mib}")
 
 
-def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype:
+def _output_dtype(adapters: list[Adapter], requested: str | None) -> str:
     if requested is not None:
-        return getattr(torch, requested)
+        return requested
     found = set().union(*(a.dtypes() for a in adapters))
-    return found.pop() if len(found) == 1 else torch.float32
+    return found.pop() if len(found) == 1 else "float32"
 
 
 def _listed(path: str, targets: list[str]) -> bool:
@@ -235,6 +239,19 @@ def _task_type(adapters: list[Adapter], kept: KeptTensors) -> tuple[str | None, 
     ]
 
 
+def _capped(rank_caps: dict[str, int], rank: int | str) -> list[str]:
+    """The warning that modules some inputs lack are written below the requested rank, naming the first ones."""
+    if not rank_caps:
+        return []
+    names = sorted(rank_caps)
+    shown = ", ".join(f"{name} (rank {rank_caps[name]})" for name in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return [
+        f"{len(names)} module(s) that some inputs lack cannot hold rank {rank}: written at the most they hold, "
+        f"{shown}{more} (rank_pattern in the config)"
+    ]
+
+
 def prepare(request: MergeRequest) -> PreparedMerge:
     """Check a request and everything it names, without merging: the settings, the sources (resolved, Hub ones
     downloaded), the adapters (read, and checked to fit together), the output; then plan the modules in waves."""
@@ -251,7 +268,7 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         raise UsageError(
             f"--beta {recipe.beta} has no effect with method {method.name} (β acts on: {users}); leave it at 1"
         )
-    device = resolve_device(recipe.device)
+    device = check_device(recipe.device)
     check_output(output, request.force)
     if request.push_to_hub is not None:
         check_push_target(request.push_to_hub)
@@ -267,8 +284,10 @@ def prepare(request: MergeRequest) -> PreparedMerge:
     task_type, task_warnings = _task_type(adapters, kept)
     if recipe.rank == RANK_AUTO:
         check_auto_rank(method, rule, method_params)
+        rank_caps: dict[str, int] = {}
     else:
-        method.check_rank(specs, int(recipe.rank), rule)
+        rank_caps = method.rank_caps(specs, int(recipe.rank), rule) if recipe.allow_missing else {}
+        method.check_rank([spec for spec in specs if spec.name not in rank_caps], int(recipe.rank), rule)
     planned_rank = int(recipe.rank) if recipe.rank != RANK_AUTO else max(spec.total_rank for spec in specs)
     core_numbers = method_core_numbers(method, planned_rank, method_params)
     budget = default_max_memory(device) if request.max_memory_mib is None else request.max_memory_mib * 1024**2
@@ -284,12 +303,15 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         specs=specs,
         kept=kept,
         core_numbers=core_numbers,
+        rank_caps=rank_caps,
         waves=plan_waves(specs, budget, core_numbers),
         device=device,
         output_dtype=_output_dtype(adapters, recipe.dtype),
         base_model=base_model,
         task_type=task_type,
-        warnings=[*base_model.warnings, *task_warnings],
+        warnings=[
+            *repeated_inputs(adapters), *_capped(rank_caps, recipe.rank), *base_model.warnings, *task_warnings
+        ],
         output_style=style,
         module_weights=module_weights,
         started=started,
@@ -306,7 +328,7 @@ def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
     frame_rank = int(dict(prepared.method_params).get("frame_rank", 0))
     if frame_rank and recipe.rank != RANK_AUTO:
         frame_rank = max(int(recipe.rank), frame_rank)  # ctm's frame: r' clamped to at least r
-    groups = read_groups(prepared.adapters, prepared.waves, prepared.device)
+    groups = read_groups(prepared.adapters, prepared.waves, torch.device(prepared.device))
     weights = torch.tensor(prepared.weights, dtype=torch.float64)
     diagnosis = diagnose_groups(groups, curves, weights, frame_rank, recipe.beta, recipe.seed)
     return replace(prepared, diagnosis=diagnosis)
@@ -378,10 +400,9 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
     return result
 
 
-def run_merge(
-    prepared: PreparedMerge, on_start: Callable[[int], None], on_progress: Callable[[int], None]
-) -> dict:
-    """Carry out a prepared merge and return its report; nothing is written unless it all succeeds."""
+def run_merge(prepared: PreparedMerge) -> dict:
+    """Carry out a prepared merge and return its report; nothing is written unless it all succeeds. Its stages
+    are told to `progress`'s listeners."""
     prepared = diagnose_inputs(choose_auto_ranks(prepared))
     assert prepared.diagnosis is not None
     request, recipe = prepared.request, prepared.request.recipe
@@ -395,17 +416,15 @@ def run_merge(
         beta=recipe.beta,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    on_start(len(prepared.specs))
     hashed_inputs = _in_background(prepared.inputs)  # the inputs' sha256 for the report, hashed while the merge runs
     merged = merge_modules(
         prepared.adapters,
         prepared.waves,
         prepared.method,
         settings,
-        prepared.device,
-        prepared.output_dtype,
-        on_progress,
-        choice.ranks if choice is not None else None,
+        torch.device(prepared.device),
+        torch_dtype(prepared.output_dtype),
+        prepared.written_ranks(),
     )
     ranks = {s.name: s.written_rank for s in merged.stats}
     decided = {"base_model_name_or_path": prepared.base_model.name, "task_type": prepared.task_type}
@@ -434,6 +453,7 @@ def run_merge(
     model_id = request.push_to_hub or prepared.output.absolute().name
     tensors = merged.tensors | prepared.kept.tensors
     stem = prepared.output.absolute().name
+    progress.emit("writing", 0, 1, detail=str(prepared.output))
     write_adapter(
         prepared.output,
         adapter_files(prepared.output_style, tensors, config, metadata, prepared.adapters, stem),
@@ -445,6 +465,7 @@ def run_merge(
         },
         request.force,
     )
+    progress.emit("writing", 1, 1, detail=str(prepared.output))
     if request.push_to_hub is not None:
         with output_written(prepared.output):
             report["pushed_to"] = push_folder(prepared.output, request.push_to_hub, request.private)

@@ -23,9 +23,10 @@ CUDA_MEMORY_FRACTION = 0.25
 METADATA_ALLOWANCE = 2048
 
 
-def default_max_memory(device: torch.device) -> int:
-    """The per-group memory budget when --max-memory is not given: a quarter of a GPU, else 2 GiB."""
-    if device.type == "cuda":
+def default_max_memory(device: str) -> int:
+    """The per-group memory budget when --max-memory is not given on `device` (cpu, cuda, cuda:N): a quarter of a
+    GPU, else 2 GiB."""
+    if device.startswith("cuda"):
         return int(torch.cuda.get_device_properties(device).total_memory * CUDA_MEMORY_FRACTION)
     return CPU_MAX_MEMORY
 
@@ -127,7 +128,7 @@ def describe_plan(
     specs: list[ModuleSpec],
     waves: list[list[list[ModuleSpec]]],
     written_ranks: dict[str, int],
-    dtype: torch.dtype,
+    dtype: str,
     core_numbers: CoreNumbers,
 ) -> dict[str, Any]:
     """The plan as plain data: every module with its shape, input ranks and written rank, the device groups (merged

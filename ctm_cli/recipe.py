@@ -161,7 +161,9 @@ class Recipe:
         choices=EXTRA_TENSOR_POLICIES,
     )
     allow_missing: bool = setting(
-        False, "Merge a module some adapters lack as a zero update for them.", "--allow-missing"
+        False,
+        "Merge a module some adapters lack as a zero update for them (at a lower rank where it cannot hold --rank).",
+        "--allow-missing",
     )
     base_model: str | None = setting(
         None,
@@ -194,6 +196,8 @@ class Recipe:
         if self.rank != RANK_AUTO and (self.keep is not None or self.rank_per_module):
             given = "--keep" if self.keep is not None else "--rank-per-module"
             raise UsageError(f"{given} applies only with --rank auto (got --rank {self.rank})")
+        if self.adapters and not any(entry.weight for entry in self.adapters):
+            raise UsageError("--weights are all zero: the merged adapter would change nothing; give some a weight")
 
 
 # Every field: (its type, its Setting), in the schema's order.
@@ -334,6 +338,9 @@ def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
     entries = []
     for index, item in enumerate(node.value):
         key = f"adapters[{index}]"
+        if isinstance(item, ScalarNode) and item.tag == _STRING_TAG:  # `- path`: shorthand for `- source: path`
+            entries.append(AdapterEntry(source=reader.text(item, f"{key}.source")))
+            continue
         values = reader.mapping(item, key, ADAPTER_KEYS)
         if "source" not in values:
             reader.fail(item, key, "missing key 'source' (a local folder or Hub repo)")

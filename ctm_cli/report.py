@@ -8,9 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ctm_cli import __version__
+from ctm_cli import __version__, human
 from ctm_cli.adapter import Adapter
 from ctm_cli.engine import ModuleStats
+from ctm_cli.methods import METHODS
 from ctm_cli.untrusted import printable
 
 WORST_SHOWN = 5
@@ -189,6 +190,16 @@ def _quirk_lines(report: dict[str, Any]) -> list[str]:
     return ["", "Quirks handled:", "", *lines] if lines else []
 
 
+def _rule_params(settings: dict[str, Any]) -> str:
+    """The rule's parameters as typed on a command line: ` (density=0.2, lambda=1)`."""
+    return f" ({human.value(settings['rule_params'])})" if settings["rule_params"] else ""
+
+
+def _beta(settings: dict[str, Any]) -> str:
+    """CtM's β, for the methods it acts on only."""
+    return f", β = {human.number(settings['beta'])}" if METHODS[settings["method"]].uses_beta else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human summary: settings, inputs, totals and the worst modules first (text from the inputs
     escaped: no control characters)."""
@@ -196,8 +207,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# ctm merge report",
         "",
-        f"- method **{settings['method']}**, rule **{settings['rule']}** {settings['rule_params']}, "
-        f"rank **{summary['written_rank']}**{_requested(settings)}, β = {settings['beta']}",
+        f"- method **{settings['method']}**, rule **{settings['rule']}**{_rule_params(settings)}, "
+        f"rank **{summary['written_rank']}**{_requested(settings)}{_beta(settings)}",
         f"- {summary['modules']} modules merged in {summary['seconds']:.2f} s on {settings['device']} "
         f"(ctm {report['ctm_version']})",
         *_error_lines(settings, summary),
@@ -208,7 +219,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for item, kept in zip(report["inputs"], summary["mean_kept_energy_per_input"], strict=True):
-        lines.append(f"| {item['source']} | {item['r']} | {item['lora_alpha']} | {item['weight']} | {_percent(kept)} |")
+        weight = human.number(item["weight"])
+        lines.append(f"| {item['source']} | {item['r']} | {item['lora_alpha']} | {weight} | {_percent(kept)} |")
     modules = report["modules"]
     worst = sorted(modules, key=lambda m: -(m.get("full_rank_loss") or 0.0))[:WORST_SHOWN]
     if worst and worst[0].get("full_rank_loss") is not None:

@@ -22,9 +22,10 @@ from ctm_cli.fixed_order import matmul
 from ctm_cli.params import Param, Params, param
 
 P = TypeVar("P", bound=Params)
-RuleFunction = Callable[[torch.Tensor, torch.Tensor, P, torch.Generator | None], torch.Tensor]
+# (The torch types are quoted, as only annotations are: `ctm methods` reads the registry without loading torch.)
+RuleFunction = Callable[["torch.Tensor", "torch.Tensor", P, "torch.Generator | None"], "torch.Tensor"]
 # Of a spectral rule: (singular values (..., k) in decreasing order, parameters, max(m, n)) -> new values.
-SpectrumMap = Callable[[torch.Tensor, P, int], torch.Tensor]
+SpectrumMap = Callable[["torch.Tensor", P, int], "torch.Tensor"]
 
 
 class RuleError(ValueError):

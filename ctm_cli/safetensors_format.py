@@ -16,17 +16,88 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 from ctm_cli.errors import InputError, first_line, unreadable
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Bytes per element of every safetensors dtype, and the float ones ctm reads, by their torch names (kept as names,
+# not torch dtypes, so that reading a header never loads torch).
+ITEM_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FORMAT_NAMES = {name: code for code, name in FLOAT_NAMES.items()}
 _LFS_MAGIC = b"version https://git-lfs"
+HEADER_LIMIT = 100 * 1024**2  # the safetensors library refuses larger headers too
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a float dtype name (`float32`, `bfloat16`, ...)."""
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype without its `torch.` prefix."""
+    return str(dtype).removeprefix("torch.")
+
+
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The tensor entries of a safetensors file's header (dtype, shape, data_offsets by key), checked as the
+    library checks them (a JSON object of known dtypes and integer shapes whose byte ranges tile the data exactly),
+    and its `__metadata__` string map (empty when it has none)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        size = os.fstat(handle.fileno()).st_size
+        if length > min(HEADER_LIMIT, size - 8):
+            raise ValueError(f"header length {length} exceeds the file or {HEADER_LIMIT} bytes")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deeply
+            raise ValueError(f"invalid header: {first_line(str(exc))}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("invalid header: not a JSON object")
+    entries = {key: value for key, value in header.items() if key != "__metadata__"}
+    end = 0
+    for key, entry in sorted(entries.items(), key=lambda item: _offsets(item[0], item[1])):
+        begin, stop = _offsets(key, entry)
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        if begin != end or stop - begin != count * ITEM_SIZES[entry["dtype"]]:
+            raise ValueError(f"invalid header: tensor {key}'s data_offsets do not match its shape and neighbours")
+        end = stop
+    if end != size - 8 - length:
+        raise ValueError(f"the data holds {size - 8 - length} bytes, the header describes {end}")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("invalid header: __metadata__ is not a map of strings")
+    return entries, metadata
+
+
+def _offsets(key: str, entry: Any) -> tuple[int, int]:
+    """A header entry's byte range, after checking its fields' types."""
+    fields = entry if isinstance(entry, dict) else {}
+    shape, offsets = fields.get("shape"), fields.get("data_offsets")
+    if (
+        not isinstance(fields.get("dtype"), str)
+        or fields["dtype"] not in ITEM_SIZES
+        or not isinstance(shape, list)
+        or not all(isinstance(dim, int) and dim >= 0 for dim in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(offset, int) and offset >= 0 for offset in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise ValueError(f"invalid header: bad entry for tensor {key}")
+    return offsets[0], offsets[1]
 
 
 class SafetensorsFile:
-    """A safetensors file checked by the library when opened; a tensor is read (memory-mapped) only when asked."""
+    """A safetensors file whose header is read and checked when opened (without torch); a tensor is read
+    (memory-mapped, through the library) only when asked."""
 
     def __init__(self, path: Path):
         try:
@@ -39,32 +110,35 @@ class SafetensorsFile:
         if not head:
             raise InputError(f"{path}: empty file")
         try:
-            self._file = _open(path)
-            self._keys = list(self._file.keys())
-            self._slices = {key: self._file.get_slice(key) for key in self._keys}
-        except Exception as exc:
+            self._entries, self._metadata = read_header(path)
+        except OSError as exc:
+            raise unreadable(path, exc) from exc
+        except ValueError as exc:
             raise InputError(f"{path}: not a readable safetensors file ({first_line(str(exc))})") from exc
         self._path = path
+        self._file: Any = None
 
     def names(self) -> list[str]:
         """The keys of the stored tensors."""
-        return self._keys
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """A stored tensor's shape, without reading it."""
-        return tuple(self._slices[key].get_shape())
+        return tuple(self._entries[key]["shape"])
 
-    def dtype(self, key: str) -> torch.dtype | None:
-        """A stored tensor's dtype, or None for one ctm does not read (integers, float8...)."""
-        return DTYPES.get(self._slices[key].get_dtype())
+    def dtype(self, key: str) -> str | None:
+        """A stored tensor's dtype name (`float32`...), or None for one ctm does not read (integers, float8...)."""
+        return FLOAT_NAMES.get(self._entries[key]["dtype"])
 
     def metadata(self) -> dict[str, str]:
         """The file's `__metadata__` map (empty when it has none)."""
-        return dict(self._file.metadata() or {})
+        return dict(self._metadata)
 
     def get(self, key: str) -> torch.Tensor:
         """A stored tensor, read now."""
         try:
+            if self._file is None:
+                self._file = _open(self._path)
             return self._file.get_tensor(key)
         except Exception as exc:
             raise InputError(f"{self._path}: tensor {key!r} cannot be read ({first_line(str(exc))})") from exc
@@ -103,7 +177,7 @@ class PlainReads:
     def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of a stored tensor."""
         entry = self._entries[key]
-        return DTYPES[entry["dtype"]], tuple(entry["shape"])
+        return torch_dtype(FLOAT_NAMES[entry["dtype"]]), tuple(entry["shape"])
 
     def read_into(self, key: str, target: torch.Tensor) -> None:
         """Read the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
@@ -125,6 +199,8 @@ class PlainReads:
 def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The file's bytes, with the metadata in sorted order, so equal inputs give byte-identical files (the
     library writes the metadata map in an order that changes from call to call)."""
+    from safetensors.torch import save  # loads torch
+
     data = save(tensors, metadata=metadata)
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
@@ -134,13 +210,13 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
 
 
-def encoded_size(shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, metadata_bytes: int) -> int:
-    """Size of a file with these tensors (in key order, as `encode` writes them), given `metadata_bytes` for
-    the metadata: the 8-byte length, the JSON header and the data."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+def encoded_size(shapes: Mapping[str, tuple[int, int]], dtype: str, metadata_bytes: int) -> int:
+    """Size of a file with these tensors of dtype `dtype` (a name: `float32`...), in key order as `encode` writes
+    them, given `metadata_bytes` for the metadata: the 8-byte length, the JSON header and the data."""
+    code = FORMAT_NAMES[dtype]
     header, offset = {}, 0
     for key in sorted(shapes):
-        size = shapes[key][0] * shapes[key][1] * itemsize
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
+        size = shapes[key][0] * shapes[key][1] * ITEM_SIZES[code]
+        header[key] = {"dtype": code, "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
         offset += size
     return 8 + len(json.dumps(header, separators=(",", ":"))) + metadata_bytes + offset

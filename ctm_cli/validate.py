@@ -84,3 +84,21 @@ def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> li
 def missing_modules(adapters: list[Adapter], specs: list[ModuleSpec]) -> list[list[str]]:
     """Per adapter, the merged modules it lacks (merged as zero updates with --allow-missing)."""
     return [[spec.name for spec in specs if spec.name not in adapter.modules] for adapter in adapters]
+
+
+def repeated_inputs(adapters: list[Adapter]) -> list[str]:
+    """A warning for each adapter given more than once (the same weights file, by any path): it is merged once per
+    mention, which weighs it more, and a rule that counts tasks (TIES' sign election, TSV's 1/T share) counts it
+    twice."""
+    first: dict[tuple[int, int], Adapter] = {}
+    warnings = []
+    for adapter in adapters:
+        status = adapter.weights_path.stat()
+        earlier = first.setdefault((status.st_dev, status.st_ino), adapter)
+        if earlier is not adapter:
+            same = "is given twice" if adapter.source == earlier.source else f"is the same adapter as {earlier.source}"
+            warnings.append(
+                f"{adapter.source} {same} (one weights file): it is merged twice, as one more task; to weigh it "
+                "more, give it once with a larger --weights value"
+            )
+    return warnings

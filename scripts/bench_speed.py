@@ -229,7 +229,7 @@ def ctm_in_process(
     if profiler:
         profiler.enable()
     prepared = prepare(MergeRequest(recipe, max_memory_mib=max_memory, force=True))
-    run_merge(prepared, lambda total: None, lambda done: None)
+    run_merge(prepared)
     synchronize(device)
     seconds = time.perf_counter() - started
     if profiler:

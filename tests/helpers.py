@@ -8,7 +8,6 @@ import copy
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,13 +74,15 @@ def save_peft_adapter(model, folder: Path, seed: int, base_model: str, **lora_op
     `lora_options` go to peft.LoraConfig; the config's base_model_name_or_path is set to `base_model`.
     """
     from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
     config = LoraConfig(init_lora_weights=False, **lora_options)
     torch.manual_seed(seed)
-    with warnings.catch_warnings():  # transformers' deprecation notice raised inside PEFT, not ours to fix
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(copy.deepcopy(model), config)
-    peft_model.save_pretrained(folder)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    # PEFT's own rule for save_embedding_layers="auto" (save the base embedding beside an embedding LoRA), said
+    # explicitly: "auto" warns each time it applies it.
+    embedding = any(name in (config.target_modules or ()) for name in EMBEDDING_LAYER_NAMES)
+    peft_model.save_pretrained(folder, save_embedding_layers=embedding)
     config_path = folder / "adapter_config.json"
     saved = json.loads(config_path.read_text())
     saved["base_model_name_or_path"] = base_model

@@ -59,6 +59,8 @@ OPTIONS: dict[str, tuple[str, int, list[str]]] = {
     "param-without-value": ("merge {a} {b} -o {out} --param lambda", 2, ["--param", "NAME=NUMBER"]),
     "weights-not-numbers": ("merge {a} {b} -o {out} --weights 1,heavy", 2, ["--weights", "'1,heavy'"]),
     "beta-above-one": ("merge {a} {b} -o {out} --beta 2", 2, ["--beta", "got 2.0"]),
+    "weights-all-zero": ("merge {a} {b} -o {out} --weights 0,0", 2, ["--weights", "all zero", "change nothing"]),
+    "inspect-spectra-negative": ("inspect {a} --spectra -1", 2, ["--spectra", "got -1"]),
     "private-without-push": ("merge {a} {b} -o {out} --private", 2, ["--private", "--push-to-hub"]),
     "push-target-not-a-repo": ("merge {a} {b} -o {out} --push-to-hub not/a/repo", 2, ["--push-to-hub", "org/name"]),
     "no-adapters": ("merge -o {out}", 2, ["no adapters"]),
@@ -311,7 +313,8 @@ def test_bad_inspect(name, sandbox, pair_in):
     damage, code, words = INSPECTED[name]
     named = damage(pair_in[1])
     target = named if name == "a-file-not-a-folder" else pair_in[1]
-    sandbox.refuses(["inspect", target], code, str(named), *words)
+    spectra = ["--spectra", "8"] if name == "nan-factor" else []  # the values are read for the spectra only
+    sandbox.refuses(["inspect", target, *spectra], code, str(named), *words)
 
 
 # ---------------------------------------------------------------- Hub references that escape the repository

@@ -38,8 +38,8 @@ def spectra_by_numpy(folder: Path) -> dict[str, np.ndarray]:
     return result
 
 
-def inspect_json(folder: Path) -> dict:
-    result = run_ctm("inspect", folder, "--json")
+def inspect_json(folder: Path, *options: str) -> dict:
+    result = run_ctm("inspect", folder, "--json", *options)
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -64,7 +64,8 @@ def test_version():
 @pytest.mark.parametrize(("r", "alpha", "rslora"), [(8, 16, False), (4, 4, True)], ids=["plain", "rslora"])
 def test_inspect_generated(make_adapter, r, alpha, rslora):
     folder = make_adapter(r=r, alpha=alpha, use_rslora=rslora, seed=11)
-    info = inspect_json(folder)
+    assert "singular_values" not in inspect_json(folder)["modules"][0]  # spectra only when asked
+    info = inspect_json(folder, "--spectra", "8")
     assert info["r"] == r
     assert info["lora_alpha"] == alpha
     assert info["use_rslora"] is rslora
@@ -76,16 +77,17 @@ def test_inspect_generated(make_adapter, r, alpha, rslora):
     )
     check_spectra(info, folder)
 
-    table = run_ctm("inspect", folder, env=WIDE)
+    table = run_ctm("inspect", folder, "--spectra", "8", env=WIDE)
     assert table.exit_code == 0, table.stderr
-    for word in ("base_model", "tiny-llama", "lora_modules", "per-module spectra", "model.layers.1.mlp.down_proj"):
+    for word in ("base_model", "tiny-llama", "lora_modules", "singular values", "under base_model.model.model.layers."):
         assert word in table.stdout
+    assert re.search(r"^│ 1\.mlp\.down_proj ", table.stdout, re.MULTILINE)
 
 
 @needs_shared
 def test_inspect_gpt2_fan_in_fan_out():
     folder = REAL_ADAPTERS / "gpt2-c_attn-a"
-    info = inspect_json(folder)
+    info = inspect_json(folder, "--spectra", "8")
     assert info["fan_in_fan_out"] is True
     assert info["lora_modules"] == 12
     assert info["r"] == 8 and info["lora_alpha"] == 8
@@ -94,7 +96,7 @@ def test_inspect_gpt2_fan_in_fan_out():
     check_spectra(info, folder)
     table = run_ctm("inspect", folder, env=WIDE)
     assert table.exit_code == 0, table.stderr
-    assert re.search(r"fan_in_fan_out\s+True", table.stdout)
+    assert re.search(r"fan_in_fan_out\s+true", table.stdout)
 
 
 @needs_shared
@@ -115,7 +117,7 @@ def test_inspect_distilbert_modules_to_save():
 @pytest.mark.parametrize("task", MINILM_TASKS)
 def test_inspect_minilm(task):
     folder = REAL_ADAPTERS / "minilm-8" / task
-    info = inspect_json(folder)
+    info = inspect_json(folder, "--spectra", "8")
     assert info["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert (info["r"], info["lora_alpha"], info["lora_modules"]) == (8, 16, 36)
     assert info["scale"] == [2.0]

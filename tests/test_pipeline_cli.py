@@ -333,3 +333,31 @@ def test_compare_merges_measures_how_far_two_merges_are(pair, tmp_path):
     assert apart.keys() == same.keys() and all(0.0 <= value < 10.0 for value in apart.values())
     assert max(apart.values()) > 1e-3  # one sweep from the HOSVD start is not HOOI's fixed point here
     assert report_figures(rough)["median_sweeps"] == 1 and report_figures(exact)["median_sweeps"] >= 1
+
+
+def test_the_same_adapter_twice_is_merged_with_a_warning(pair, tmp_path):
+    """Given twice (by the same path, or another path to the same files), an input is merged as one more task:
+    ctm says so, and how to weigh it instead."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(pair[0], target_is_directory=True)
+    result = run_ctm("merge", pair[0], pair[1], alias, "--rank", "4", "-o", tmp_path / "out", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    (warning,) = [w for w in json.loads(result.stdout)["warnings"] if "merged twice" in w]
+    assert f"{alias} is the same adapter as {pair[0]}" in warning and "--weights" in warning
+    twice = run_ctm("merge", pair[0], pair[0], "--rank", "4", "-o", tmp_path / "out", "--dry-run")
+    assert twice.exit_code == 0 and f"ctm: warning: {pair[0]} is given twice" in twice.stderr
+
+
+def test_plan_header_says_the_output_rank_and_human_values(pair, tmp_path):
+    """--dry-run's text: the rank written, the rule's parameters as typed (no Python reprs), β only for a method it
+    acts on, sizes in binary units."""
+    wide = {"COLUMNS": "200"}
+    ctm = run_ctm("merge", *pair, "--rank", "4", "--rule", "ties", "-o", tmp_path / "o", "--dry-run", env=wide)
+    assert ctm.exit_code == 0, ctm.stderr
+    assert "at rank 4;" in ctm.stdout
+    assert "rule ties (density=0.2, trim_count=0, sign_count=0, lambda=1), β=1" in ctm.stdout
+    cat = run_ctm("merge", *pair, "--method", "cat", "-o", tmp_path / "o", "--dry-run", env=wide)
+    assert cat.exit_code == 0, cat.stderr
+    assert "at rank 12 (requested 16)" in cat.stdout and "β" not in cat.stdout
+    for text in (ctm.stdout, cat.stdout):
+        assert "{" not in text and "'" not in text and " bytes" not in text and "iB" in text

@@ -76,6 +76,12 @@ def test_defaults():
     )
 
 
+def test_adapters_as_plain_paths():
+    """`- path` is shorthand for `- source: path` (weight 1), and mixes with full entries."""
+    recipe = parse_recipe("adapters:\n  - a/\n  - source: org/b\n    weight: 0.5\n  - 'c d/'\n", "short.yaml")
+    assert recipe.adapters == (AdapterEntry("a/"), AdapterEntry("org/b", 0.5), AdapterEntry("c d/"))
+
+
 def replace_line(text: str, old: str, new: str) -> str:
     assert old in text
     return text.replace(old, new, 1)
@@ -102,7 +108,7 @@ def replace_line(text: str, old: str, new: str) -> str:
             "bad.yaml:2: adapters[0].source: expected text",
         ),
         (
-            replace_line(GOOD, "  - source: a/\n    weight: 2\n", "  - a/\n"),
+            replace_line(GOOD, "  - source: a/\n    weight: 2\n", "  - 3\n"),
             "bad.yaml:2: adapters[0]: expected a mapping",
         ),
         (replace_line(GOOD, "lambda: .75}", "lambda: high}"), "bad.yaml:9: params.lambda: expected a finite number"),

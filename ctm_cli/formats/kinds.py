@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 Shapes = dict[str, tuple[int, ...]]
-Tensors = dict[str, torch.Tensor]
+Tensors = dict[str, "torch.Tensor"]
 
 
 class LayoutError(ValueError):

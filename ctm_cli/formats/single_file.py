@@ -166,13 +166,13 @@ class SingleFile:
         module = self.modules[name]
         return (module.rank, module.in_features) if index == 0 else (module.out_features, module.rank)
 
-    def dtype(self, key: str) -> torch.dtype:
-        """A factor's dtype: the stored one for a plain LoRA (read as it is), float32 for a lifted one."""
+    def dtype(self, key: str) -> str:
+        """A factor's dtype name: the stored one for a plain LoRA (read as it is), float32 for a lifted one."""
         name, index = self._split(key)
         if self.kinds[name] != "lora":
-            return torch.float32
+            return "float32"
         dtype = self._file.dtype(self._roles[name]["down" if index == 0 else "up"])
-        return dtype if dtype is not None else torch.float32
+        return dtype if dtype is not None else "float32"
 
     def get(self, key: str) -> torch.Tensor:
         """A factor, built from the stored tensors (the last module's pair is kept: A and B are read together)."""

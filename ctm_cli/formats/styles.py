@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 # Write one merged module: (module name, A (r × in·k·k), B (out × r), weight shape or None) -> tensors by key.
-Writer = Callable[[str, torch.Tensor, torch.Tensor, "tuple[int, ...] | None"], dict[str, torch.Tensor]]
+Writer = Callable[[str, "torch.Tensor", "torch.Tensor", "tuple[int, ...] | None"], "dict[str, torch.Tensor]"]
 
 
 @dataclass(frozen=True)

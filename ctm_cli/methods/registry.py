@@ -180,6 +180,21 @@ class Method:
             return sum(ranks)
         return rank
 
+    def largest_rank(self, spec: ModuleSpec, rule: Rule[Any]) -> int:
+        """The largest --rank this method can write for a module with a given rule."""
+        return self.rank_limit.function(spec.total_rank, spec.out_features, spec.in_features, rule)
+
+    def rank_caps(self, specs: list[ModuleSpec], rank: int, rule: Rule[Any]) -> dict[str, int]:
+        """The modules that some inputs lack (rank 0 there) and that cannot hold the requested rank, with the largest
+        rank each can hold: with --allow-missing they are written at that rank (a per-module rank) instead."""
+        if self.fixed_rank is not None or (rank == 0 and self.zero_is_full):
+            return {}
+        return {
+            spec.name: self.largest_rank(spec, rule)
+            for spec in specs
+            if 0 in spec.ranks and 1 <= self.largest_rank(spec, rule) < rank
+        }
+
     def check_rank(self, specs: list[ModuleSpec], rank: int, rule: Rule[Any]) -> None:
         """Refuse a requested rank this method cannot write for some module, naming the allowed range.
 
@@ -192,7 +207,7 @@ class Method:
             raise UsageError(f"--rank must be a positive integer for method {self.name}{full}, got {rank}")
 
         def limit(spec: ModuleSpec) -> int:
-            return self.rank_limit.function(spec.total_rank, spec.out_features, spec.in_features, rule)
+            return self.largest_rank(spec, rule)
 
         tightest = min(specs, key=limit)
         if rank > limit(tightest):
