@@ -25,17 +25,20 @@ MODEL_PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class Architecture:
-    """What the task LoRAs adapt in one model family: PEFT target modules, and whether the family stores its
-    linear weights as in × out (GPT-2's Conv1D), which PEFT must be told."""
+    """One model family: the modules the task LoRAs adapt, whether it is a decoder (it reads a start token first,
+    see `embed`), and whether its linear weights are stored in × out (GPT-2's Conv1D, which PEFT must be told)."""
 
     target_modules: tuple[str, ...]
+    decoder: bool
     fan_in_fan_out: bool = False
 
 
-LLAMA_LIKE = Architecture(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+LLAMA_LIKE = Architecture(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), decoder=True)
 ARCHITECTURES = {  # by config.model_type: every linear layer of attention and MLP, as for MiniLM
-    "bert": Architecture(("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")),
-    "gpt2": Architecture(("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True),
+    "bert": Architecture(
+        ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"), decoder=False
+    ),
+    "gpt2": Architecture(("c_attn", "c_proj", "c_fc"), decoder=True, fan_in_fan_out=True),
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
@@ -82,14 +85,34 @@ def prepare_tokenizer(tokenizer):
 
 def embed(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Sentence embeddings as MiniLM's own recipe makes them, for every model: mean over real tokens, L2-normalised.
-    (A decoder's tokens see only those before them; right padding keeps the real ones unchanged.)"""
+
+    A decoder reads each text after one start token whose state is left out of the mean: a causal model's first
+    position sees nothing before it and ends in nearly the same state for every input (mean-pooled label words
+    of SmolLM2 were 0.9999 alike without it); right padding keeps the real tokens' states unchanged.
+    """
+    start = start_token_id(model.config)
+    if start is not None:
+        ids = torch.cat([ids.new_full((len(ids), 1), start), ids], dim=1)
+        lengths = lengths + 1
     width = int(lengths.max())
     ids = ids[:, :width].to(torch.long)
     mask = (torch.arange(width, device=ids.device) < lengths.unsqueeze(1)).to(torch.long)
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
     weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if start is not None:
+        weights[:, 0] = 0.0
     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     return F.normalize(pooled, dim=-1)
+
+
+def start_token_id(config) -> int | None:
+    """The token a decoder reads first (its beginning-of-text, else end-of-text token); None for an encoder."""
+    if not architecture(config.model_type).decoder:
+        return None
+    start = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    if start is None:
+        raise ValueError(f"the {config.model_type} model names no bos_token_id or eos_token_id to start a text with")
+    return start
 
 
 @torch.no_grad()

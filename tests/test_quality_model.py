@@ -23,6 +23,7 @@ from quality_model import (
     embed,
     lora_config,
     prepare_tokenizer,
+    start_token_id,
     train_adapter,
 )
 
@@ -35,7 +36,8 @@ def tiny_model(model_type: str):
 
     torch.manual_seed(0)
     if model_type == "gpt2":
-        return GPT2Model(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=32)).eval()
+        sizes = {"n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 40, "n_positions": 32}
+        return GPT2Model(GPT2Config(**sizes, bos_token_id=1, eos_token_id=1)).eval()
     config = LlamaConfig(
         hidden_size=16,
         intermediate_size=32,
@@ -64,7 +66,8 @@ def test_decoder_families_have_their_own_targets():
         assert set(architecture(family).target_modules) == {
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
         }
-        assert not architecture(family).fan_in_fan_out
+        assert architecture(family).decoder and not architecture(family).fan_in_fan_out
+    assert architecture("gpt2").decoder and not architecture("bert").decoder
 
 
 def test_unknown_family_and_unnamed_decoder_stop_the_run():
@@ -86,14 +89,25 @@ def test_tokenizer_pads_right_with_end_of_text_when_it_has_no_pad_token():
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_decoder_embedding_ignores_right_padding(model_type):
+def test_decoder_embedding_reads_a_start_token_pools_after_it_and_ignores_right_padding(model_type):
     model = tiny_model(model_type)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     with torch.no_grad():
         batch = embed(model, ids, torch.tensor([4, 2]))
         alone = embed(model, ids[1:, :2], torch.tensor([2]))
+        start = model.config.bos_token_id
+        hidden = model(input_ids=torch.tensor([[start, 9, 10]])).last_hidden_state[0]
     torch.testing.assert_close(batch[1:], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone[0], torch.nn.functional.normalize(hidden[1:].mean(dim=0), dim=0))
     torch.testing.assert_close(batch.norm(dim=1), torch.ones(2))
+
+
+def test_start_token_is_bos_else_eos_and_none_for_an_encoder():
+    assert start_token_id(SimpleNamespace(model_type="bert", bos_token_id=1, eos_token_id=2)) is None
+    assert start_token_id(SimpleNamespace(model_type="llama", bos_token_id=1, eos_token_id=2)) == 1
+    assert start_token_id(SimpleNamespace(model_type="gpt2", bos_token_id=None, eos_token_id=7)) == 7
+    with pytest.raises(ValueError, match="names no bos_token_id or eos_token_id"):
+        start_token_id(SimpleNamespace(model_type="qwen2", bos_token_id=None, eos_token_id=None))
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside PEFT
@@ -119,3 +133,25 @@ def test_adapters_train_and_read_back_on_decoders(tmp_path, model_type):
     for weight, change in delta.items():
         assert change.shape == params[weight].shape, weight  # GPT-2's Conv1D: in × out, as the base stores it
         assert change.abs().max() > 0, weight
+
+
+def test_base_model_folder_saved_in_float16_loads_back_in_float32(tmp_path):
+    from quality_base_model import main
+    from quality_model import load_base_model
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"])}
+    source = tmp_path / "source"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    original = BertModel(config).eval()
+    original.save_pretrained(source)
+    BertTokenizerFast(vocab=vocab).save_pretrained(source)
+    main([str(source), str(tmp_path / "out"), "--dtype", "float16"])
+    model, tokenizer = load_base_model(tmp_path / "out", torch.device("cpu"))
+    assert tokenizer("good bad")["input_ids"] == [2, 5, 6, 3]
+    for name, weight in original.state_dict().items():
+        assert model.state_dict()[name].dtype == torch.float32
+        torch.testing.assert_close(model.state_dict()[name], weight.half().float(), rtol=0, atol=0)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing"), str(tmp_path / "out2")])
