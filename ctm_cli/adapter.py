@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from ctm_cli.errors import IncompatibleError, InputError
+from ctm_cli.errors import IncompatibleError, InputError, first_line, unreadable
 from ctm_cli.patterns import MAX_NAME_LENGTH, pattern_problem
+from ctm_cli.safetensors_format import DTYPES, SafetensorsFile
 from ctm_cli.untrusted import TooLargeError, read_limited
 
 CONFIG_NAME = "adapter_config.json"
@@ -25,14 +25,8 @@ MODEL_PREFIX = "base_model.model."
 
 # (module name, factor) from a weight key; PEFT drops the adapter name when saving.
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
-_LFS_MAGIC = b"version https://git-lfs"
 _UNPICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # what torch's weights-only unpickler names as refused
 CONFIG_LIMIT = 64 * 1024**2  # bytes read of an adapter_config.json at most
-
-
-def _first_line(text: str) -> str:
-    """The first non-blank line of a library's (possibly multi-line) error text."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
 
 @dataclass(frozen=True)
@@ -64,11 +58,6 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def _unreadable(path: Path, error: OSError) -> InputError:
-    """The error for a file or folder the operating system will not let ctm read (permissions, I/O)."""
-    return InputError(f"{path}: cannot be read ({error.strerror or error})")
-
-
 def _config_text(folder: Path) -> str:
     """The text of the folder's adapter config, refusing a missing, unreadable or oversized one."""
     path = folder / CONFIG_NAME
@@ -83,7 +72,7 @@ def _config_text(folder: Path) -> str:
             raise InputError(f"{path}: missing; {folder} is not a PEFT adapter folder")
         data = read_limited(path, CONFIG_LIMIT)
     except OSError as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable(path, exc) from exc
     except TooLargeError as exc:
         raise InputError(f"{path}: {exc}; not an adapter config") from exc
     try:
@@ -185,9 +174,9 @@ class _BinReader:
                 "it yourself only if you trust where it came from"
             ) from exc
         except OSError as exc:
-            raise _unreadable(path, exc) from exc
+            raise unreadable(path, exc) from exc
         except Exception as exc:
-            raise InputError(f"{path}: not a loadable torch file ({_first_line(str(exc))})") from exc
+            raise InputError(f"{path}: not a loadable torch file ({first_line(str(exc))})") from exc
         if not isinstance(self._tensors, dict) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in self._tensors.items()
         ):
@@ -206,64 +195,13 @@ class _BinReader:
         return self._tensors[key]
 
 
-class _SafetensorsReader:
-    """Lazy tensors of a safetensors file: only the requested tensor is read."""
-
-    def __init__(self, path: Path):
-        try:
-            with path.open("rb") as handle:
-                head = handle.read(len(_LFS_MAGIC))
-        except OSError as exc:
-            raise _unreadable(path, exc) from exc
-        if head == _LFS_MAGIC:
-            raise InputError(f"{path}: is a Git LFS pointer, not weights (fetch it with `git lfs pull`)")
-        if not head:
-            raise InputError(f"{path}: empty file")
-        try:
-            self._file = _open_safetensors(path)
-            self._keys = list(self._file.keys())
-            self._slices = {key: self._file.get_slice(key) for key in self._keys}
-        except Exception as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({_first_line(str(exc))})") from exc
-        self._path = path
-
-    def names(self) -> list[str]:
-        return self._keys
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slices[key].get_shape())
-
-    def dtype(self, key: str) -> torch.dtype | None:
-        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype())
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as exc:
-            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({_first_line(str(exc))})") from exc
+FLOAT_DTYPES = frozenset(DTYPES.values())
 
 
-def _open_safetensors(path: Path) -> Any:
-    """safetensors' lazy reader of a file. The library takes UTF-8 paths only, so a file whose path is not
-    UTF-8 (bytes that Python holds as surrogates) is opened here and handed over as /dev/fd/N."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            return safe_open(f"/dev/fd/{descriptor}", framework="pt")
-        finally:
-            os.close(descriptor)
-    return safe_open(str(path), framework="pt")
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+def output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
+    """The (A, B) weight keys a merged module is written under: as the first adapter that has it spells them."""
+    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
+    return module.a_key, module.b_key
 
 
 class Adapter:
@@ -275,7 +213,7 @@ class Adapter:
         self.config = _read_config(self.folder)
         self.weights_path = self._find_weights()
         self._reader = (
-            _SafetensorsReader(self.weights_path)
+            SafetensorsFile(self.weights_path)
             if self.weights_path.suffix == ".safetensors"
             else _BinReader(self.weights_path)
         )
@@ -373,10 +311,9 @@ class Adapter:
         return self._reader.get(key)
 
     def dtypes(self) -> set[torch.dtype]:
-        """The dtypes of the stored LoRA factors."""
-        return {self._reader.dtype(m.a_key) for m in self.modules.values()} | {
-            self._reader.dtype(m.b_key) for m in self.modules.values()
-        }
+        """The dtypes of the stored LoRA factors (floats: `_module` refuses any other)."""
+        keys = [key for module in self.modules.values() for key in (module.a_key, module.b_key)]
+        return {dtype for dtype in map(self._reader.dtype, keys) if dtype is not None}
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of a stored tensor without reading it."""

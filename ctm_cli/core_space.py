@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ctm_cli.fixed_order import matmul
+
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
 # are treated as numerically absent (they carry < 1e-12 of the energy).
 GRAM_RELATIVE_TOLERANCE = 1e-12
@@ -49,7 +51,6 @@ class SharedFrame:
     v: torch.Tensor  # (..., R, r)
     sweeps: torch.Tensor  # (...,) int
     energy: torch.Tensor  # (...,) Σ‖uᵀ C̃_t v‖² at convergence
-    start_energy: torch.Tensor  # (...,) the same at the HOSVD start
     total_energy: torch.Tensor  # (...,) Σ‖C̃_t‖²
 
 
@@ -78,10 +79,10 @@ def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> Co
     a_catᵀ (decreasing singular values), which fixes the coordinates element-wise rules see.
     """
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = gram_frame(b64.mT @ b64)
-    right, r_a = gram_frame(a64 @ a64.mT)
+    left, r_b = gram_frame(matmul(b64.mT, b64))
+    right, r_a = gram_frame(matmul(a64, a64.mT))
     cores = torch.stack(
-        [r_b[..., :, cols] @ r_a[..., :, cols].mT for cols in column_slices(ranks)],
+        [matmul(r_b[..., :, cols], r_a[..., :, cols].mT) for cols in column_slices(ranks)],
         dim=-3,
     )
     return CoreSpace(left=left, right=right, cores=cores)
@@ -115,11 +116,11 @@ def _orthonormalize(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     basis = columns / norms.clamp_min(torch.finfo(columns.dtype).tiny)
     full_rank = torch.ones(columns.shape[:-2], dtype=torch.bool, device=columns.device)
     for _ in range(2):
-        factor, info = torch.linalg.cholesky_ex(basis.mT @ basis)
+        factor, info = torch.linalg.cholesky_ex(matmul(basis.mT, basis))
         full_rank = full_rank & (info == 0)
         basis = torch.linalg.solve_triangular(factor, basis.mT, upper=False).mT
     eye = torch.eye(columns.shape[-1], dtype=columns.dtype, device=columns.device)
-    drift = (basis.mT @ basis - eye).abs().amax(dim=(-2, -1))
+    drift = (matmul(basis.mT, basis) - eye).abs().amax(dim=(-2, -1))
     return basis, full_rank & (drift <= ORTHONORMAL_TOLERANCE)
 
 
@@ -134,16 +135,16 @@ def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Ten
     """
     size, width = block.shape[-2:]
     if size <= max(DIRECT_EIGH_MAX_SIZE, 2 * width):
-        return _top_eigenvectors(columns @ columns.mT, width)
-    basis, full_rank = _orthonormalize(columns @ (columns.mT @ block))
+        return _top_eigenvectors(matmul(columns, columns.mT), width)
+    basis, full_rank = _orthonormalize(matmul(columns, matmul(columns.mT, block)))
     basis = torch.where(full_rank.view(-1, 1, 1), basis, block)  # no NaN into eigh; replaced below
-    images = columns.mT @ basis
-    _, rotation = torch.linalg.eigh(images.mT @ images)
-    ritz = basis @ rotation.flip(-1)
+    images = matmul(columns.mT, basis)
+    _, rotation = torch.linalg.eigh(matmul(images.mT, images))
+    ritz = matmul(basis, rotation.flip(-1))
     deficient = ~full_rank
     if bool(deficient.any()):
         exact = columns[deficient]
-        ritz[deficient] = _top_eigenvectors(exact @ exact.mT, width)
+        ritz[deficient] = _top_eigenvectors(matmul(exact, exact.mT), width)
     return ritz
 
 
@@ -154,7 +155,7 @@ def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
 
 def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ_t ‖uᵀ C_t v‖² from the images C_tᵀ u (..., T, R, r) and v (..., R, r)."""
-    return (left_images.mT @ v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
+    return matmul(left_images.mT, v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
 
 
 def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) -> SharedFrame:
@@ -167,7 +168,6 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     block = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
     u_block, v_block = (_top_eigenvectors(gram, block) for gram in grams)
     energy = _frame_energy(cores.times_left(u_block[..., :rank]), v_block[..., :rank])
-    start = energy.clone()
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
@@ -190,12 +190,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
         if still <= COMPACTION_FRACTION * members.numel():
             members, batch, running = members[running], batch.select(running), running[running]
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, start, total)
-
-
-def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Coordinates M_t = uᵀ C_t v of every task's core in the shared frame (..., T, r, r)."""
-    return u.mT.unsqueeze(-3) @ cores @ v.unsqueeze(-3)
+    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, total)
 
 
 def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -205,8 +200,8 @@ def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int])
     """
     if len(set(ranks)) == 1:
         tasks, rank = len(ranks), ranks[0]
-        return left.unflatten(-1, (tasks, rank)).movedim(-2, -3) @ right.unflatten(-2, (tasks, rank))
-    return torch.stack([left[..., :, cols] @ right[..., cols, :] for cols in column_slices(ranks)], dim=-3)
+        return matmul(left.unflatten(-1, (tasks, rank)).movedim(-2, -3), right.unflatten(-2, (tasks, rank)))
+    return torch.stack([matmul(left[..., :, cols], right[..., cols, :]) for cols in column_slices(ranks)], dim=-3)
 
 
 @dataclass(frozen=True)
@@ -241,32 +236,33 @@ class FactoredCores:
 
     def times_right(self, v: torch.Tensor) -> torch.Tensor:
         """[C_t v]_t (..., T, R, r) for v (..., R, r)."""
-        return self._scaled(per_task_products(self.b, self.a.mT @ v, self.ranks))
+        return self._scaled(per_task_products(self.b, matmul(self.a.mT, v), self.ranks))
 
     def times_left(self, u: torch.Tensor) -> torch.Tensor:
         """[C_tᵀ u]_t (..., T, R, r) for u (..., R, r)."""
-        return self._scaled(per_task_products(self.a, self.b.mT @ u, self.ranks))
+        return self._scaled(per_task_products(self.a, matmul(self.b.mT, u), self.ranks))
 
     def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Coordinates M_t = uᵀ C_t v (..., T, r, r), as `project` gives them for dense cores."""
-        return self._scaled(per_task_products(u.mT @ self.b, self.a.mT @ v, self.ranks))
+        """Coordinates M_t = uᵀ C_t v (..., T, r, r) of every task's core in the frame (u, v)."""
+        return self._scaled(per_task_products(matmul(u.mT, self.b), matmul(self.a.mT, v), self.ranks))
 
     def norms(self) -> torch.Tensor:
         """‖C_t‖ (..., T) from the r_t × r_t blocks of bᵀb and aᵀa: ‖B A‖² = Σ (BᵀB) ⊙ (AᵀA)."""
-        products = (self.b.mT @ self.b) * (self.a.mT @ self.a)
+        products = matmul(self.b.mT, self.b) * matmul(self.a.mT, self.a)
         squares = torch.stack([products[..., cols, cols].sum(dim=(-2, -1)) for cols in column_slices(self.ranks)], -1)
         return squares.clamp_min(0).sqrt() * self.scales.abs()
+
+    def dense(self) -> torch.Tensor:
+        """The cores themselves (..., T, R, R), as `core_space` gives them."""
+        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t), HOOI's HOSVD start, as b·D_a·bᵀ and a·D_b·aᵀ with D block-diagonal."""
         weights = torch.repeat_interleave(self.scales.square(), torch.tensor(self.ranks, device=self.b.device), dim=-1)
         blocks = torch.block_diag(*(torch.ones(rank, rank) for rank in self.ranks)).to(self.b)
         mask = blocks * weights.unsqueeze(-1)
-        return self.b @ ((self.a.mT @ self.a) * mask) @ self.b.mT, self.a @ ((self.b.mT @ self.b) * mask) @ self.a.mT
-
-    def dense(self) -> torch.Tensor:
-        """The cores themselves (..., T, R, R), as `core_space` gives them."""
-        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
+        left = matmul(matmul(self.b, matmul(self.a.mT, self.a) * mask), self.b.mT)
+        return left, matmul(matmul(self.a, matmul(self.b.mT, self.b) * mask), self.a.mT)
 
 
 @dataclass(frozen=True)
@@ -281,8 +277,8 @@ class FactoredCoreSpace:
 def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
     """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = gram_frame(b64.mT @ b64)
-    right, r_a = gram_frame(a64 @ a64.mT)
+    left, r_b = gram_frame(matmul(b64.mT, b64))
+    right, r_a = gram_frame(matmul(a64, a64.mT))
     scales = torch.ones(*r_b.shape[:-2], len(ranks), dtype=torch.float64, device=r_b.device)
     return FactoredCoreSpace(left=left, right=right, cores=FactoredCores(r_b, r_a, list(ranks), scales))
 
@@ -308,7 +304,7 @@ def shared_frames_factored(
     """`shared_frame_factored` of several batches of cores (modules of different shapes, say) at once: batches
     with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel launches
     for all of them; each module's result is the one it gets alone."""
-    frames: list[SharedFrame | None] = [None] * len(batches)
+    frames: dict[int, SharedFrame] = {}
     buckets: dict[tuple, list[int]] = {}
     for index, (cores, rank) in enumerate(zip(batches, ranks, strict=True)):
         buckets.setdefault((tuple(cores.ranks), rank, cores.b.device), []).append(index)
@@ -326,7 +322,7 @@ def shared_frames_factored(
             part = slice(start, start + cores.b.shape[0])
             start = part.stop
             frames[index] = _unflatten(frame, part, batches[index].scales.shape[:-1])
-    return frames
+    return [frames[index] for index in range(len(batches))]
 
 
 def whole_frame(cores: FactoredCores) -> SharedFrame:
@@ -336,7 +332,7 @@ def whole_frame(cores: FactoredCores) -> SharedFrame:
     batch = cores.scales.shape[:-1]
     eye = torch.eye(size, dtype=cores.b.dtype, device=cores.b.device).expand(*batch, size, size)
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(eye, eye, torch.zeros(batch, dtype=torch.int64, device=total.device), total, total, total)
+    return SharedFrame(eye, eye, torch.zeros(batch, dtype=torch.int64, device=total.device), total, total)
 
 
 def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFrame:
@@ -347,7 +343,7 @@ def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFram
         v=frame.v[part].reshape(*batch, size, rank),
         **{
             name: getattr(frame, name)[part].reshape(batch)
-            for name in ("sweeps", "energy", "start_energy", "total_energy")
+            for name in ("sweeps", "energy", "total_energy")
         },
     )
 
@@ -383,9 +379,9 @@ def truncate(
     to_b = p[..., :rank] * (kept.sign() * root).unsqueeze(-2)
     to_a = qh[..., :rank, :] * root.unsqueeze(-1)
     if left_map is not None:
-        to_b = left_map @ to_b
+        to_b = matmul(left_map, to_b)
     if right_map is not None:
-        to_a = to_a @ right_map.mT
+        to_a = matmul(to_a, right_map.mT)
     energy = s.square()
     total = energy.sum(dim=-1)
     lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
@@ -396,12 +392,12 @@ def truncate(
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns: P Qᵀ from the SVD P Σ Qᵀ (Procrustes)."""
     p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    return matmul(p, qh)
 
 
 def _frobenius_squared(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """‖B·A‖² from the factors: Σ (BᵀB) ⊙ (AAᵀ), without forming B·A."""
-    return ((b.mT @ b) * (a @ a.mT)).sum(dim=(-2, -1)).clamp_min(0)
+    return (matmul(b.mT, b) * matmul(a, a.mT)).sum(dim=(-2, -1)).clamp_min(0)
 
 
 def lowrank_relative_error(
@@ -421,13 +417,13 @@ def energy_in_output_spaces(
     and row spaces (1 for a task with no update). Shape (..., T)."""
     b_out, a_out = b_out.to(torch.float64), a_out.to(torch.float64)
     b_cat, a_cat = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    to_columns, _ = gram_frame(b_out.mT @ b_out)
-    to_rows, _ = gram_frame(a_out @ a_out.mT)
-    left = to_columns.mT @ (b_out.mT @ b_cat)  # (..., k, R): Q_colᵀ B_cat
-    right = (a_cat @ a_out.mT) @ to_rows  # (..., R, k): A_cat Q_row
+    to_columns, _ = gram_frame(matmul(b_out.mT, b_out))
+    to_rows, _ = gram_frame(matmul(a_out, a_out.mT))
+    left = matmul(to_columns.mT, matmul(b_out.mT, b_cat))  # (..., k, R): Q_colᵀ B_cat
+    right = matmul(matmul(a_cat, a_out.mT), to_rows)  # (..., R, k): A_cat Q_row
     shares = []
     for cols in column_slices(ranks):
-        kept = (left[..., cols] @ right[..., cols, :]).square().sum(dim=(-2, -1))
+        kept = matmul(left[..., cols], right[..., cols, :]).square().sum(dim=(-2, -1))
         whole = _frobenius_squared(b_cat[..., cols], a_cat[..., cols, :])
         shares.append(torch.where(whole > 0, kept / whole.clamp_min(1e-300), torch.ones_like(whole)))
     return torch.stack(shares, dim=-1)

@@ -71,8 +71,8 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
     lines = [
         f"# {model_id}",
         "",
-        f"A rank-{settings['rank']} PEFT LoRA adapter of `{base}`, merged from {len(report['inputs'])} adapters "
-        f"by ctm {report['ctm_version']} (method `{settings['method']}`, rule `{settings['rule']}`).",
+        f"A rank-{settings['written_rank']} PEFT LoRA adapter of `{base}`, merged from {len(report['inputs'])} "
+        f"adapters by ctm {report['ctm_version']} (method `{settings['method']}`, rule `{settings['rule']}`).",
         "",
         "## Inputs",
         "",
@@ -86,7 +86,8 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
         ("method", settings["method"]),
         ("rule", settings["rule"]),
         ("rule parameters", params),
-        ("rank", settings["rank"]),
+        ("rank", settings["written_rank"]),
+        ("requested rank", settings["requested_rank"]),
         ("beta", settings["beta"]),
         ("seed", settings["seed"]),
         ("dtype", settings["dtype"]),

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 try:  # the parser of Python's own regular expressions
-    from re import _parser as _regex_parser  # Python >= 3.11
+    from re import _parser as _regex_parser  # type: ignore[attr-defined]  # Python >= 3.11, not in typeshed
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _regex_parser  # type: ignore[no-redef]
 

@@ -61,7 +61,7 @@ def build_report(
         "inputs": inputs,
         "summary": {
             "modules": len(stats),
-            "output_rank": settings["rank"],
+            "written_rank": settings["written_rank"],
             "mean_kept_energy_per_input": per_adapter,
             "mean_relative_error": _mean(errors),
             "max_relative_error": max(errors) if errors else None,
@@ -75,6 +75,12 @@ def build_report(
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def _requested(settings: dict[str, Any]) -> str:
+    """The requested rank, where the written one differs (methods that set their own rank)."""
+    requested = settings["requested_rank"]
+    return f" (requested {requested})" if requested != settings["written_rank"] else ""
 
 
 def _error_line(settings: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -123,7 +129,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# ctm merge report",
         "",
         f"- method **{settings['method']}**, rule **{settings['rule']}** {settings['rule_params']}, "
-        f"output rank **{summary['output_rank']}**, β = {settings['beta']}",
+        f"rank **{summary['written_rank']}**{_requested(settings)}, β = {settings['beta']}",
         f"- {summary['modules']} modules merged in {summary['seconds']:.2f} s on {settings['device']} "
         f"(ctm {report['ctm_version']})",
         _error_line(settings, summary),

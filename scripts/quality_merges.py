@@ -25,7 +25,6 @@ import torch
 from safetensors import safe_open
 
 PEFT = "peft"
-BETA_METHODS = {"ctm"}  # methods the CLI's --beta acts on, when `ctm methods --json` does not say
 
 
 @dataclass(frozen=True)
@@ -194,38 +193,24 @@ def parse_variant(text: str) -> Variant:
     return Variant(method, rule, tuple(parsed), text)
 
 
-def _entries(value) -> list[dict]:
-    """A catalog section as a list of dicts with a name, whether given as a list or a name → info mapping."""
-    if isinstance(value, dict):
-        return [{"name": name, **(info if isinstance(info, dict) else {})} for name, info in value.items()]
-    return [item if isinstance(item, dict) else {"name": str(item)} for item in value or []]
-
-
-def _param_defaults(value) -> dict[str, float]:
-    """Rule parameters and defaults from a mapping (name → spec or default) or a list of {name, default}."""
-    params = {}
-    for entry in _entries(value):
-        default = entry.get("default", entry.get("value"))
-        params[entry["name"]] = float(default) if isinstance(default, int | float) else None
-    return params
-
-
 def parse_catalog(payload: dict, source: str) -> Catalog:
-    """The catalog from `ctm methods --json` output, tolerant of list or mapping layouts."""
+    """The catalog from `ctm methods --json` output: each method's rule needs, β and rank behaviour as ctm states
+    them, and every parameter's default."""
+
+    def defaults(params: dict) -> dict[str, float]:
+        return {name: float(spec["default"]) for name, spec in params.items()}
+
     methods = [
         MethodInfo(
             name=m["name"],
-            linear_rules_only=bool(m.get("needs_linear_rule", m.get("linear_only", False))),
-            takes_beta=bool(m.get("takes_beta", m.get("uses_beta", m["name"] in BETA_METHODS))),
-            fixed_rank=bool(m.get("writes_total_rank", "ignored" in str(m.get("rank", "")))),
-            params=_param_defaults(m.get("params")),
+            linear_rules_only=m["needs_linear_rule"],
+            takes_beta=m["uses_beta"],
+            fixed_rank=m["fixed_rank"] is not None,
+            params=defaults(m["params"]),
         )
-        for m in _entries(payload.get("methods"))
+        for m in payload["methods"]
     ]
-    rules = [
-        RuleInfo(name=r["name"], linear=bool(r.get("linear", True)), params=_param_defaults(r.get("params")))
-        for r in _entries(payload.get("rules"))
-    ]
+    rules = [RuleInfo(r["name"], r["linear"], defaults(r["params"])) for r in payload["rules"]]
     return Catalog(methods=methods, rules=rules, source=source)
 
 
@@ -236,30 +221,14 @@ def select(catalog: Catalog, only: Iterable[str] | None) -> Catalog:
     return replace(catalog, pairs=frozenset(tuple(pair.split("+", 1)) for pair in only))
 
 
-def _registry_catalog() -> Catalog:
-    """The catalog read from ctm_cli's registries, for versions without `ctm methods`."""
-    from ctm_cli.methods import METHODS
-    from ctm_cli.rules import RULES
-
-    methods = [
-        MethodInfo(m.name, m.needs_linear_rule, m.name in BETA_METHODS, getattr(m, "writes_total_rank", False))
-        for m in METHODS.values()
-    ]
-    rules = [RuleInfo(r.name, r.linear, {k: p.default for k, p in r.params.items()}) for r in RULES.values()]
-    return Catalog(methods, rules, "ctm_cli registries (this ctm has no `methods` command)")
-
-
 def discover_catalog(env: dict[str, str]) -> Catalog:
-    """Methods and rules from `python -m ctm_cli methods --json`, or from the registries when it is missing."""
+    """Methods and rules from `python -m ctm_cli methods --json`, the installed ctm's own description."""
     done = subprocess.run(
         [sys.executable, "-m", "ctm_cli", "methods", "--json"], capture_output=True, text=True, env=env, check=False
     )
-    if done.returncode == 0:
-        try:
-            return parse_catalog(json.loads(done.stdout), "`ctm methods --json`")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            pass
-    return _registry_catalog()
+    if done.returncode != 0:
+        raise RuntimeError(f"`ctm methods --json` failed ({done.returncode}): {done.stderr.strip()}")
+    return parse_catalog(json.loads(done.stdout), "`ctm methods --json`")
 
 
 def combos(catalog: Catalog) -> Iterator[tuple[MethodInfo, RuleInfo]]:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import run_ctm
+from helpers import run_ctm
 
 ROOT = Path(__file__).parents[1]
 Snapshot = dict[str, tuple]

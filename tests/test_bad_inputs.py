@@ -17,19 +17,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails, listing, run_ctm, single_error_line
-from safetensors.torch import load_file, save_file
+from helpers import (
+    A_KEY,
+    B_KEY,
+    CONFIG,
+    SIGINT_SCRIPT,
+    TARGETS,
+    WEIGHTS,
+    edit_config,
+    edit_tensors,
+    fails,
+    listing,
+    run_ctm,
+    single_error_line,
+    write,
+)
+from safetensors.torch import load_file
 from sandbox import run_as_user
 
 import ctm_cli.engine
+import ctm_cli.staging
 import ctm_cli.writer
 
 ROOT = Path(__file__).parents[1]
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-TARGETS = ("q_proj", "v_proj", "down_proj")
-A_KEY = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
-B_KEY = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
 
 
 @pytest.fixture
@@ -50,28 +60,6 @@ def pair_in(sandbox, good, make_adapter) -> tuple[Path, Path]:
     return sandbox.copy(good, "good"), sandbox.copy(make_adapter(r=4, alpha=8, seed=32, targets=TARGETS), "other")
 
 
-def edit_config(folder: Path, **changes) -> Path:
-    """Change (or, with value None, remove) fields of an adapter's config; returns the config path."""
-    path = folder / CONFIG
-    config = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    path.write_text(json.dumps(config))
-    return path
-
-
-def edit_tensors(folder: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
-    """Rewrite an adapter's safetensors file after `change` edits its tensors in place; returns its path."""
-    path = folder / WEIGHTS
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
-    return path
-
-
 def set_entry(key: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     def change(tensors: dict[str, torch.Tensor]) -> None:
         tensors[key][0, 0] = value
@@ -85,15 +73,6 @@ def corrupt_header(folder: Path) -> Path:
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     path.write_bytes(data[:8] + b"{" + b"\xff" * (length - 1) + data[8 + length :])
-    return path
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    """Replace a file's content; returns its path."""
-    if isinstance(data, str):
-        path.write_text(data)
-    else:
-        path.write_bytes(data)
     return path
 
 
@@ -245,7 +224,7 @@ def test_temporary_folder_cannot_be_created(good, other, out_parent, monkeypatch
     def refuse(**kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(ctm_cli.writer.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(ctm_cli.staging.tempfile, "mkdtemp", refuse)
     line = fails(["merge", good, other, "-o", out_parent / "out", "--rank", "4"], 5, out_parent)
     assert "cannot create a temporary folder" in line and "Permission denied" in line
 
@@ -291,15 +270,13 @@ def fail_on_second_call(function: Callable, error: BaseException) -> Callable:
 
 
 def swap_failing(error: BaseException) -> Callable:
-    """Path.rename that fails when the finished temporary folder is renamed onto the output."""
-    original = Path.rename
+    """The exchange of the finished temporary folder with the existing output, failing before it swaps."""
 
-    def rename(self, target):
-        if ".ctm-tmp-" in self.name:
-            raise error
-        return original(self, target)
+    def exchange(first, second):
+        assert ".ctm-tmp-" in first.name
+        raise error
 
-    return rename
+    return exchange
 
 
 def text_write_failing(self, *args, **kwargs):
@@ -310,7 +287,7 @@ def text_write_failing(self, *args, **kwargs):
 INJECTED = {
     "disk-full-weights": (Path, "write_bytes", lambda: disk_full, 5, ["No space left on device"]),
     "disk-full-config": (Path, "write_text", lambda: text_write_failing, 5, ["No space left on device"]),
-    "interrupt-writing": (ctm_cli.writer, "safetensors_bytes", lambda: interrupted, 130, ["interrupted"]),
+    "interrupt-writing": (ctm_cli.writer, "encode", lambda: interrupted, 130, ["interrupted"]),
     "interrupt-mid-merge": (
         ctm_cli.engine,
         "_load_group",
@@ -318,8 +295,8 @@ INJECTED = {
         130,
         ["interrupted"],
     ),
-    "rename-fails": (Path, "rename", lambda: swap_failing(OSError(errno.EBUSY, "busy")), 5, ["busy"]),
-    "interrupt-in-swap": (Path, "rename", lambda: swap_failing(KeyboardInterrupt()), 130, ["interrupted"]),
+    "rename-fails": (ctm_cli.staging, "exchange", lambda: swap_failing(OSError(errno.EBUSY, "busy")), 5, ["busy"]),
+    "interrupt-in-swap": (ctm_cli.staging, "exchange", lambda: swap_failing(KeyboardInterrupt()), 130, ["interrupted"]),
 }
 
 
@@ -345,25 +322,6 @@ def test_nan_in_a_later_group_leaves_existing_output_untouched(good, other, out_
     line = fails(["merge", good, other, "-o", existing_output, "--rank", "4", "--force"], 3, out_parent)
     assert "model.layers.0.mlp.down_proj" in line
     assert snapshot(existing_output) == before
-
-
-SIGINT_SCRIPT = """
-import os, signal, sys
-import ctm_cli.engine as engine
-from ctm_cli.cli import main
-
-load_group, calls = engine._load_group, []
-
-def load_then_interrupt(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 2:  # a real SIGINT to this process, delivered while the merge is under way
-        os.kill(os.getpid(), signal.SIGINT)
-    return load_group(*args, **kwargs)
-
-engine._load_group = load_then_interrupt
-sys.argv = ["ctm", *sys.argv[1:]]
-main()
-"""
 
 
 def test_sigint_during_merge(good, other, out_parent, existing_output):

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_ctm
-from test_bad_inputs import TARGETS, edit_config, edit_tensors
+from helpers import TARGETS, edit_config, edit_tensors, run_ctm
 
 from ctm_cli.base_model import HUB_RENAMES, Identity, identity
 from ctm_cli.patterns import pattern_problem

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import A_KEY, B_KEY, CONFIG, TARGETS, WEIGHTS, edit_config, edit_tensors, write
 from safetensors.torch import load_file
 from sandbox import Sandbox, run_as_user, snapshot_tree
-from test_bad_inputs import A_KEY, B_KEY, CONFIG, TARGETS, WEIGHTS, edit_config, edit_tensors, write
 
 import ctm_cli.adapter
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WEIGHTS, run_ctm
+from helpers import WEIGHTS, run_ctm
 from safetensors.torch import load_file
 
 from ctm_cli.model_card import TASK_CLASSES, LoadingClass, loading_class
@@ -40,7 +40,7 @@ def tiny_t5():
 
 
 def tiny_llama():
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     return build_tiny_llama()
 

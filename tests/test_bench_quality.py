@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+from helpers import run_ctm
 from quality_data import DataLimits, carve_rows
 from quality_merges import (
+    Catalog,
     Grid,
     MergeSpec,
     MethodInfo,
@@ -36,6 +39,8 @@ from quality_metrics import (
     score_row,
 )
 from quality_report import aggregate, combine_runs, render_markdown
+
+from ctm_cli.methods import METHODS
 
 
 @pytest.mark.parametrize(
@@ -113,39 +118,32 @@ def test_val_carve_is_fixed_disjoint_and_independent_of_caps_on_test():
     assert carve_rows("trec", train, test, DataLimits(val_size=10))["val"] != first["val"]
 
 
-def test_parse_catalog_accepts_lists_and_mappings():
-    listed = parse_catalog(
-        {
-            "methods": [
-                {"name": "ctm", "rank": "r, 1..min(R, out, in)"},
-                {"name": "cat", "needs_linear_rule": True, "rank": "R (--rank is ignored)"},
-                {"name": "robustmerge", "params": {"robust_density": {"default": 0.2, "range": "(0, 1]"}}},
-            ],
-            "rules": [{"name": "ta", "linear": True, "params": {"lambda": {"default": 1.0}}}],
-        },
-        "json",
-    )
-    assert listed.methods == [
-        MethodInfo("ctm", False, True, False),
-        MethodInfo("cat", True, False, True),
-        MethodInfo("robustmerge", params={"robust_density": 0.2}),
-    ]
-    assert listed.rules == [RuleInfo("ta", True, {"lambda": 1.0})]
-    mapped = parse_catalog(
-        {"methods": {"mtc": {}}, "rules": {"ties": {"linear": False, "params": [{"name": "density", "default": 0.2}]}}},
-        "json",
-    )
-    assert mapped.methods == [MethodInfo("mtc")]
-    assert mapped.rules == [RuleInfo("ties", False, {"density": 0.2})]
+def test_parse_catalog_reads_what_ctm_methods_prints():
+    """The benchmark learns each method's rule needs, β and rank behaviour from `ctm methods --json` itself."""
+    printed = run_ctm("methods", "--json")
+    assert printed.exit_code == 0, printed.stderr
+    catalog = parse_catalog(json.loads(printed.stdout), "json")
+    methods = {m.name: m for m in catalog.methods}
+    assert sorted(methods) == sorted(METHODS)
+    ctm, cat = methods["ctm"], methods["cat"]
+    assert (ctm.linear_rules_only, ctm.takes_beta, ctm.fixed_rank) == (False, True, False)
+    assert ctm.params["frame_rank"] == 0.0  # the whole core space, ctm's default frame
+    assert (cat.linear_rules_only, cat.takes_beta, cat.fixed_rank) == (True, False, True)
+    assert methods["robustmerge"] == MethodInfo("robustmerge", True, False, True, {"robust_density": 0.2})
+    assert methods["mtc"] == MethodInfo("mtc")
+    assert {m.name for m in catalog.methods if m.takes_beta} == {n for n, m in METHODS.items() if m.uses_beta}
+    assert {m.name for m in catalog.methods if m.fixed_rank} == {n for n, m in METHODS.items() if m.fixed_rank}
+    rules = {r.name: r for r in catalog.rules}
+    assert rules["ta"] == RuleInfo("ta", True, {"lambda": 1.0})
+    ties_defaults = {"density": 0.2, "trim_count": 0.0, "sign_count": 0.0, "lambda": 1.0}
+    assert rules["ties"] == RuleInfo("ties", False, ties_defaults)
 
 
 def test_combos_skip_nonlinear_rules_for_linear_only_methods():
-    catalog = parse_catalog(
-        {
-            "methods": [{"name": "ctm"}, {"name": "cat", "needs_linear_rule": True}],
-            "rules": [{"name": "ta"}, {"name": "ties", "linear": False}],
-        },
-        "json",
+    catalog = Catalog(
+        methods=[MethodInfo("ctm"), MethodInfo("cat", linear_rules_only=True)],
+        rules=[RuleInfo("ta"), RuleInfo("ties", linear=False)],
+        source="test",
     )
     pairs = [(m.name, r.name) for m, r in combos(catalog)]
     assert pairs == [("ctm", "ta"), ("ctm", "ties"), ("cat", "ta"), ("peft", "svd"), ("peft", "ties_svd")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
+from helpers import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
 from reference import ctm_ta, exact_sum
 from safetensors.torch import load_file, save_file
 
@@ -135,7 +135,7 @@ def test_merge_report(merged_default, three):
     for item, folder in zip(report["inputs"], three, strict=True):
         assert item["sha256"] == hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
         assert item["base_model"] == "tiny-llama"
-    assert report["settings"]["method"] == "ctm" and report["settings"]["rank"] == 8
+    assert report["settings"]["method"] == "ctm" and report["settings"]["written_rank"] == 8
 
     written = written_deltas(merged_default)
     inputs = inputs_of(three)
@@ -146,7 +146,7 @@ def test_merge_report(merged_default, three):
         assert all(0.0 <= k <= 1.0 for k in kept), module["name"]
         exact = exact_sum(*inputs[module["name"]])
         assert module["relative_error"] == pytest.approx(relative(written[module["name"]], exact), abs=1e-6)
-        assert module["output_rank"] == 8
+        assert module["written_rank"] == 8
 
     markdown = (merged_default / "merge_report.md").read_text()
     assert markdown.strip()

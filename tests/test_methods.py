@@ -12,8 +12,7 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
-from conftest import run_ctm
-from test_e2e_peft import PREFIX, inputs_of, read_adapter, relative, written_deltas
+from helpers import PREFIX, inputs_of, read_adapter, relative, run_ctm, written_deltas
 
 from ctm_cli import core_space as cs
 from ctm_cli.errors import UsageError
@@ -399,7 +398,7 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
     out = tmp_path / "out"
     report = cli_merge(two, out, "--rank", "6", *args)
     config, modules = read_adapter(out)
-    assert config["r"] == rank and report["settings"]["rank"] == rank
+    assert config["r"] == rank and report["settings"]["written_rank"] == rank
     assert all(a.shape[0] == rank for a, _ in modules.values())
     base = load_base()
     merged = PeftModel.from_pretrained(load_base(), out).merge_and_unload()
@@ -417,7 +416,8 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
         }
         assert max(relative(written[n], exact[n]) for n in exact) < 1e-5
     if "--lambda" in args:
-        assert report["settings"]["rule_params"] == {"density": 0.25, "lambda": 0.75, "sign_count": 0.0}
+        expected_params = {"density": 0.25, "lambda": 0.75, "sign_count": 0.0, "trim_count": 0.0}
+        assert report["settings"]["rule_params"] == expected_params
     markdown = (out / "merge_report.md").read_text()
     assert ("energy lost by the final truncation" in markdown) == (method in {"ctm", "mtc", "core", "knots"})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     PREFIX,
     REAL_ADAPTERS,
     WEIGHTS,
@@ -294,6 +294,24 @@ def test_allow_missing_merges_zero_updates(make_adapter, load_base, tmp_path):
     markdown = (out / "merge_report.md").read_text()
     assert f"{folders[0]} lacks 2 modules (merged as zero updates): {layers[0]}.k_proj" in markdown
     check_peft_forward(load_base, out)
+
+
+def test_allow_missing_dry_run_plans_a_module_the_first_input_lacks(make_adapter, tmp_path):
+    """The plan names each output tensor as the merge writes it (the first input that has the module spells its
+    keys), so a module the first input lacks is planned too and the size estimate holds."""
+    folders = [
+        make_adapter(r=4, alpha=8, seed=61, targets=("q_proj", "v_proj")),
+        make_adapter(r=4, alpha=8, seed=62, targets=("q_proj", "k_proj")),
+    ]
+    args = ["merge", *folders, "--rank", "3", "--allow-missing", "-o", tmp_path / "out", "--quiet"]
+    dry = run_ctm(*args, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert run_ctm(*args).exit_code == 0
+    merged = report_of(tmp_path / "out")["modules"]
+    assert sorted(m["name"] for m in plan["modules"]) == sorted(m["name"] for m in merged)
+    written = (tmp_path / "out" / WEIGHTS).stat().st_size
+    assert written <= plan["estimated_output_bytes"] <= written + 2048
 
 
 def test_allow_missing_layers_to_transform(gpt2, gpt2_adapter, tmp_path):
