@@ -21,11 +21,17 @@ GRAM_RELATIVE_TOLERANCE = 1e-12
 DIRECT_EIGH_MAX_SIZE = 32
 # A Cholesky-QR basis further than this from orthonormal (max |QᵀQ − I|, NaN included) is refused.
 ORTHONORMAL_TOLERANCE = 1e-10
-# HOOI's stopping rule (DESIGN §1): a sweep that raises the captured energy by less than this share, or the cap.
+# HOOI's stopping rule (DESIGN §1): a sweep that raises the captured energy by less than this share (and, so that
+# it has settled, moves the subspaces by less than this: root sum of squared sines), or the cap.
 HOOI_TOLERANCE = 1e-10
 HOOI_MAX_SWEEPS = 500
 # HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
 COMPACTION_FRACTION = 0.75
+# Sweeps whose results Anderson's extrapolation combines, and the regularisation of its least squares (relative).
+ANDERSON_WINDOW = 5
+ANDERSON_REGULARIZATION = 1e-10
+# Largest multiple of the last sweep that the fallback line search steps beyond it.
+LINE_SEARCH_MAX_REACH = 64.0
 
 
 @dataclass(frozen=True)
@@ -157,40 +163,175 @@ def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (left_images.mT @ v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
 
 
+def _pair_energy(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
+    """Σ_t ‖uᵀ C_t v‖² of frames (G, 2, R, r) holding u and v."""
+    return _frame_energy(cores.times_left(frames[:, 0]), frames[:, 1])
+
+
+def _sweep(cores: FactoredCores, blocks: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One HOOI sweep from the blocks (G, 2, R, p) of u and v: u refined against C_t v, then v against C_tᵀ u;
+    the new blocks and their energy."""
+    u = refine_eigenvectors(_task_columns(cores.times_right(blocks[:, 1, :, :rank])), blocks[:, 0])
+    left_images = cores.times_left(u[..., :rank])
+    v = refine_eigenvectors(_task_columns(left_images), blocks[:, 1])
+    return torch.stack([u, v], dim=1), _frame_energy(left_images, v[..., :rank])
+
+
+def _subspace_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Σ sin² of the principal angles between the spans of orthonormal old and new (G, 2, R, r), the larger of
+    the two factors': ‖old − new newᵀ old‖²."""
+    return (old - new @ (new.mT @ old)).square().sum(dim=(-2, -1)).amax(dim=-1)
+
+
+def _chart(anchor: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates W (AᵀW)⁻¹ − A of span(W) around span(A) (both orthonormal, (..., R, r)), and whether they are
+    usable. They depend on the subspace only (W → WQ leaves them unchanged) and span(A + coordinates) = span(W)."""
+    inverse, info = torch.linalg.inv_ex(anchor.mT @ frames)
+    coordinates = frames @ inverse - anchor
+    usable = (info == 0) & torch.isfinite(coordinates).all(dim=(-2, -1))
+    return torch.where(usable.unsqueeze(-1).unsqueeze(-1), coordinates, torch.zeros_like(coordinates)), usable
+
+
+def _anderson_weights(residuals: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Weights α (G, m), Σα = 1, minimising ‖Σ α_i g_i‖ over the valid residuals g_i (G, m, ...) (Anderson
+    mixing; lightly regularised, invalid entries weigh 0)."""
+    flat = residuals.flatten(2)
+    mask = valid.to(flat.dtype)
+    gram = (flat @ flat.mT) * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+    scale = gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1).clamp_min(torch.finfo(flat.dtype).tiny)
+    eye = torch.eye(mask.shape[-1], dtype=flat.dtype, device=flat.device)
+    system = gram + (ANDERSON_REGULARIZATION * scale).view(-1, 1, 1) * eye + torch.diag_embed(1 - mask)
+    solution, _ = torch.linalg.solve_ex(system, mask.unsqueeze(-1))
+    solution = solution.squeeze(-1)
+    return solution / solution.sum(dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class _Extrapolation:
+    """What the accelerated HOOI remembers of each module's last sweeps: the chart's anchor (G, 2, R, r), the
+    coordinates of the sweeps' results (G, m, 2, R, r) and their residuals (result − start), which entries are
+    valid (G, m), and the line-search reach (G,)."""
+
+    anchor: torch.Tensor
+    results: torch.Tensor
+    residuals: torch.Tensor
+    valid: torch.Tensor
+    reach: torch.Tensor
+
+    @staticmethod
+    def start(frames: torch.Tensor) -> _Extrapolation:
+        """An empty history anchored at the start frames (G, 2, R, r)."""
+        history = frames.new_zeros((frames.shape[0], ANDERSON_WINDOW, *frames.shape[1:]))
+        valid = torch.zeros(history.shape[:2], dtype=torch.bool, device=frames.device)
+        return _Extrapolation(frames, history, history.clone(), valid, torch.ones_like(frames[:, 0, 0, 0]))
+
+    def select(self, index: torch.Tensor) -> _Extrapolation:
+        """The modules `index` picks."""
+        return _Extrapolation(*(getattr(self, name)[index] for name in _EXTRAPOLATION_FIELDS))
+
+
+_EXTRAPOLATION_FIELDS = ("anchor", "results", "residuals", "valid", "reach")
+
+
+def _completed(frames: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The blocks (G, 2, R, p) whose leading r columns span the frames (G, 2, R, r): frames and the blocks'
+    other columns orthonormalised together (the rest of the block only seeds the next refinement)."""
+    rank = frames.shape[-1]
+    basis, usable = _orthonormalize(torch.cat([frames, blocks[..., rank:]], dim=-1))
+    return torch.where(usable.unsqueeze(-1).unsqueeze(-1), basis, blocks)
+
+
+def _candidate_energies(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
+    """Energies (G, k) of k candidate frames per module (G, k, 2, R, r), with one product by the cores: the
+    images C_tᵀ u of all k u's side by side."""
+    count, rank = frames.shape[1], frames.shape[-1]
+    images = cores.times_left(frames[:, :, 0].movedim(1, -2).flatten(-2))  # (G, T, R, k·r)
+    paired = images.unflatten(-1, (count, rank)).movedim(-2, 1)  # (G, k, T, R, r)
+    return (paired.mT @ frames[:, :, 1].unsqueeze(2)).square().sum(dim=(-3, -2, -1))
+
+
+def _extrapolate(
+    cores: FactoredCores,
+    memory: _Extrapolation,
+    start: torch.Tensor,
+    swept: torch.Tensor,
+    swept_energy: torch.Tensor,
+    sweep: int,
+) -> tuple[_Extrapolation, torch.Tensor, torch.Tensor]:
+    """From a sweep start → swept (blocks (G, 2, R, p)), the next point: Anderson's extrapolation over the last
+    sweeps if it keeps at least the swept energy, else a step `reach` times the last sweep's beyond it if that
+    gains, else the swept blocks themselves (and the history restarts there). Returns the new memory, the next
+    blocks and their energy, never below `swept_energy`."""
+    rank, slot = memory.anchor.shape[-1], sweep % ANDERSON_WINDOW
+    start_coordinates, start_usable = _chart(memory.anchor, start[..., :rank])
+    swept_coordinates, swept_usable = _chart(memory.anchor, swept[..., :rank])
+    memory.results[:, slot] = swept_coordinates  # the window's oldest entry makes way
+    memory.residuals[:, slot] = swept_coordinates - start_coordinates
+    memory.valid[:, slot] = (start_usable & swept_usable).all(dim=-1)
+    weights = _anderson_weights(memory.residuals, memory.valid)
+    mixed = memory.anchor + torch.einsum("gm,gm...->g...", weights, memory.results)
+    beyond = memory.anchor + swept_coordinates + memory.reach.view(-1, 1, 1, 1) * memory.residuals[:, slot]
+    candidates = _completed(torch.stack([mixed, beyond], dim=1), swept.unsqueeze(1).expand(-1, 2, -1, -1, -1))
+    energies = _candidate_energies(cores, candidates[..., :rank])
+    mixed_ok = energies[:, 0] >= swept_energy  # NaN fails
+    beyond_ok = ~mixed_ok & (energies[:, 1] > swept_energy)
+    restart = ~(mixed_ok | beyond_ok)
+    chosen = torch.where(beyond_ok.view(-1, 1, 1, 1), candidates[:, 1], candidates[:, 0])
+    chosen = torch.where(restart.view(-1, 1, 1, 1), swept, chosen)
+    energy = torch.where(mixed_ok, energies[:, 0], torch.where(beyond_ok, energies[:, 1], swept_energy))
+    reach = torch.where(beyond_ok, (2 * memory.reach).clamp_max(LINE_SEARCH_MAX_REACH), (memory.reach / 2).clamp_min(1))
+    memory = _Extrapolation(
+        anchor=torch.where(restart.view(-1, 1, 1, 1), swept[..., :rank], memory.anchor),
+        results=memory.results,
+        residuals=memory.residuals,
+        valid=memory.valid & ~restart.unsqueeze(-1),
+        reach=reach,
+    )
+    return memory, chosen, energy
+
+
 def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) -> SharedFrame:
-    """HOOI on a flat batch of factored cores (G, ...), started from the HOSVD: the top-r eigenvectors of
-    the Gram matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is carried as a block of up to 2r leading
-    eigenvectors that every half-sweep refines (`refine_eigenvectors`). A module stops once a sweep raises
-    its energy by less than `tolerance` (relative); stopped modules leave the batch (compaction), so a
-    sweep costs what the modules still sweeping cost."""
+    """HOOI on a flat batch of factored cores (G, ...), started from the HOSVD: the top-r eigenvectors of the Gram
+    matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is carried as a block of up to 2r leading eigenvectors that
+    every half-sweep refines (`refine_eigenvectors`).
+
+    Sweeps are accelerated (`_extrapolate`): after each sweep the next one starts from an extrapolation of the
+    last sweeps when that keeps at least the sweep's energy, so the energy never falls and the fixed points are
+    HOOI's. A module stops once a plain sweep from where it stands raises its energy by less than `tolerance`
+    (relative, DESIGN's rule) and moves each subspace by at most `tolerance` (the root sum of squares of the sines
+    of its principal angles): an energy gain alone can be tiny far from the fixed point where the energy is flat.
+    Stopped modules leave the batch (compaction), so a sweep costs what the modules still sweeping cost."""
     grams = cores.grams()
-    block = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
-    u_block, v_block = (_top_eigenvectors(gram, block) for gram in grams)
-    energy = _frame_energy(cores.times_left(u_block[..., :rank]), v_block[..., :rank])
+    width = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
+    blocks = torch.stack([_top_eigenvectors(gram, width) for gram in grams], dim=1)
+    energy = _pair_energy(cores, blocks[..., :rank])
     start = energy.clone()
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
-    for _ in range(max_sweeps):
-        old_u, old_v, old_energy = u_block[members], v_block[members], energy[members]
-        new_u = refine_eigenvectors(_task_columns(batch.times_right(old_v[..., :rank])), old_u)
-        left_images = batch.times_left(new_u[..., :rank])
-        new_v = refine_eigenvectors(_task_columns(left_images), old_v)
-        new_energy = _frame_energy(left_images, new_v[..., :rank])
+    memory = _Extrapolation.start(blocks[..., :rank])
+    for sweep in range(max_sweeps):
+        old_blocks, old_energy = blocks[members], energy[members]
+        new_blocks, new_energy = _sweep(batch, old_blocks, rank)
         gain = (new_energy - old_energy) / old_energy.clamp_min(torch.finfo(energy.dtype).tiny)
-        keep = running.view(-1, 1, 1)  # index_copy_ with torch.where: no host sync, unlike boolean indexing
-        u_block.index_copy_(0, members, torch.where(keep, new_u, old_u))
-        v_block.index_copy_(0, members, torch.where(keep, new_v, old_v))
-        energy.index_copy_(0, members, torch.where(running, new_energy, old_energy))
+        moved = _subspace_change(old_blocks[..., :rank], new_blocks[..., :rank])
+        settled = ~(gain >= tolerance) & ~(moved > tolerance**2)  # NaN settles: no sweep can mend it
+        memory, next_blocks, next_energy = _extrapolate(batch, memory, old_blocks, new_blocks, new_energy, sweep)
+        next_blocks = torch.where(settled.view(-1, 1, 1, 1), new_blocks, next_blocks)
+        next_energy = torch.where(settled, new_energy, next_energy)
+        keep = running.view(-1, 1, 1, 1)  # index_copy_ with torch.where: no host sync, unlike boolean indexing
+        blocks.index_copy_(0, members, torch.where(keep, next_blocks, old_blocks))
+        energy.index_copy_(0, members, torch.where(running, next_energy, old_energy))
         sweeps.index_add_(0, members, running.to(torch.int64))
-        running = running & (gain >= tolerance)
+        running = running & ~settled
         still = int(running.sum())
         if still == 0:
             break
         if still <= COMPACTION_FRACTION * members.numel():
-            members, batch, running = members[running], batch.select(running), running[running]
+            members, batch, memory = members[running], batch.select(running), memory.select(running)
+            running = running[running]
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, start, total)
+    return SharedFrame(blocks[:, 0, :, :rank], blocks[:, 1, :, :rank], sweeps, energy, start, total)
 
 
 def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -297,8 +438,9 @@ def shared_frame_factored(
     cores: FactoredCores, rank: int, tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
 ) -> SharedFrame:
     """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
-    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
-    rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
+    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates (accelerated, see `_hooi`) until a
+    sweep raises the captured energy by less than `tolerance` (relative) and moves the subspaces by less than it,
+    or `max_sweeps` is reached."""
     return shared_frames_factored([cores], [rank], tolerance, max_sweeps)[0]
 
 

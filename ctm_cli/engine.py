@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ctm_cli.adapter import Adapter
+from ctm_cli.core_space import ANDERSON_WINDOW
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.validate import ModuleSpec
@@ -83,10 +84,14 @@ def bytes_per_module(spec: ModuleSpec, factored_cores: bool = False) -> int:
     case: 16), float32 factors (4), two float64 copies alive in the core-space and report steps (16)
     and the float32 + float64 outputs (12); plus three float64 T × R × R stacks of cores (the cores,
     their balanced copy, one product), or with `factored_cores` (ctm) ten float64 R × R matrices (the
-    frames, the two core factors and their balanced scales' products, the HOSVD Grams, HOOI's images)."""
+    frames, the two core factors and their balanced scales' products, the HOSVD Grams, HOOI's images) and
+    HOOI's extrapolation history (2 × ANDERSON_WINDOW pairs of R × r frames in float64, r taken as the largest
+    input rank, as for the images)."""
     columns = (spec.out_features + spec.in_features) * spec.total_rank
-    cores = 10 if factored_cores else 3 * len(spec.ranks)
-    return columns * (16 + 4 + 16 + 12) + cores * spec.total_rank**2 * 8
+    if factored_cores:
+        history = 2 * ANDERSON_WINDOW * 2 * spec.total_rank * max(spec.ranks) * 8
+        return columns * (16 + 4 + 16 + 12) + 10 * spec.total_rank**2 * 8 + history
+    return columns * (16 + 4 + 16 + 12) + 3 * len(spec.ranks) * spec.total_rank**2 * 8
 
 
 def group_bytes(group: list[ModuleSpec], factored_cores: bool = False) -> int:

@@ -274,7 +274,7 @@ def _ctm_output(
             cs.HOOI_TOLERANCE,
             0.0,
             1.0,
-            "HOOI stops once a sweep raises the captured energy by less than this share",
+            "HOOI stops once a sweep raises the captured energy and moves the subspaces by less than this",
             open_low=True,
         ),
         "max_sweeps": Param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module", integer=True),
