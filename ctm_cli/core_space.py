@@ -19,6 +19,9 @@ GRAM_RELATIVE_TOLERANCE = 1e-12
 # The block (2r, at most 32, at least r) keeps the Rayleigh–Ritz eigh batched on CUDA (cuSOLVER batches
 # eigh up to 32 × 32 and loops one matrix at a time above).
 DIRECT_EIGH_MAX_SIZE = 32
+# A refinement step multiplies by M + ε·I, ε this share of trace(M): the same eigenvectors as M, and a product
+# whose columns stay independent whatever M's rank (condition ≤ 1 / POWER_SHIFT for an orthonormal block).
+POWER_SHIFT = 1e-6
 # A Cholesky-QR basis further than this from orthonormal (max |QᵀQ − I|, NaN included) is refused.
 ORTHONORMAL_TOLERANCE = 1e-10
 # HOOI's stopping rule (DESIGN §1): a sweep that raises the captured energy by less than this share (and, so that
@@ -27,8 +30,12 @@ HOOI_TOLERANCE = 1e-10
 HOOI_MAX_SWEEPS = 500
 # HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
 COMPACTION_FRACTION = 0.75
+# HOOI asks whether any module still sweeps (a host sync) once per this many sweeps on CUDA, on the CPU every sweep
+# (no sync to save there, and stopped modules leave the batch sooner); a module that stopped keeps its result.
+CUDA_CHECK_INTERVAL = 8
+CPU_CHECK_INTERVAL = 1
 # Sweeps whose results Anderson's extrapolation combines, and the regularisation of its least squares (relative).
-ANDERSON_WINDOW = 5
+ANDERSON_WINDOW = 8
 ANDERSON_REGULARIZATION = 1e-10
 # Largest multiple of the last sweep that the fallback line search steps beyond it.
 LINE_SEARCH_MAX_REACH = 64.0
@@ -135,22 +142,20 @@ def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Ten
 
     HOOI repeats this from the previous sweep's block instead of solving each half-sweep exactly: its
     fixed points are the same (a block invariant under M whose Ritz vectors are M's top eigenvectors),
-    and a step costs a few batched products instead of an eigh of R × R. Small matrices (R ≤ 2p or
-    ≤ DIRECT_EIGH_MAX_SIZE) and blocks that M maps to a rank-deficient set get eigh's exact answer.
+    and a step costs a few batched products instead of an eigh of R × R. The step multiplies by M + ε·I
+    (ε = POWER_SHIFT · trace(M): the same eigenvectors), whose product with the block has independent columns
+    whatever M's rank, so no module needs another path (and no host sync decides which). Small matrices
+    (R ≤ 2p or ≤ DIRECT_EIGH_MAX_SIZE) get eigh's exact answer.
     """
     size, width = block.shape[-2:]
     if size <= max(DIRECT_EIGH_MAX_SIZE, 2 * width):
         return _top_eigenvectors(columns @ columns.mT, width)
-    basis, full_rank = _orthonormalize(columns @ (columns.mT @ block))
-    basis = torch.where(full_rank.view(-1, 1, 1), basis, block)  # no NaN into eigh; replaced below
+    shift = POWER_SHIFT * columns.square().sum(dim=(-2, -1))
+    basis, usable = _orthonormalize(columns @ (columns.mT @ block) + shift.view(-1, 1, 1) * block)
+    basis = torch.where(usable.view(-1, 1, 1), basis, block)  # non-finite input: nothing to mend
     images = columns.mT @ basis
     _, rotation = torch.linalg.eigh(images.mT @ images)
-    ritz = basis @ rotation.flip(-1)
-    deficient = ~full_rank
-    if bool(deficient.any()):
-        exact = columns[deficient]
-        ritz[deficient] = _top_eigenvectors(exact @ exact.mT, width)
-    return ritz
+    return basis @ rotation.flip(-1)
 
 
 def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
@@ -161,11 +166,6 @@ def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
 def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ_t ‖uᵀ C_t v‖² from the images C_tᵀ u (..., T, R, r) and v (..., R, r)."""
     return (left_images.mT @ v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
-
-
-def _pair_energy(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
-    """Σ_t ‖uᵀ C_t v‖² of frames (G, 2, R, r) holding u and v."""
-    return _frame_energy(cores.times_left(frames[:, 0]), frames[:, 1])
 
 
 def _sweep(cores: FactoredCores, blocks: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,20 +234,13 @@ _EXTRAPOLATION_FIELDS = ("anchor", "results", "residuals", "valid", "reach")
 
 
 def _completed(frames: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The blocks (G, 2, R, p) whose leading r columns span the frames (G, 2, R, r): frames and the blocks'
-    other columns orthonormalised together (the rest of the block only seeds the next refinement)."""
+    """Blocks (..., R, p) that start with an orthonormal basis of the frames (..., R, r) and go on with the blocks'
+    own other columns (they only seed the next refinement, which needs them independent, not orthonormal); the
+    blocks themselves where the frames' columns are not independent."""
     rank = frames.shape[-1]
-    basis, usable = _orthonormalize(torch.cat([frames, blocks[..., rank:]], dim=-1))
-    return torch.where(usable.unsqueeze(-1).unsqueeze(-1), basis, blocks)
-
-
-def _candidate_energies(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
-    """Energies (G, k) of k candidate frames per module (G, k, 2, R, r), with one product by the cores: the
-    images C_tᵀ u of all k u's side by side."""
-    count, rank = frames.shape[1], frames.shape[-1]
-    images = cores.times_left(frames[:, :, 0].movedim(1, -2).flatten(-2))  # (G, T, R, k·r)
-    paired = images.unflatten(-1, (count, rank)).movedim(-2, 1)  # (G, k, T, R, r)
-    return (paired.mT @ frames[:, :, 1].unsqueeze(2)).square().sum(dim=(-3, -2, -1))
+    basis, usable = _orthonormalize(frames)
+    completed = torch.cat([basis, blocks[..., rank:].expand(*basis.shape[:-1], -1)], dim=-1)
+    return torch.where(usable.unsqueeze(-1).unsqueeze(-1), completed, blocks)
 
 
 def _extrapolate(
@@ -272,7 +265,8 @@ def _extrapolate(
     mixed = memory.anchor + torch.einsum("gm,gm...->g...", weights, memory.results)
     beyond = memory.anchor + swept_coordinates + memory.reach.view(-1, 1, 1, 1) * memory.residuals[:, slot]
     candidates = _completed(torch.stack([mixed, beyond], dim=1), swept.unsqueeze(1).expand(-1, 2, -1, -1, -1))
-    energies = _candidate_energies(cores, candidates[..., :rank])
+    frames = candidates[..., :rank]
+    energies = torch.stack([cores.energy(frames[:, k, 0], frames[:, k, 1]) for k in (0, 1)], dim=-1)
     mixed_ok = energies[:, 0] >= swept_energy  # NaN fails
     beyond_ok = ~mixed_ok & (energies[:, 1] > swept_energy)
     restart = ~(mixed_ok | beyond_ok)
@@ -290,6 +284,17 @@ def _extrapolate(
     return memory, chosen, energy
 
 
+def _canonical_frames(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
+    """The frames (G, 2, R, r) rotated inside their spans to HOOI's bases: u the left singular vectors of
+    [C_1 v … C_T v] within span(u) and v those of [C_1ᵀ u … C_Tᵀ u] within span(v), by decreasing singular
+    value; i.e. the eigenvectors of Σ_t M_t M_tᵀ and Σ_t M_tᵀ M_t, M_t = uᵀ C_t v (the coordinates a rule sees
+    depend on these bases, not only on the spans)."""
+    coordinates = cores.project(frames[:, 0], frames[:, 1])
+    left = _top_eigenvectors((coordinates @ coordinates.mT).sum(dim=-3), coordinates.shape[-1])
+    right = _top_eigenvectors((coordinates.mT @ coordinates).sum(dim=-3), coordinates.shape[-1])
+    return torch.stack([frames[:, 0] @ left, frames[:, 1] @ right], dim=1)
+
+
 def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) -> SharedFrame:
     """HOOI on a flat batch of factored cores (G, ...), started from the HOSVD: the top-r eigenvectors of the Gram
     matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is carried as a block of up to 2r leading eigenvectors that
@@ -300,16 +305,18 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     HOOI's. A module stops once a plain sweep from where it stands raises its energy by less than `tolerance`
     (relative, DESIGN's rule) and moves each subspace by at most `tolerance` (the root sum of squares of the sines
     of its principal angles): an energy gain alone can be tiny far from the fixed point where the energy is flat.
-    Stopped modules leave the batch (compaction), so a sweep costs what the modules still sweeping cost."""
+    Stopped modules leave the batch (compaction), so a sweep costs what the modules still sweeping cost. The
+    frames' bases are HOOI's (`_canonical_frames`)."""
     grams = cores.grams()
     width = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
     blocks = torch.stack([_top_eigenvectors(gram, width) for gram in grams], dim=1)
-    energy = _pair_energy(cores, blocks[..., :rank])
+    energy = cores.energy(blocks[:, 0, :, :rank], blocks[:, 1, :, :rank])
     start = energy.clone()
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
     memory = _Extrapolation.start(blocks[..., :rank])
+    check_interval = CUDA_CHECK_INTERVAL if energy.device.type == "cuda" else CPU_CHECK_INTERVAL
     for sweep in range(max_sweeps):
         old_blocks, old_energy = blocks[members], energy[members]
         new_blocks, new_energy = _sweep(batch, old_blocks, rank)
@@ -324,14 +331,17 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
         energy.index_copy_(0, members, torch.where(running, next_energy, old_energy))
         sweeps.index_add_(0, members, running.to(torch.int64))
         running = running & ~settled
+        if (sweep + 1) % check_interval:
+            continue
         still = int(running.sum())
         if still == 0:
             break
         if still <= COMPACTION_FRACTION * members.numel():
             members, batch, memory = members[running], batch.select(running), memory.select(running)
             running = running[running]
+    frames = _canonical_frames(cores, blocks[..., :rank])
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(blocks[:, 0, :, :rank], blocks[:, 1, :, :rank], sweeps, energy, start, total)
+    return SharedFrame(frames[:, 0], frames[:, 1], sweeps, energy, start, total)
 
 
 def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -377,20 +387,28 @@ class FactoredCores:
         """The modules `index` picks from a flat batch (indices or a boolean mask)."""
         return replace(self, b=self.b[index], a=self.a[index], scales=self.scales[index])
 
-    def _scaled(self, blocks: torch.Tensor) -> torch.Tensor:
-        return blocks * self.scales.unsqueeze(-1).unsqueeze(-1)
+    def _scaled_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (..., R, k) with each task's rows I_t times its scale: the scales applied on the small side of
+        a per-task product (built on the device: no host copy, so no host sync, inside HOOI's sweeps)."""
+        batch = self.scales.shape[:-1]
+        columns = [self.scales[..., t : t + 1].expand(*batch, rank) for t, rank in enumerate(self.ranks)]
+        return rows * torch.cat(columns, dim=-1).unsqueeze(-1)
 
     def times_right(self, v: torch.Tensor) -> torch.Tensor:
         """[C_t v]_t (..., T, R, r) for v (..., R, r)."""
-        return self._scaled(per_task_products(self.b, self.a.mT @ v, self.ranks))
+        return per_task_products(self.b, self._scaled_rows(self.a.mT @ v), self.ranks)
 
     def times_left(self, u: torch.Tensor) -> torch.Tensor:
         """[C_tᵀ u]_t (..., T, R, r) for u (..., R, r)."""
-        return self._scaled(per_task_products(self.a, self.b.mT @ u, self.ranks))
+        return per_task_products(self.a, self._scaled_rows(self.b.mT @ u), self.ranks)
 
     def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Coordinates M_t = uᵀ C_t v (..., T, r, r), as `project` gives them for dense cores."""
-        return self._scaled(per_task_products(u.mT @ self.b, self.a.mT @ v, self.ranks))
+        return per_task_products(u.mT @ self.b, self._scaled_rows(self.a.mT @ v), self.ranks)
+
+    def energy(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Σ_t ‖uᵀ C_t v‖² (...,): the energy a frame (u, v) captures."""
+        return self.project(u, v).square().sum(dim=(-3, -2, -1))
 
     def norms(self) -> torch.Tensor:
         """‖C_t‖ (..., T) from the r_t × r_t blocks of bᵀb and aᵀa: ‖B A‖² = Σ (BᵀB) ⊙ (AᵀA)."""
@@ -407,7 +425,7 @@ class FactoredCores:
 
     def dense(self) -> torch.Tensor:
         """The cores themselves (..., T, R, R), as `core_space` gives them."""
-        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
+        return per_task_products(self.b, self._scaled_rows(self.a.mT), self.ranks)
 
 
 @dataclass(frozen=True)
