@@ -23,18 +23,19 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NoReturn
-
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ctm_cli import __version__
 from ctm_cli.errors import UsageError
 
+if TYPE_CHECKING:  # yaml itself is imported where a recipe is read or written: other commands start without it
+    from yaml.nodes import Node
+
 ADAPTER_KEYS = ("source", "weight", "revision")
 _STRING_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
+# Kinds of YAML nodes, by their `id` (the node classes need yaml imported).
+_MAPPING, _SCALAR, _SEQUENCE = "mapping", "scalar", "sequence"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class _Reader:
     """Reads values out of a composed YAML document; every error names the file, the line and the key."""
 
     def __init__(self, name: str):
+        from yaml.constructor import SafeConstructor
+
         self.name = name
         self._constructor = SafeConstructor()
 
@@ -80,11 +83,11 @@ class _Reader:
 
     def mapping(self, node: Node, key: str, allowed: tuple[str, ...] | None) -> dict[str, Node]:
         """The entries of a mapping node by key, refusing unknown and repeated keys."""
-        if not isinstance(node, MappingNode):
+        if node.id != _MAPPING:
             self.fail(node, key, f"expected a mapping, got {_describe(node)}")
         entries: dict[str, Node] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag != _STRING_TAG:
+            if key_node.id != _SCALAR or key_node.tag != _STRING_TAG:
                 self.fail(key_node, key, f"keys must be names, got {_describe(key_node)}")
             name = key_node.value
             where = f"{key}.{name}" if key else name
@@ -99,13 +102,13 @@ class _Reader:
 
     def text(self, node: Node, key: str) -> str:
         """A scalar as written (so `revision: 2024` is the tag "2024", not a number)."""
-        if not isinstance(node, ScalarNode) or node.tag == _NULL_TAG or node.value == "":
+        if node.id != _SCALAR or node.tag == _NULL_TAG or node.value == "":
             self.fail(node, key, f"expected text, got {_describe(node)}")
         return node.value
 
     def optional_text(self, node: Node, key: str) -> str | None:
         """Text, or None for `null`."""
-        return None if isinstance(node, ScalarNode) and node.tag == _NULL_TAG else self.text(node, key)
+        return None if node.id == _SCALAR and node.tag == _NULL_TAG else self.text(node, key)
 
     def number(self, node: Node, key: str) -> float:
         """A finite int or float."""
@@ -129,19 +132,19 @@ class _Reader:
         return value
 
     def _scalar(self, node: Node) -> Any:
-        return self._constructor.construct_object(node, deep=True) if isinstance(node, ScalarNode) else None
+        return self._constructor.construct_object(node, deep=True) if node.id == _SCALAR else None
 
 
 def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
+    if node.id == _MAPPING:
         return "a mapping"
-    if isinstance(node, SequenceNode):
+    if node.id == _SEQUENCE:
         return "a list"
     return "null" if node.tag == _NULL_TAG else repr(node.value)
 
 
 def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
-    if not isinstance(node, SequenceNode):
+    if node.id != _SEQUENCE:
         reader.fail(node, "adapters", f"expected a list of adapters, got {_describe(node)}")
     if len(node.value) < 2:
         reader.fail(node, "adapters", f"a merge needs at least two adapters, got {len(node.value)}")
@@ -187,6 +190,8 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
 
 def parse_recipe(text: str, name: str) -> Recipe:
     """A recipe from YAML text; `name` (the file) prefixes every error, with the line and the key."""
+    import yaml
+
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -247,6 +252,8 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML that `ctm merge --config` reads back to the same recipe."""
+    import yaml
+
     header = (
         f"# Written by ctm {__version__}. `ctm merge --config recipe.yaml -o OUTPUT` repeats this merge:\n"
         "# Hub inputs are pinned to the commit they were read at; local paths are relative to where ctm ran.\n"
