@@ -7,7 +7,7 @@ one kernel launch. Shapes: G modules, T adapters, R = Σ r_t, r the output rank.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -208,14 +208,17 @@ def _anderson_weights(residuals: torch.Tensor, valid: torch.Tensor) -> torch.Ten
 
 @dataclass(frozen=True)
 class _Extrapolation:
-    """What the accelerated HOOI remembers of each module's last sweeps: the chart's anchor (G, 2, R, r), the
-    coordinates of the sweeps' results (G, m, 2, R, r) and their residuals (result − start), which entries are
-    valid (G, m), and the line-search reach (G,)."""
+    """What the accelerated HOOI remembers of each module's last sweeps, in the coordinates of a chart around an
+    anchor (G, 2, R, r) (see `_chart`): where the next sweep starts (G, 2, R, r), the sweeps' results
+    (G, m, 2, R, r) and their residuals (result − start), which entries are valid (G, m), whether the next
+    candidate is the line search's rather than Anderson's (G,), and the line search's reach (G,)."""
 
     anchor: torch.Tensor
+    position: torch.Tensor
     results: torch.Tensor
     residuals: torch.Tensor
     valid: torch.Tensor
+    searching: torch.Tensor
     reach: torch.Tensor
 
     @staticmethod
@@ -223,65 +226,66 @@ class _Extrapolation:
         """An empty history anchored at the start frames (G, 2, R, r)."""
         history = frames.new_zeros((frames.shape[0], ANDERSON_WINDOW, *frames.shape[1:]))
         valid = torch.zeros(history.shape[:2], dtype=torch.bool, device=frames.device)
-        return _Extrapolation(frames, history, history.clone(), valid, torch.ones_like(frames[:, 0, 0, 0]))
+        reach = torch.ones_like(frames[:, 0, 0, 0])
+        return _Extrapolation(frames, torch.zeros_like(frames), history, history.clone(), valid, valid[:, 0], reach)
 
     def select(self, index: torch.Tensor) -> _Extrapolation:
         """The modules `index` picks."""
-        return _Extrapolation(*(getattr(self, name)[index] for name in _EXTRAPOLATION_FIELDS))
+        return _Extrapolation(*(getattr(self, item.name)[index] for item in fields(self)))
 
 
-_EXTRAPOLATION_FIELDS = ("anchor", "results", "residuals", "valid", "reach")
-
-
-def _completed(frames: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def _completed(frames: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks (..., R, p) that start with an orthonormal basis of the frames (..., R, r) and go on with the blocks'
-    own other columns (they only seed the next refinement, which needs them independent, not orthonormal); the
-    blocks themselves where the frames' columns are not independent."""
+    own other columns (they only seed the next refinement, which needs them independent, not orthonormal), and
+    whether that worked (where not: the blocks themselves)."""
     rank = frames.shape[-1]
     basis, usable = _orthonormalize(frames)
-    completed = torch.cat([basis, blocks[..., rank:].expand(*basis.shape[:-1], -1)], dim=-1)
-    return torch.where(usable.unsqueeze(-1).unsqueeze(-1), completed, blocks)
+    usable = usable.all(dim=-1)  # both factors
+    completed = torch.cat([basis, blocks[..., rank:]], dim=-1)
+    return torch.where(usable.view(-1, 1, 1, 1), completed, blocks), usable
 
 
 def _extrapolate(
     cores: FactoredCores,
     memory: _Extrapolation,
-    start: torch.Tensor,
     swept: torch.Tensor,
     swept_energy: torch.Tensor,
     sweep: int,
 ) -> tuple[_Extrapolation, torch.Tensor, torch.Tensor]:
-    """From a sweep start → swept (blocks (G, 2, R, p)), the next point: Anderson's extrapolation over the last
-    sweeps if it keeps at least the swept energy, else a step `reach` times the last sweep's beyond it if that
-    gains, else the swept blocks themselves (and the history restarts there). Returns the new memory, the next
-    blocks and their energy, never below `swept_energy`."""
+    """After a sweep from memory.position to `swept` (blocks (G, 2, R, p)), the next point: one candidate, taken
+    only if it keeps at least the swept energy, else the swept blocks. The candidate is Anderson's extrapolation
+    over the last sweeps; once that was refused, a step `reach` times the last sweep's beyond it (a line search,
+    its reach doubled while it gains), until that too is refused: then the history restarts at the swept point.
+    Returns the new memory, the next blocks and their energy (never below `swept_energy`)."""
     rank, slot = memory.anchor.shape[-1], sweep % ANDERSON_WINDOW
-    start_coordinates, start_usable = _chart(memory.anchor, start[..., :rank])
-    swept_coordinates, swept_usable = _chart(memory.anchor, swept[..., :rank])
+    swept_coordinates, usable = _chart(memory.anchor, swept[..., :rank])
     memory.results[:, slot] = swept_coordinates  # the window's oldest entry makes way
-    memory.residuals[:, slot] = swept_coordinates - start_coordinates
-    memory.valid[:, slot] = (start_usable & swept_usable).all(dim=-1)
+    memory.residuals[:, slot] = swept_coordinates - memory.position
+    memory.valid[:, slot] = usable.all(dim=-1)
     weights = _anderson_weights(memory.residuals, memory.valid)
-    mixed = memory.anchor + torch.einsum("gm,gm...->g...", weights, memory.results)
-    beyond = memory.anchor + swept_coordinates + memory.reach.view(-1, 1, 1, 1) * memory.residuals[:, slot]
-    candidates = _completed(torch.stack([mixed, beyond], dim=1), swept.unsqueeze(1).expand(-1, 2, -1, -1, -1))
-    frames = candidates[..., :rank]
-    energies = torch.stack([cores.energy(frames[:, k, 0], frames[:, k, 1]) for k in (0, 1)], dim=-1)
-    mixed_ok = energies[:, 0] >= swept_energy  # NaN fails
-    beyond_ok = ~mixed_ok & (energies[:, 1] > swept_energy)
-    restart = ~(mixed_ok | beyond_ok)
-    chosen = torch.where(beyond_ok.view(-1, 1, 1, 1), candidates[:, 1], candidates[:, 0])
-    chosen = torch.where(restart.view(-1, 1, 1, 1), swept, chosen)
-    energy = torch.where(mixed_ok, energies[:, 0], torch.where(beyond_ok, energies[:, 1], swept_energy))
-    reach = torch.where(beyond_ok, (2 * memory.reach).clamp_max(LINE_SEARCH_MAX_REACH), (memory.reach / 2).clamp_min(1))
+    mixed = torch.einsum("gm,gm...->g...", weights, memory.results)
+    beyond = swept_coordinates + memory.reach.view(-1, 1, 1, 1) * memory.residuals[:, slot]
+    searching = memory.searching
+    coordinates = torch.where(searching.view(-1, 1, 1, 1), beyond, mixed)
+    candidate, usable = _completed(memory.anchor + coordinates, swept)
+    candidate_energy = cores.energy(candidate[:, 0, :, :rank], candidate[:, 1, :, :rank])
+    gains = torch.where(searching, candidate_energy > swept_energy, candidate_energy >= swept_energy)  # NaN: no
+    taken = usable & gains
+    restart = searching & ~taken
+    # where the next sweep starts: span(anchor + c) has coordinates c (Aᵀc = 0 for all coordinates); 0 at a restart
+    position = torch.where(taken.view(-1, 1, 1, 1), coordinates, swept_coordinates)
+    reach = torch.where(searching & taken, 2 * memory.reach, memory.reach / 2).clamp(1, LINE_SEARCH_MAX_REACH)
     memory = _Extrapolation(
         anchor=torch.where(restart.view(-1, 1, 1, 1), swept[..., :rank], memory.anchor),
+        position=torch.where(restart.view(-1, 1, 1, 1), torch.zeros_like(position), position),
         results=memory.results,
         residuals=memory.residuals,
         valid=memory.valid & ~restart.unsqueeze(-1),
+        searching=searching == taken,  # Anderson refused: search; the search gains: go on searching
         reach=reach,
     )
-    return memory, chosen, energy
+    chosen = torch.where(taken.view(-1, 1, 1, 1), candidate, swept)
+    return memory, chosen, torch.where(taken, candidate_energy, swept_energy)
 
 
 def _canonical_frames(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
@@ -323,7 +327,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
         gain = (new_energy - old_energy) / old_energy.clamp_min(torch.finfo(energy.dtype).tiny)
         moved = _subspace_change(old_blocks[..., :rank], new_blocks[..., :rank])
         settled = ~(gain >= tolerance) & ~(moved > tolerance**2)  # NaN settles: no sweep can mend it
-        memory, next_blocks, next_energy = _extrapolate(batch, memory, old_blocks, new_blocks, new_energy, sweep)
+        memory, next_blocks, next_energy = _extrapolate(batch, memory, new_blocks, new_energy, sweep)
         next_blocks = torch.where(settled.view(-1, 1, 1, 1), new_blocks, next_blocks)
         next_energy = torch.where(settled, new_energy, next_energy)
         keep = running.view(-1, 1, 1, 1)  # index_copy_ with torch.where: no host sync, unlike boolean indexing
