@@ -186,6 +186,7 @@ def ctm_subprocess(
     sweeps = [m["sweeps"] for m in report["modules"] if m.get("sweeps") is not None]
     return {
         "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,  # all its threads: steadier than wall time on a busy host
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
         "report_seconds": report["summary"]["seconds"],
         "hooi_sweeps_median": statistics.median(sweeps) if sweeps else None,
@@ -242,12 +243,12 @@ def ctm_in_process(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     run_merge(request, lambda total: None, lambda done: None)
     synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if profiler:
         profiler.disable()
         listing = io.StringIO()
@@ -255,6 +256,7 @@ def ctm_in_process(
         profile.write_text(listing.getvalue())
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "groups": sum(len(wave) for wave in waves),
         "waves": len(waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -342,6 +344,7 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
     files = [folder / "adapter_model.safetensors" for folder in folders]
     output_bytes = shapes.output_bytes()
     rows: dict = {
+        "load_average": os.getloadavg()[0],  # other work on the host (the CPU figures move with it)
         "adapters": len(folders),
         "modules": len(shapes.modules()),
         "input_bytes": sum(f.stat().st_size for f in files),
@@ -361,6 +364,7 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
         profile = Path(f"{args.profile}-T{len(folders)}.txt") if args.profile and repeat == 0 else None
         runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, params, profile))
     rows["ctm_merge_seconds"] = [run["seconds"] for run in runs]
+    rows["ctm_merge_cpu_seconds"] = [run["cpu_seconds"] for run in runs]
     rows["groups"], rows["waves"] = runs[0]["groups"], runs[0]["waves"]
     rows["peak_device_bytes"] = max((run["peak_device_bytes"] or 0) for run in runs) or None
     rows["estimated_device_bytes"] = runs[0]["estimated_device_bytes"]
@@ -372,11 +376,20 @@ def print_summary(rows: dict, peft: dict | None) -> None:
     floor, merge = rows["floor_seconds"], min(rows["ctm_merge_seconds"])
     e2e = rows["ctm_end_to_end"]
     sweeps = f"HOOI sweeps median {e2e['hooi_sweeps_median']}, max {e2e['hooi_sweeps_max']}"
-    print(f"T={rows['adapters']}: {rows['modules']} modules, inputs {gib(rows['input_bytes'])}")
+    print(
+        f"T={rows['adapters']}: {rows['modules']} modules, inputs {gib(rows['input_bytes'])};"
+        f" host load average {rows['load_average']:.1f} at the start"
+    )
     print(f"  I/O floor (read inputs to device + write output): {floor:.3f} s")
-    runs = len(rows["ctm_merge_seconds"])
-    print(f"  ctm merge alone (in-process, best of {runs}): {merge:.3f} s = {merge / floor:.1f}× floor")
-    print(f"  ctm merge end to end (subprocess): {e2e['seconds']:.3f} s = {e2e['seconds'] / floor:.1f}× floor")
+    runs, cpu = len(rows["ctm_merge_seconds"]), min(rows["ctm_merge_cpu_seconds"])
+    print(
+        f"  ctm merge alone (in-process, best of {runs}): {merge:.3f} s = {merge / floor:.1f}× floor;"
+        f" CPU time {cpu:.3f} s"
+    )
+    print(
+        f"  ctm merge end to end (subprocess): {e2e['seconds']:.3f} s = {e2e['seconds'] / floor:.1f}× floor;"
+        f" CPU time {e2e['cpu_seconds']:.3f} s"
+    )
     print(f"  ctm peak RSS (subprocess) {gib(e2e['peak_rss_bytes'])}; {sweeps}")
     print(
         f"  peak device memory (in-process merge): {gib(rows['peak_device_bytes'])};"
