@@ -11,6 +11,8 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from ctm_cli import __version__
 from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
@@ -81,33 +83,23 @@ def _run(action: Callable[[], Any]) -> Any:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
-def _progress() -> Any:
-    """The merge's rich progress display (rich.progress is imported only when one is shown)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("merging"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-    )
-
-
-def _table(**options: Any) -> Any:
-    """A rich Table (rich.table is imported only by the commands that print one)."""
-    from rich.table import Table
-
-    return Table(**options)
-
-
 class _ProgressBar:
     """A rich progress bar over modules on stderr, or nothing when quiet."""
 
     def __init__(self, quiet: bool):
-        self._progress = None if quiet else _progress()
+        self._progress = (
+            None
+            if quiet
+            else Progress(
+                TextColumn("merging"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=stderr,
+                transient=True,
+            )
+        )
         self._task = None
 
     def start(self, total: int) -> None:
@@ -274,7 +266,7 @@ def _print_plan(plan: dict) -> None:
     for item in plan["inputs"]:
         revision = f" @ {item['revision']}" if item["revision"] else ""
         console.print(f"  {escape(item['source'])}{revision}: r={item['r']}, weight {item['weight']}", highlight=False)
-    table = _table(title="module groups (one device batch each, merged a wave at a time)")
+    table = Table(title="module groups (one device batch each, merged a wave at a time)")
     for column in ("wave", "shape", "input ranks", "modules", "device memory"):
         table.add_column(column)
     for group in plan["groups"]:
@@ -331,7 +323,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
         return
     console = Console()
     for kind, extra in (("methods", "rank"), ("rules", "linear")):
-        table = _table(title=kind)
+        table = Table(title=kind)
         for column in ("name", "what it does", extra, "parameters (default, range)"):
             table.add_column(column)
         for entry in listing[kind]:
@@ -343,7 +335,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
 
 def _print_summary(info: dict, spectra: int) -> None:
     console = Console()
-    facts = _table(show_header=False, box=None)
+    facts = Table(show_header=False, box=None)
     for key in (
         "path", "base_model", "peft_type", "r", "rank_pattern", "lora_alpha", "alpha_pattern",
         "use_rslora", "scale", "fan_in_fan_out", "target_modules", "lora_modules", "lora_parameters",
@@ -351,7 +343,7 @@ def _print_summary(info: dict, spectra: int) -> None:
     ):  # fmt: skip
         facts.add_row(key, str(info[key]))
     console.print(facts)
-    table = _table(title="per-module spectra of s·B·A")
+    table = Table(title="per-module spectra of s·B·A")
     for column in ("module", "shape", "r", "scale", "‖ΔW‖", "eff. rank", "singular values"):
         table.add_column(column)
     for m in info["modules"]:

@@ -23,19 +23,18 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ctm_cli import __version__
 from ctm_cli.errors import UsageError
 
-if TYPE_CHECKING:  # yaml itself is imported where a recipe is read or written: other commands start without it
-    from yaml.nodes import Node
-
 ADAPTER_KEYS = ("source", "weight", "revision")
 _STRING_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
-# Kinds of YAML nodes, by their `id` (the node classes need yaml imported).
-_MAPPING, _SCALAR, _SEQUENCE = "mapping", "scalar", "sequence"
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,6 @@ class _Reader:
     """Reads values out of a composed YAML document; every error names the file, the line and the key."""
 
     def __init__(self, name: str):
-        from yaml.constructor import SafeConstructor
-
         self.name = name
         self._constructor = SafeConstructor()
 
@@ -83,11 +80,11 @@ class _Reader:
 
     def mapping(self, node: Node, key: str, allowed: tuple[str, ...] | None) -> dict[str, Node]:
         """The entries of a mapping node by key, refusing unknown and repeated keys."""
-        if node.id != _MAPPING:
+        if not isinstance(node, MappingNode):
             self.fail(node, key, f"expected a mapping, got {_describe(node)}")
         entries: dict[str, Node] = {}
         for key_node, value_node in node.value:
-            if key_node.id != _SCALAR or key_node.tag != _STRING_TAG:
+            if not isinstance(key_node, ScalarNode) or key_node.tag != _STRING_TAG:
                 self.fail(key_node, key, f"keys must be names, got {_describe(key_node)}")
             name = key_node.value
             where = f"{key}.{name}" if key else name
@@ -102,13 +99,13 @@ class _Reader:
 
     def text(self, node: Node, key: str) -> str:
         """A scalar as written (so `revision: 2024` is the tag "2024", not a number)."""
-        if node.id != _SCALAR or node.tag == _NULL_TAG or node.value == "":
+        if not isinstance(node, ScalarNode) or node.tag == _NULL_TAG or node.value == "":
             self.fail(node, key, f"expected text, got {_describe(node)}")
         return node.value
 
     def optional_text(self, node: Node, key: str) -> str | None:
         """Text, or None for `null`."""
-        return None if node.id == _SCALAR and node.tag == _NULL_TAG else self.text(node, key)
+        return None if isinstance(node, ScalarNode) and node.tag == _NULL_TAG else self.text(node, key)
 
     def number(self, node: Node, key: str) -> float:
         """A finite int or float."""
@@ -132,19 +129,19 @@ class _Reader:
         return value
 
     def _scalar(self, node: Node) -> Any:
-        return self._constructor.construct_object(node, deep=True) if node.id == _SCALAR else None
+        return self._constructor.construct_object(node, deep=True) if isinstance(node, ScalarNode) else None
 
 
 def _describe(node: Node) -> str:
-    if node.id == _MAPPING:
+    if isinstance(node, MappingNode):
         return "a mapping"
-    if node.id == _SEQUENCE:
+    if isinstance(node, SequenceNode):
         return "a list"
     return "null" if node.tag == _NULL_TAG else repr(node.value)
 
 
 def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
-    if node.id != _SEQUENCE:
+    if not isinstance(node, SequenceNode):
         reader.fail(node, "adapters", f"expected a list of adapters, got {_describe(node)}")
     if len(node.value) < 2:
         reader.fail(node, "adapters", f"a merge needs at least two adapters, got {len(node.value)}")
@@ -190,8 +187,6 @@ def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
 
 def parse_recipe(text: str, name: str) -> Recipe:
     """A recipe from YAML text; `name` (the file) prefixes every error, with the line and the key."""
-    import yaml
-
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -252,8 +247,6 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML that `ctm merge --config` reads back to the same recipe."""
-    import yaml
-
     header = (
         f"# Written by ctm {__version__}. `ctm merge --config recipe.yaml -o OUTPUT` repeats this merge:\n"
         "# Hub inputs are pinned to the commit they were read at; local paths are relative to where ctm ran.\n"
