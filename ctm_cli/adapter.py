@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from ctm_cli.errors import IncompatibleError, InputError
+from ctm_cli.errors import IncompatibleError, InputError, first_line, unreadable
+from ctm_cli.patterns import MAX_NAME_LENGTH, pattern_problem
+from ctm_cli.safetensors_format import DTYPES, SafetensorsFile
+from ctm_cli.untrusted import TooLargeError, read_limited
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -22,13 +25,8 @@ MODEL_PREFIX = "base_model.model."
 
 # (module name, factor) from a weight key; PEFT drops the adapter name when saving.
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
-_LFS_MAGIC = b"version https://git-lfs"
-_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: (.*?)(?: Please|$)", re.MULTILINE)
-
-
-def _first_line(text: str) -> str:
-    """The first non-blank line of a library's (possibly multi-line) error text."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)
+_UNPICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # what torch's weights-only unpickler names as refused
+CONFIG_LIMIT = 64 * 1024**2  # bytes read of an adapter_config.json at most
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,8 @@ class LoraModule:
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    """Look up a rank/alpha pattern exactly as PEFT does: first key that matches the name's suffix."""
+    """Look up a rank/alpha pattern exactly as PEFT does: first key that matches the name's suffix (the keys
+    were checked by `patterns.pattern_problem`, so matching them takes bounded time)."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
@@ -59,18 +58,39 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _config_text(folder: Path) -> str:
+    """The text of the folder's adapter config, refusing a missing, unreadable or oversized one."""
+    path = folder / CONFIG_NAME
+    try:
+        if not folder.exists():
+            raise InputError(f"{folder}: no such adapter folder")
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a folder (an adapter is a folder with {CONFIG_NAME})")
+        if not os.access(folder, os.X_OK):  # the files are opened by name: listing the folder is not needed
+            raise InputError(f"{folder}: cannot be read (Permission denied)")
+        if not path.is_file():
+            raise InputError(f"{path}: missing; {folder} is not a PEFT adapter folder")
+        data = read_limited(path, CONFIG_LIMIT)
+    except OSError as exc:
+        raise unreadable(path, exc) from exc
+    except TooLargeError as exc:
+        raise InputError(f"{path}: {exc}; not an adapter config") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason} at byte {exc.start})") from exc
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
-    if not folder.exists():
-        raise InputError(f"{folder}: no such adapter folder")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (an adapter is a folder with {CONFIG_NAME})")
-    if not path.is_file():
-        raise InputError(f"{path}: missing; {folder} is not a PEFT adapter folder")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(_config_text(folder))
+    except RecursionError as exc:
+        raise InputError(f"{path}: not an adapter config (JSON nested too deeply)") from exc
+    except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    except ValueError as exc:  # Python refuses integers of thousands of digits
+        raise InputError(f"{path}: not an adapter config (a number of thousands of digits)") from exc
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object")
     peft_type = config.get("peft_type")
@@ -85,36 +105,55 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise InputError(f"{path}: r must be positive, got {config['r']}")
     for key, (is_valid, expected) in _OPTIONAL_FIELDS.items():
         if config.get(key) is not None and not is_valid(config[key]):
-            raise InputError(f"{path}: field {key!r} must be {expected}, got {config[key]!r}")
+            raise InputError(f"{path}: field {key!r} must be {expected}, got {_shown(config[key])}")
+    for key, is_rank in (("rank_pattern", True), ("alpha_pattern", False)):
+        _check_pattern(path, key, config.get(key) or {}, is_rank)
     return config
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A config value as an error shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_pattern(path: Path, field: str, patterns: dict[str, Any], is_rank: bool) -> None:
+    """Refuse, naming the key, a rank/alpha pattern whose key is not a safe regular expression (see
+    `patterns.pattern_problem`) or whose value is not a positive integer rank / a finite alpha."""
+    for key, value in patterns.items():
+        problem = pattern_problem(key)
+        if problem:
+            raise InputError(f"{path}: {field} key {_shown(key)} refused: {problem}")
+        if is_rank and not (_is_number(value) and value >= 1 and float(value).is_integer()):
+            raise InputError(
+                f"{path}: {field} key {_shown(key)} gives rank {_shown(value)}; ranks are positive integers"
+            )
+        if not _is_number(value):
+            raise InputError(f"{path}: {field} key {_shown(key)} gives {_shown(value)}; expected a finite number")
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that a float can hold (JSON allows integers of any size)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_names(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def _is_pattern(value: Any) -> bool:
-    """A rank/alpha pattern: an object from valid regular expressions to finite numbers."""
-    if not isinstance(value, dict) or not all(_is_number(number) for number in value.values()):
-        return False
-    try:
-        for key in value:
-            re.compile(rf"(.*\.)?({key})$")
-    except re.error:
-        return False
-    return True
-
-
 # Optional config fields ctm reads: (check, what the value must be).
 _OPTIONAL_FIELDS = {
+    "base_model_name_or_path": (lambda value: isinstance(value, str), "a model name or path"),
+    "task_type": (lambda value: isinstance(value, str), "a PEFT task type"),
     "use_rslora": (lambda value: isinstance(value, bool), "true or false"),
     "fan_in_fan_out": (lambda value: isinstance(value, bool), "true or false"),
-    "rank_pattern": (_is_pattern, "an object of regular expressions to numbers"),
-    "alpha_pattern": (_is_pattern, "an object of regular expressions to numbers"),
+    "rank_pattern": (lambda value: isinstance(value, dict), "an object of regular expressions to ranks"),
+    "alpha_pattern": (lambda value: isinstance(value, dict), "an object of regular expressions to numbers"),
     "target_modules": (lambda value: isinstance(value, str) or _is_names(value), "a list of names or a regex"),
     "modules_to_save": (_is_names, "a list of names"),
 }
@@ -126,15 +165,18 @@ class _BinReader:
     def __init__(self, path: Path):
         try:
             self._tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            found = _UNPICKLER_REASON.search(str(exc))
-            reason = found[1] if found else _first_line(str(exc))
+        except pickle.UnpicklingError as exc:  # torch's text advises unsafe loading: it is not passed on
+            found = _UNPICKLED_GLOBAL.search(str(exc))
+            detail = f" (it calls {found[1]})" if found else ""
             raise InputError(
-                f"{path}: refused: the pickle holds code or objects other than tensors ({reason}); "
-                "ctm loads .bin files weights-only and never runs their code"
+                f"{path}: refused: the pickle holds code or objects other than tensors{detail}; ctm loads .bin "
+                "files weights-only and never runs their code: ask its owner for a safetensors file, or convert "
+                "it yourself only if you trust where it came from"
             ) from exc
+        except OSError as exc:
+            raise unreadable(path, exc) from exc
         except Exception as exc:
-            raise InputError(f"{path}: not a loadable torch file ({_first_line(str(exc))})") from exc
+            raise InputError(f"{path}: not a loadable torch file ({first_line(str(exc))})") from exc
         if not isinstance(self._tensors, dict) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in self._tensors.items()
         ):
@@ -153,47 +195,13 @@ class _BinReader:
         return self._tensors[key]
 
 
-class _SafetensorsReader:
-    """Lazy tensors of a safetensors file: only the requested tensor is read."""
-
-    def __init__(self, path: Path):
-        with path.open("rb") as handle:
-            head = handle.read(len(_LFS_MAGIC))
-        if head == _LFS_MAGIC:
-            raise InputError(f"{path}: is a Git LFS pointer, not weights (fetch it with `git lfs pull`)")
-        if path.stat().st_size == 0:
-            raise InputError(f"{path}: empty file")
-        try:
-            self._file = safe_open(str(path), framework="pt")
-            self._keys = list(self._file.keys())
-            self._slices = {key: self._file.get_slice(key) for key in self._keys}
-        except Exception as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({_first_line(str(exc))})") from exc
-        self._path = path
-
-    def names(self) -> list[str]:
-        return self._keys
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slices[key].get_shape())
-
-    def dtype(self, key: str) -> torch.dtype | None:
-        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype())
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as exc:
-            raise InputError(f"{self._path}: tensor {key!r} cannot be read ({_first_line(str(exc))})") from exc
+FLOAT_DTYPES = frozenset(DTYPES.values())
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+def output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
+    """The (A, B) weight keys a merged module is written under: as the first adapter that has it spells them."""
+    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
+    return module.a_key, module.b_key
 
 
 class Adapter:
@@ -205,7 +213,7 @@ class Adapter:
         self.config = _read_config(self.folder)
         self.weights_path = self._find_weights()
         self._reader = (
-            _SafetensorsReader(self.weights_path)
+            SafetensorsFile(self.weights_path)
             if self.weights_path.suffix == ".safetensors"
             else _BinReader(self.weights_path)
         )
@@ -232,11 +240,22 @@ class Adapter:
         factors: dict[str, dict[str, str]] = {}
         extra: list[str] = []
         for key in self._reader.names():
+            if len(key) > MAX_NAME_LENGTH:
+                raise InputError(
+                    f"{self.weights_path}: tensor key {_shown(key)} has {len(key)} characters, more than "
+                    f"{MAX_NAME_LENGTH}; not a PEFT weight name"
+                )
             match = _FACTOR_KEY.match(key)
             if match is None:
                 extra.append(key)
                 continue
-            factors.setdefault(match["module"], {})[match["factor"]] = key
+            seen = factors.setdefault(match["module"], {})
+            if match["factor"] in seen:
+                raise InputError(
+                    f"{self.weights_path}: tensors {seen[match['factor']]} and {key} are both the "
+                    f"{match['factor']} factor of module {match['module']}; keep one of them"
+                )
+            seen[match["factor"]] = key
         modules = {name: self._module(name, keys) for name, keys in sorted(factors.items())}
         if not modules:
             raise InputError(f"{self.weights_path}: no LoRA factors (lora_A/lora_B) found")
@@ -249,11 +268,14 @@ class Adapter:
             missing = b_name if a_name in keys else a_name
             raise InputError(f"{self.weights_path}: module {name} has no {missing} factor")
         a_shape, b_shape = self._reader.shape(keys[a_name]), self._reader.shape(keys[b_name])
-        if len(a_shape) != 2 or len(b_shape) != 2:
+        if max(len(a_shape), len(b_shape)) > 2:
             raise IncompatibleError(
-                f"{self.weights_path}: module {name} has {len(a_shape)}-d factors (a convolution LoRA?); "
-                "only linear and embedding LoRA (2-d factors) can be merged"
+                f"{self.weights_path}: module {name} has {max(len(a_shape), len(b_shape))}-d factors (a convolution "
+                "LoRA?); only linear and embedding LoRA (2-d factors) can be merged"
             )
+        for factor, shape in ((a_name, a_shape), (b_name, b_shape)):
+            if len(shape) != 2:
+                raise InputError(f"{self.weights_path}: module {name}: {factor} has shape {list(shape)}, not a matrix")
         for key in (keys[a_name], keys[b_name]):
             if self._reader.dtype(key) not in FLOAT_DTYPES:
                 raise InputError(f"{self.weights_path}: tensor {key} is not a float16/bfloat16/float32/float64 tensor")
@@ -289,10 +311,9 @@ class Adapter:
         return self._reader.get(key)
 
     def dtypes(self) -> set[torch.dtype]:
-        """The dtypes of the stored LoRA factors."""
-        return {self._reader.dtype(m.a_key) for m in self.modules.values()} | {
-            self._reader.dtype(m.b_key) for m in self.modules.values()
-        }
+        """The dtypes of the stored LoRA factors (floats: `_module` refuses any other)."""
+        keys = [key for module in self.modules.values() for key in (module.a_key, module.b_key)]
+        return {dtype for dtype in map(self._reader.dtype, keys) if dtype is not None}
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of a stored tensor without reading it."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ctm_cli.methods import METHODS
-from ctm_cli.rules import RULES, Param
+from ctm_cli.params import Param
+from ctm_cli.rules import RULES
 
 
 def _params(params: dict[str, Param]) -> dict[str, dict[str, Any]]:
@@ -13,16 +14,19 @@ def _params(params: dict[str, Param]) -> dict[str, dict[str, Any]]:
 
 
 def catalog() -> dict[str, list[dict[str, Any]]]:
-    """Every method (doc, output rank, default rule, linear-rule need, parameters) and rule (doc, linearity,
-    parameters)."""
+    """Every method (doc, output rank in words and as fields, default rule, linear-rule need, whether β acts on
+    it, parameters) and rule (doc, linearity, parameters)."""
     return {
         "methods": [
             {
                 "name": m.name,
                 "doc": m.doc,
                 "rank": m.rank_doc,
+                "fixed_rank": m.fixed_rank.text if m.fixed_rank is not None else None,
+                "zero_is_full": m.zero_is_full,
                 "default_rule": m.default_rule,
                 "needs_linear_rule": m.needs_linear_rule,
+                "uses_beta": m.uses_beta,
                 "params": _params(m.params),
             }
             for m in sorted(METHODS.values(), key=lambda m: m.name)

@@ -2,23 +2,82 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from ctm_cli import __version__
-from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
-from ctm_cli.recipe import DEFAULTS
+from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError
+from ctm_cli.interrupts import interruption, sigterm_as_interrupt
+from ctm_cli.recipe import DEFAULTS, SCHEMA, parse_params, parse_weights
+from ctm_cli.untrusted import printable
+
+# The command-line library's own error classes (typer >= 0.2x ships its own copy of click, so they are taken
+# from typer's exported BadParameter rather than imported from click).
+_CLICK_ERROR: Any = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+stderr = Console(stderr=True)
+
+
+def _print_line(prefix: str, message: str, style: str = "red") -> None:
+    """One line on stderr: `prefix`, then `message` with its lines joined and control characters escaped
+    (never read as rich markup or emoji codes: file names are shown as they are)."""
+    line = printable(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+    stderr.print(Text.assemble((prefix, style), " ", line), highlight=False, soft_wrap=True, emoji=False)
+
+
+def _print_parse_error(error: Exception, command_path: str) -> None:
+    """A parse error of the command-line library as ctm's one line, with where to look for help."""
+    ctx = getattr(error, "ctx", None)
+    message = error.format_message()  # type: ignore[attr-defined]
+    hint = f" (see {ctx.command_path if ctx is not None else command_path} --help)"
+    _print_line("ctm: error:", message[:1].lower() + message[1:].rstrip(".") + hint)
+
+
+class _Commands(TyperGroup):
+    """ctm's command group: the parser's errors (unknown option or command, bad or missing value) become one
+    `ctm: error:` line with a hint, exit code 2, instead of the library's multi-line box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = functools.partial(super().main, args, prog_name, complete_var, False, windows_expand_args, **extra)
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except _CLICK_ERROR as error:
+            if type(error).__name__ != "NoArgsIsHelpError":  # `ctm` alone: the help is already printed
+                given = sys.argv[1:] if args is None else list(args)
+                command = next((word for word in given if word in self.commands), None)
+                _print_parse_error(error, f"ctm {command}" if command else "ctm")
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            stderr.print("ctm: interrupted; nothing was written", highlight=False)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="ctm",
     help="Merge several LoRA adapters into one low-rank adapter with Compress-then-Merge.",
     epilog="Exit codes:\n" + "\n".join(f"{code:>4}  {meaning}" for code, meaning in EXIT_CODES.items()),
@@ -26,7 +85,6 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -42,54 +100,32 @@ def _root(
     """Merge several LoRA adapters into one low-rank adapter with Compress-then-Merge."""
 
 
-def _parse_floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError as exc:
-        raise UsageError(f"{option} expects comma-separated numbers, got {text!r}") from exc
-
-
-def _parse_params(items: list[str]) -> dict[str, float]:
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            params[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise UsageError(f"--param expects NAME=NUMBER, got {item!r}")
-    return params
-
-
 def _run(action: Callable[[], Any]) -> Any:
     """Run an action, turning expected failures into one line on stderr and a stable exit code."""
     try:
         return action()
     except CtmError as exc:
-        message = " ".join(str(exc).splitlines())  # always one line
-        stderr.print(f"[red]ctm: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        _print_line("ctm: error:", str(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("ctm: interrupted; nothing was written")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM within `sigterm_as_interrupt`
+        message, code = interruption(interrupt)
+        _print_line("ctm:", message, "")
+        raise typer.Exit(code) from None
     except Exception as exc:
         if os.environ.get("CTM_DEBUG"):
             raise
-        message = f"ctm: internal error: {type(exc).__name__}: {exc} (set CTM_DEBUG=1 for a traceback)"
-        stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+        _print_line("ctm: internal error:", f"{type(exc).__name__}: {exc} (set CTM_DEBUG=1 for a traceback)")
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
 class _ProgressBar:
-    """A rich progress bar over modules on stderr, or nothing when quiet."""
+    """A rich progress bar over modules on stderr, or nothing when quiet or when stderr is not a terminal (where
+    rich would only print an empty line when the bar stops)."""
 
     def __init__(self, quiet: bool):
         self._progress = (
             None
-            if quiet
+            if quiet or not stderr.is_interactive
             else Progress(
                 TextColumn("merging"),
                 BarColumn(),
@@ -100,7 +136,7 @@ class _ProgressBar:
                 transient=True,
             )
         )
-        self._task = None
+        self._task: TaskID | None = None
 
     def start(self, total: int) -> None:
         if self._progress is not None:
@@ -108,7 +144,7 @@ class _ProgressBar:
             self._task = self._progress.add_task("merge", total=total, rate="")
 
     def advance(self, done: int) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, done)
             task = self._progress.tasks[0]
             if task.elapsed:
@@ -126,18 +162,52 @@ def _given(ctx: typer.Context) -> set[str]:
     return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
 
 
-def _overrides(ctx: typer.Context, param: list[str]) -> dict[str, Any]:
-    """The recipe fields the user gave as flags or arguments, parsed."""
+# The recipe settings that are options of `ctm merge`: (type, Setting) by name, from the recipe's schema.
+_RECIPE_OPTIONS = {name: (kind, spec) for name, (kind, spec) in SCHEMA.items() if spec.flags}
+
+
+def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` an option for every recipe setting that has flags, made from the recipe's schema (flags, help,
+    default, metavar) and placed after its `config` parameter, so that a setting is declared once, in recipe.py.
+    The command receives the settings typed on the command line (only those override a recipe) as `settings`."""
+    own = signature(command, eval_str=True)
+    options = [
+        Parameter(
+            name,
+            Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=kind,
+            default=typer.Option(getattr(DEFAULTS, name), *spec.flags, help=escape(spec.help), metavar=spec.metavar),
+        )
+        for name, (kind, spec) in _RECIPE_OPTIONS.items()
+    ]
+    parameters = []
+    for parameter in own.parameters.values():
+        if parameter.name != "settings":
+            parameters.append(parameter)
+        if parameter.name == "config":
+            parameters += options
+
+    @functools.wraps(command)
+    def with_options(ctx: typer.Context, **values: Any) -> None:
+        typed = _given(ctx)
+        settings = {name: values.pop(name) for name in _RECIPE_OPTIONS}
+        command(ctx, **values, settings={name: value for name, value in settings.items() if name in typed})
+
+    with_options.__signature__ = own.replace(parameters=parameters)  # type: ignore[attr-defined]
+    with_options.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return with_options
+
+
+def _overrides(ctx: typer.Context, settings: dict[str, Any], param: list[str]) -> dict[str, Any]:
+    """The recipe fields the user gave as flags or arguments, parsed: the settings, and the inputs, their weights
+    and the parameters, which have command-line forms of their own."""
     given = _given(ctx)
-    recipe_fields = (
-        "sources", "rank", "method", "rule", "beta", "seed", "dtype", "device", "modules_to_save", "allow_missing",
-    )  # fmt: skip
-    overrides = {name: ctx.params[name] for name in recipe_fields if name in given}
-    if "output" in given:
-        overrides["output"] = str(ctx.params["output"])
+    overrides = dict(settings)
+    if "sources" in given:
+        overrides["sources"] = ctx.params["sources"]
     if "weights" in given:
-        overrides["weights"] = _parse_floats(ctx.params["weights"], "--weights")
-    params = _parse_params(param)
+        overrides["weights"] = parse_weights(ctx.params["weights"])
+    params = parse_params(param)
     if "lambda_" in given:
         params["lambda"] = ctx.params["lambda_"]
     if params:
@@ -159,6 +229,7 @@ def _quiet_hub_downloads() -> None:
     "ctm merge a/ b/ -o merged/ --dry-run --json\n"
     "ctm merge a/ b/ -o merged/ --push-to-hub me/merged-lora --private"
 )
+@_with_recipe_options
 def merge(
     ctx: typer.Context,
     sources: list[str] | None = typer.Argument(
@@ -167,23 +238,11 @@ def merge(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="YAML recipe (see configs/); flags given here override its values."
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (or `output:` in the recipe)."),
-    rank: int = typer.Option(
-        DEFAULTS.rank, "--rank", "-r", help="Rank of the merged adapter (0 = full rank R: core, knots)."
-    ),
-    method: str = typer.Option(DEFAULTS.method, "--method", "-m", help="Merge method (see `ctm methods`)."),
-    rule: str | None = typer.Option(
-        None, "--rule", help="Merging rule (see `ctm methods`; default: iso_c for ctm, ta for the other methods)."
-    ),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 1,0.5."),
     lambda_: float | None = typer.Option(None, "--lambda", help="Scaling λ of the rule (same as -p lambda=X)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Rule or method parameter NAME=VALUE (repeatable)."),
-    beta: float = typer.Option(DEFAULTS.beta, "--beta", help="CtM balancing β in \\[0, 1] (1 = off, 0 = equal tasks)."),
-    device: str = typer.Option(DEFAULTS.device, "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16)."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for rules that use randomness."),
-    max_memory_mb: int | None = typer.Option(
-        None, "--max-memory", help="Working-memory budget per group, MiB (default: 2048 on CPU, 1/4 of a GPU)."
+    max_memory_mib: int | None = typer.Option(
+        None, "--max-memory", help="Working-memory budget per wave, MiB (default: 2048 on CPU, 1/4 of a GPU)."
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output folder."),
     dry_run: bool = typer.Option(
@@ -195,42 +254,34 @@ def merge(
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (with --push-to-hub)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report (or the plan) as JSON on stdout, only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary output."),
-    modules_to_save: str | None = typer.Option(
-        None, "--modules-to-save", help="Non-LoRA tensors (heads): drop, first or mean (default: refuse)."
-    ),
-    allow_missing: bool = typer.Option(
-        False, "--allow-missing", help="Merge a module some adapters lack as a zero update for them."
-    ),
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Merge adapters into one rank-r PEFT adapter.
 
     The output folder gets the adapter, merge_report.json/.md, recipe.yaml (repeats the merge) and a model card.
     """
-    from ctm_cli.pipeline import MergeRequest, plan_merge, run_merge
+    from ctm_cli.pipeline import MergeRequest, plan_merge, prepare, run_merge
     from ctm_cli.recipe import build_recipe
 
     def action() -> dict:
-        if private and push_to_hub is None:
-            raise UsageError("--private only applies with --push-to-hub")
-        recipe = build_recipe(config, _overrides(ctx, param))
-        request = MergeRequest.from_recipe(
-            recipe,
-            max_memory=None if max_memory_mb is None else max_memory_mb * 1024**2,
-            force=force,
-            push_to_hub=push_to_hub,
-            private=private,
-        )
+        recipe = build_recipe(config, _overrides(ctx, settings or {}, param))
+        request = MergeRequest(recipe, max_memory_mib, force, push_to_hub, private)
         if quiet:
             _quiet_hub_downloads()
+        prepared = prepare(request)
         if dry_run:
-            return plan_merge(request)
+            return plan_merge(prepared)
         bar = _ProgressBar(quiet or as_json)
         try:
-            return run_merge(request, bar.start, bar.advance)
+            return run_merge(prepared, bar.start, bar.advance)
         finally:
             bar.stop()
 
-    result = _run(action)
+    with sigterm_as_interrupt():
+        result = _run(action)
+    if not quiet:
+        for warning in result["warnings"]:
+            _print_line("ctm: warning:", warning, "yellow")
     if as_json:
         print(json.dumps(result, indent=2))
     elif dry_run:
@@ -239,33 +290,41 @@ def merge(
         _print_merged(result)
 
 
+def _cell(value: Any) -> Text:
+    """A value shown in a table or a line: plain text (never rich markup), control characters escaped."""
+    return Text(printable(str(value)))
+
+
+def _say(console: Console, *parts: Any) -> None:
+    """Print one line of plain text (never markup or emoji codes), control characters escaped."""
+    console.print(_cell("".join(map(str, parts))), highlight=False, soft_wrap=True, emoji=False)
+
+
 def _print_merged(report: dict) -> None:
     summary = report["summary"]
     worst = summary["max_relative_error"]
-    stderr.print(
-        f"merged {len(report['inputs'])} adapters → {escape(report['recipe']['output'])} "
-        f"(rank {summary['output_rank']}, {summary['modules']} modules, {summary['seconds']:.2f} s"
-        + (f", worst relative error {worst:.3%})" if worst is not None else ")"),
-        highlight=False,
-        soft_wrap=True,
+    _say(
+        stderr,
+        f"merged {len(report['inputs'])} adapters → {report['recipe']['output']} ",
+        f"(rank {summary['written_rank']}, {summary['modules']} modules, {summary['seconds']:.2f} s",
+        f", worst relative error {worst:.3%})" if worst is not None else ")",
     )
     if "pushed_to" in report:
-        stderr.print(f"pushed to {escape(report['pushed_to'])}", highlight=False, soft_wrap=True)
+        _say(stderr, f"pushed to {report['pushed_to']}")
 
 
 def _print_plan(plan: dict) -> None:
     console = Console()
     settings = plan["settings"]
-    console.print(
-        f"dry run: {len(plan['inputs'])} adapters → {escape(plan['output'])}, method {settings['method']}, "
-        f"rule {settings['rule']} {settings['rule_params']}, {len(plan['modules'])} modules, "
+    _say(
+        console,
+        f"dry run: {len(plan['inputs'])} adapters → {plan['output']}, method {settings['method']}, ",
+        f"rule {settings['rule']} {settings['rule_params']}, {len(plan['modules'])} modules, ",
         f"dtype {settings['dtype']} on {settings['device']}; nothing written",
-        highlight=False,
-        soft_wrap=True,
     )
     for item in plan["inputs"]:
         revision = f" @ {item['revision']}" if item["revision"] else ""
-        console.print(f"  {escape(item['source'])}{revision}: r={item['r']}, weight {item['weight']}", highlight=False)
+        _say(console, f"  {item['source']}{revision}: r={item['r']}, weight {item['weight']}")
     table = Table(title="module groups (one device batch each, merged a wave at a time)")
     for column in ("wave", "shape", "input ranks", "modules", "device memory"):
         table.add_column(column)
@@ -341,7 +400,7 @@ def _print_summary(info: dict, spectra: int) -> None:
         "use_rslora", "scale", "fan_in_fan_out", "target_modules", "lora_modules", "lora_parameters",
         "modules_to_save", "other_parameters", "weights_file", "file_size", "dtype",
     ):  # fmt: skip
-        facts.add_row(key, str(info[key]))
+        facts.add_row(key, _cell(info[key]))
     console.print(facts)
     table = Table(title="per-module spectra of s·B·A")
     for column in ("module", "shape", "r", "scale", "‖ΔW‖", "eff. rank", "singular values"):
@@ -349,7 +408,7 @@ def _print_summary(info: dict, spectra: int) -> None:
     for m in info["modules"]:
         values = ", ".join(f"{x:.3g}" for x in m["singular_values"][:spectra])
         table.add_row(
-            m["name"].removeprefix("base_model.model."),
+            _cell(m["name"].removeprefix("base_model.model.")),
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
             f"{m['scale']:.4g}",

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from ctm_cli.fixed_order import matmul
+
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
 # are treated as numerically absent (they carry < 1e-12 of the energy).
 GRAM_RELATIVE_TOLERANCE = 1e-12
@@ -62,7 +64,6 @@ class SharedFrame:
     v: torch.Tensor  # (..., R, r)
     sweeps: torch.Tensor  # (...,) int
     energy: torch.Tensor  # (...,) Σ‖uᵀ C̃_t v‖² at convergence
-    start_energy: torch.Tensor  # (...,) the same at the HOSVD start
     total_energy: torch.Tensor  # (...,) Σ‖C̃_t‖²
 
 
@@ -91,10 +92,10 @@ def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> Co
     a_catᵀ (decreasing singular values), which fixes the coordinates element-wise rules see.
     """
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = gram_frame(b64.mT @ b64)
-    right, r_a = gram_frame(a64 @ a64.mT)
+    left, r_b = gram_frame(matmul(b64.mT, b64))
+    right, r_a = gram_frame(matmul(a64, a64.mT))
     cores = torch.stack(
-        [r_b[..., :, cols] @ r_a[..., :, cols].mT for cols in column_slices(ranks)],
+        [matmul(r_b[..., :, cols], r_a[..., :, cols].mT) for cols in column_slices(ranks)],
         dim=-3,
     )
     return CoreSpace(left=left, right=right, cores=cores)
@@ -128,11 +129,11 @@ def _orthonormalize(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     basis = columns / norms.clamp_min(torch.finfo(columns.dtype).tiny)
     full_rank = torch.ones(columns.shape[:-2], dtype=torch.bool, device=columns.device)
     for _ in range(2):
-        factor, info = torch.linalg.cholesky_ex(basis.mT @ basis)
+        factor, info = torch.linalg.cholesky_ex(matmul(basis.mT, basis))
         full_rank = full_rank & (info == 0)
         basis = torch.linalg.solve_triangular(factor, basis.mT, upper=False).mT
     eye = torch.eye(columns.shape[-1], dtype=columns.dtype, device=columns.device)
-    drift = (basis.mT @ basis - eye).abs().amax(dim=(-2, -1))
+    drift = (matmul(basis.mT, basis) - eye).abs().amax(dim=(-2, -1))
     return basis, full_rank & (drift <= ORTHONORMAL_TOLERANCE)
 
 
@@ -149,13 +150,13 @@ def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Ten
     """
     size, width = block.shape[-2:]
     if size <= max(DIRECT_EIGH_MAX_SIZE, 2 * width):
-        return _top_eigenvectors(columns @ columns.mT, width)
+        return _top_eigenvectors(matmul(columns, columns.mT), width)
     shift = POWER_SHIFT * columns.square().sum(dim=(-2, -1))
-    basis, usable = _orthonormalize(columns @ (columns.mT @ block) + shift.view(-1, 1, 1) * block)
+    basis, usable = _orthonormalize(matmul(columns, matmul(columns.mT, block)) + shift.view(-1, 1, 1) * block)
     basis = torch.where(usable.view(-1, 1, 1), basis, block)  # non-finite input: nothing to mend
-    images = columns.mT @ basis
-    _, rotation = torch.linalg.eigh(images.mT @ images)
-    return basis @ rotation.flip(-1)
+    images = matmul(columns.mT, basis)
+    _, rotation = torch.linalg.eigh(matmul(images.mT, images))
+    return matmul(basis, rotation.flip(-1))
 
 
 def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,7 @@ def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
 
 def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Σ_t ‖uᵀ C_t v‖² from the images C_tᵀ u (..., T, R, r) and v (..., R, r)."""
-    return (left_images.mT @ v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
+    return matmul(left_images.mT, v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
 
 
 def _sweep(cores: FactoredCores, blocks: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,14 +181,14 @@ def _sweep(cores: FactoredCores, blocks: torch.Tensor, rank: int) -> tuple[torch
 def _subspace_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Σ sin² of the principal angles between the spans of orthonormal old and new (G, 2, R, r), the larger of
     the two factors': ‖old − new newᵀ old‖²."""
-    return (old - new @ (new.mT @ old)).square().sum(dim=(-2, -1)).amax(dim=-1)
+    return (old - matmul(new, matmul(new.mT, old))).square().sum(dim=(-2, -1)).amax(dim=-1)
 
 
 def _chart(anchor: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinates W (AᵀW)⁻¹ − A of span(W) around span(A) (both orthonormal, (..., R, r)), and whether they are
     usable. They depend on the subspace only (W → WQ leaves them unchanged) and span(A + coordinates) = span(W)."""
-    inverse, info = torch.linalg.inv_ex(anchor.mT @ frames)
-    coordinates = frames @ inverse - anchor
+    inverse, info = torch.linalg.inv_ex(matmul(anchor.mT, frames))
+    coordinates = matmul(frames, inverse) - anchor
     usable = (info == 0) & torch.isfinite(coordinates).all(dim=(-2, -1))
     return torch.where(usable.unsqueeze(-1).unsqueeze(-1), coordinates, torch.zeros_like(coordinates)), usable
 
@@ -197,7 +198,7 @@ def _anderson_weights(residuals: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     mixing; lightly regularised, invalid entries weigh 0)."""
     flat = residuals.flatten(2)
     mask = valid.to(flat.dtype)
-    gram = (flat @ flat.mT) * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+    gram = matmul(flat, flat.mT) * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
     scale = gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1).clamp_min(torch.finfo(flat.dtype).tiny)
     eye = torch.eye(mask.shape[-1], dtype=flat.dtype, device=flat.device)
     system = gram + (ANDERSON_REGULARIZATION * scale).view(-1, 1, 1) * eye + torch.diag_embed(1 - mask)
@@ -294,9 +295,9 @@ def _canonical_frames(cores: FactoredCores, frames: torch.Tensor) -> torch.Tenso
     value; i.e. the eigenvectors of Σ_t M_t M_tᵀ and Σ_t M_tᵀ M_t, M_t = uᵀ C_t v (the coordinates a rule sees
     depend on these bases, not only on the spans)."""
     coordinates = cores.project(frames[:, 0], frames[:, 1])
-    left = _top_eigenvectors((coordinates @ coordinates.mT).sum(dim=-3), coordinates.shape[-1])
-    right = _top_eigenvectors((coordinates.mT @ coordinates).sum(dim=-3), coordinates.shape[-1])
-    return torch.stack([frames[:, 0] @ left, frames[:, 1] @ right], dim=1)
+    left = _top_eigenvectors(matmul(coordinates, coordinates.mT).sum(dim=-3), coordinates.shape[-1])
+    right = _top_eigenvectors(matmul(coordinates.mT, coordinates).sum(dim=-3), coordinates.shape[-1])
+    return torch.stack([matmul(frames[:, 0], left), matmul(frames[:, 1], right)], dim=1)
 
 
 def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) -> SharedFrame:
@@ -315,7 +316,6 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     width = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
     blocks = torch.stack([_top_eigenvectors(gram, width) for gram in grams], dim=1)
     energy = cores.energy(blocks[:, 0, :, :rank], blocks[:, 1, :, :rank])
-    start = energy.clone()
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
@@ -345,12 +345,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
             running = running[running]
     frames = _canonical_frames(cores, blocks[..., :rank])
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(frames[:, 0], frames[:, 1], sweeps, energy, start, total)
-
-
-def project(cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Coordinates M_t = uᵀ C_t v of every task's core in the shared frame (..., T, r, r)."""
-    return u.mT.unsqueeze(-3) @ cores @ v.unsqueeze(-3)
+    return SharedFrame(frames[:, 0], frames[:, 1], sweeps, energy, total)
 
 
 def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -360,8 +355,8 @@ def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int])
     """
     if len(set(ranks)) == 1:
         tasks, rank = len(ranks), ranks[0]
-        return left.unflatten(-1, (tasks, rank)).movedim(-2, -3) @ right.unflatten(-2, (tasks, rank))
-    return torch.stack([left[..., :, cols] @ right[..., cols, :] for cols in column_slices(ranks)], dim=-3)
+        return matmul(left.unflatten(-1, (tasks, rank)).movedim(-2, -3), right.unflatten(-2, (tasks, rank)))
+    return torch.stack([matmul(left[..., :, cols], right[..., cols, :]) for cols in column_slices(ranks)], dim=-3)
 
 
 @dataclass(frozen=True)
@@ -400,15 +395,15 @@ class FactoredCores:
 
     def times_right(self, v: torch.Tensor) -> torch.Tensor:
         """[C_t v]_t (..., T, R, r) for v (..., R, r)."""
-        return per_task_products(self.b, self._scaled_rows(self.a.mT @ v), self.ranks)
+        return per_task_products(self.b, self._scaled_rows(matmul(self.a.mT, v)), self.ranks)
 
     def times_left(self, u: torch.Tensor) -> torch.Tensor:
         """[C_tᵀ u]_t (..., T, R, r) for u (..., R, r)."""
-        return per_task_products(self.a, self._scaled_rows(self.b.mT @ u), self.ranks)
+        return per_task_products(self.a, self._scaled_rows(matmul(self.b.mT, u)), self.ranks)
 
     def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Coordinates M_t = uᵀ C_t v (..., T, r, r), as `project` gives them for dense cores."""
-        return per_task_products(u.mT @ self.b, self._scaled_rows(self.a.mT @ v), self.ranks)
+        return per_task_products(matmul(u.mT, self.b), self._scaled_rows(matmul(self.a.mT, v)), self.ranks)
 
     def energy(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Σ_t ‖uᵀ C_t v‖² (...,): the energy a frame (u, v) captures."""
@@ -416,20 +411,21 @@ class FactoredCores:
 
     def norms(self) -> torch.Tensor:
         """‖C_t‖ (..., T) from the r_t × r_t blocks of bᵀb and aᵀa: ‖B A‖² = Σ (BᵀB) ⊙ (AᵀA)."""
-        products = (self.b.mT @ self.b) * (self.a.mT @ self.a)
+        products = matmul(self.b.mT, self.b) * matmul(self.a.mT, self.a)
         squares = torch.stack([products[..., cols, cols].sum(dim=(-2, -1)) for cols in column_slices(self.ranks)], -1)
         return squares.clamp_min(0).sqrt() * self.scales.abs()
+
+    def dense(self) -> torch.Tensor:
+        """The cores themselves (..., T, R, R), as `core_space` gives them."""
+        return per_task_products(self.b, self._scaled_rows(self.a.mT), self.ranks)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t), HOOI's HOSVD start, as b·D_a·bᵀ and a·D_b·aᵀ with D block-diagonal."""
         weights = torch.repeat_interleave(self.scales.square(), torch.tensor(self.ranks, device=self.b.device), dim=-1)
         blocks = torch.block_diag(*(torch.ones(rank, rank) for rank in self.ranks)).to(self.b)
         mask = blocks * weights.unsqueeze(-1)
-        return self.b @ ((self.a.mT @ self.a) * mask) @ self.b.mT, self.a @ ((self.b.mT @ self.b) * mask) @ self.a.mT
-
-    def dense(self) -> torch.Tensor:
-        """The cores themselves (..., T, R, R), as `core_space` gives them."""
-        return per_task_products(self.b, self._scaled_rows(self.a.mT), self.ranks)
+        left = matmul(matmul(self.b, matmul(self.a.mT, self.a) * mask), self.b.mT)
+        return left, matmul(matmul(self.a, matmul(self.b.mT, self.b) * mask), self.a.mT)
 
 
 @dataclass(frozen=True)
@@ -444,8 +440,8 @@ class FactoredCoreSpace:
 def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
     """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
     b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = gram_frame(b64.mT @ b64)
-    right, r_a = gram_frame(a64 @ a64.mT)
+    left, r_b = gram_frame(matmul(b64.mT, b64))
+    right, r_a = gram_frame(matmul(a64, a64.mT))
     scales = torch.ones(*r_b.shape[:-2], len(ranks), dtype=torch.float64, device=r_b.device)
     return FactoredCoreSpace(left=left, right=right, cores=FactoredCores(r_b, r_a, list(ranks), scales))
 
@@ -472,7 +468,7 @@ def shared_frames_factored(
     """`shared_frame_factored` of several batches of cores (modules of different shapes, say) at once: batches
     with equal core ranks and output rank run one HOOI together, so a sweep costs one set of kernel launches
     for all of them; each module's result is the one it gets alone."""
-    frames: list[SharedFrame | None] = [None] * len(batches)
+    frames: dict[int, SharedFrame] = {}
     buckets: dict[tuple, list[int]] = {}
     for index, (cores, rank) in enumerate(zip(batches, ranks, strict=True)):
         buckets.setdefault((tuple(cores.ranks), rank, cores.b.device), []).append(index)
@@ -490,7 +486,17 @@ def shared_frames_factored(
             part = slice(start, start + cores.b.shape[0])
             start = part.stop
             frames[index] = _unflatten(frame, part, batches[index].scales.shape[:-1])
-    return frames
+    return [frames[index] for index in range(len(batches))]
+
+
+def whole_frame(cores: FactoredCores) -> SharedFrame:
+    """The frame that is the whole core space (u = v = I, R × R): CtM's frame at r' = R, where no HOOI is needed
+    since every direction is kept."""
+    size = cores.b.shape[-1]
+    batch = cores.scales.shape[:-1]
+    eye = torch.eye(size, dtype=cores.b.dtype, device=cores.b.device).expand(*batch, size, size)
+    total = cores.norms().square().sum(dim=-1)
+    return SharedFrame(eye, eye, torch.zeros(batch, dtype=torch.int64, device=total.device), total, total)
 
 
 def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFrame:
@@ -501,7 +507,7 @@ def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFram
         v=frame.v[part].reshape(*batch, size, rank),
         **{
             name: getattr(frame, name)[part].reshape(batch)
-            for name in ("sweeps", "energy", "start_energy", "total_energy")
+            for name in ("sweeps", "energy", "total_energy")
         },
     )
 
@@ -513,6 +519,8 @@ class Truncation:
     to_b: torch.Tensor  # (..., R or out, k)
     to_a: torch.Tensor  # (..., k, R or in)
     lost_energy: torch.Tensor  # (...,) Σ_{i>k} σ_i² / Σ σ_i² (0 for a zero matrix)
+    left_basis: torch.Tensor  # (..., m, k): the kept left singular vectors, in the merged matrix's coordinates
+    right_basis: torch.Tensor  # (..., n, k): the kept right singular vectors
 
 
 def truncate(
@@ -535,24 +543,25 @@ def truncate(
     to_b = p[..., :rank] * (kept.sign() * root).unsqueeze(-2)
     to_a = qh[..., :rank, :] * root.unsqueeze(-1)
     if left_map is not None:
-        to_b = left_map @ to_b
+        to_b = matmul(left_map, to_b)
     if right_map is not None:
-        to_a = to_a @ right_map.mT
+        to_a = matmul(to_a, right_map.mT)
     energy = s.square()
     total = energy.sum(dim=-1)
     lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return Truncation(to_b, to_a, torch.where(total > 0, lost, torch.zeros_like(total)))
+    lost = torch.where(total > 0, lost, torch.zeros_like(total))
+    return Truncation(to_b, to_a, lost, p[..., :rank], qh[..., :rank, :].mT)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns: P Qᵀ from the SVD P Σ Qᵀ (Procrustes)."""
     p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    return matmul(p, qh)
 
 
 def _frobenius_squared(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """‖B·A‖² from the factors: Σ (BᵀB) ⊙ (AAᵀ), without forming B·A."""
-    return ((b.mT @ b) * (a @ a.mT)).sum(dim=(-2, -1)).clamp_min(0)
+    return (matmul(b.mT, b) * matmul(a, a.mT)).sum(dim=(-2, -1)).clamp_min(0)
 
 
 def lowrank_relative_error(
@@ -572,13 +581,13 @@ def energy_in_output_spaces(
     and row spaces (1 for a task with no update). Shape (..., T)."""
     b_out, a_out = b_out.to(torch.float64), a_out.to(torch.float64)
     b_cat, a_cat = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    to_columns, _ = gram_frame(b_out.mT @ b_out)
-    to_rows, _ = gram_frame(a_out @ a_out.mT)
-    left = to_columns.mT @ (b_out.mT @ b_cat)  # (..., k, R): Q_colᵀ B_cat
-    right = (a_cat @ a_out.mT) @ to_rows  # (..., R, k): A_cat Q_row
+    to_columns, _ = gram_frame(matmul(b_out.mT, b_out))
+    to_rows, _ = gram_frame(matmul(a_out, a_out.mT))
+    left = matmul(to_columns.mT, matmul(b_out.mT, b_cat))  # (..., k, R): Q_colᵀ B_cat
+    right = matmul(matmul(a_cat, a_out.mT), to_rows)  # (..., R, k): A_cat Q_row
     shares = []
     for cols in column_slices(ranks):
-        kept = (left[..., cols] @ right[..., cols, :]).square().sum(dim=(-2, -1))
+        kept = matmul(left[..., cols], right[..., cols, :]).square().sum(dim=(-2, -1))
         whole = _frobenius_squared(b_cat[..., cols], a_cat[..., cols, :])
         shares.append(torch.where(whole > 0, kept / whole.clamp_min(1e-300), torch.ones_like(whole)))
     return torch.stack(shares, dim=-1)

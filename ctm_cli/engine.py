@@ -1,6 +1,6 @@
 """The streaming loop: one wave of module groups (a group = modules of one shape, stacked) at a time, from
-every adapter, on the device. A wave holds as many groups as the memory budget allows, so that a method
-that merges groups together (ctm: one HOOI for all shapes) runs once per wave.
+every adapter, on the device. A wave holds as many groups as the memory budget allows (plan.py), so that a
+method that merges groups together (ctm: one HOOI for all shapes) runs once per wave.
 
 While a wave is merged, a background thread reads the next wave's factors with plain file reads at
 the offsets in each safetensors header (never through mmap, whose touched pages would count in this
@@ -10,32 +10,28 @@ holds two waves' stored factors plus the merged output, whatever the number of a
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from itertools import groupby
-from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from ctm_cli.adapter import Adapter
-from ctm_cli.core_space import ANDERSON_WINDOW
+from ctm_cli.adapter import Adapter, output_keys
 from ctm_cli.errors import InputError, UsageError
+from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
-from ctm_cli.validate import ModuleSpec
+from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.rules import RuleError
+from ctm_cli.safetensors_format import PlainReads
 
 COMPUTE_DTYPE = torch.float32
-CPU_MAX_MEMORY = 2 * 1024**3
-# On CUDA, the default budget is this fraction of the device's memory: HOOI time grows with the number
-# of waves (each wave sweeps on its own), so fewer, larger waves are faster.
-CUDA_MEMORY_FRACTION = 0.25
+Number = TypeVar("Number", int, float)
 # Input files read at once by the engine's reader.
 READ_THREADS = 8
 # Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
 ALIGNMENT = 64
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ class ModuleStats:
     out_features: int
     in_features: int
     ranks: tuple[int, ...]
-    output_rank: int
+    written_rank: int
     kept_energy: list[float]
     relative_error: float | None
     sweeps: int | None
@@ -64,74 +60,23 @@ class MergeOutput:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; otherwise the named device."""
+    """`auto` picks CUDA when present; otherwise the named device, refused unless it is the CPU or a CUDA
+    device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def default_max_memory(device: torch.device) -> int:
-    """The per-group memory budget when --max-memory is not given: a quarter of a GPU, else 2 GiB."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not one of: auto, cpu, cuda, cuda:N")
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_MEMORY_FRACTION)
-    return CPU_MAX_MEMORY
-
-
-def bytes_per_module(spec: ModuleSpec, factored_cores: bool = False) -> int:
-    """Peak working memory of one module on the device for the core-space methods (ctm, core, cat, mtc
-    with a linear rule), with the output rank bounded by R: per column of the (out + in) × R factors,
-    the stored factors of this wave and of the one read ahead (2 × 2 bytes in bf16, 8 in float32 worst
-    case: 16), float32 factors (4), two float64 copies alive in the core-space and report steps (16)
-    and the float32 + float64 outputs (12); plus three float64 T × R × R stacks of cores (the cores,
-    their balanced copy, one product), or with `factored_cores` (ctm) ten float64 R × R matrices (the
-    frames, the two core factors and their balanced scales' products, the HOSVD Grams, HOOI's images) and
-    HOOI's extrapolation history (2 × ANDERSON_WINDOW pairs of R × r frames in float64, r taken as the largest
-    input rank, as for the images)."""
-    columns = (spec.out_features + spec.in_features) * spec.total_rank
-    if factored_cores:
-        history = 2 * ANDERSON_WINDOW * 2 * spec.total_rank * max(spec.ranks) * 8
-        return columns * (16 + 4 + 16 + 12) + 10 * spec.total_rank**2 * 8 + history
-    return columns * (16 + 4 + 16 + 12) + 3 * len(spec.ranks) * spec.total_rank**2 * 8
-
-
-def group_bytes(group: list[ModuleSpec], factored_cores: bool = False) -> int:
-    """Planned device memory of a group of same-shaped modules."""
-    return len(group) * bytes_per_module(group[0], factored_cores)
-
-
-def wave_bytes(wave: list[list[ModuleSpec]], factored_cores: bool = False) -> int:
-    """Planned device memory of a wave: its groups' together."""
-    return sum(group_bytes(group, factored_cores) for group in wave)
-
-
-def plan_groups(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[ModuleSpec]]:
-    """Modules of equal shapes and ranks, chunked so that one group fits the memory budget."""
-
-    def shape_key(spec: ModuleSpec) -> tuple:
-        return (spec.out_features, spec.in_features, spec.ranks)
-
-    groups = []
-    for _, members in groupby(sorted(specs, key=shape_key), key=shape_key):
-        members = list(members)
-        size = max(1, max_memory // bytes_per_module(members[0], factored_cores))
-        groups.extend(members[i : i + size] for i in range(0, len(members), size))
-    return groups
-
-
-def plan_waves(specs: list[ModuleSpec], max_memory: int, factored_cores: bool = False) -> list[list[list[ModuleSpec]]]:
-    """The groups of `plan_groups` packed in order into waves that fit the budget together: a wave is read
-    and merged at once, so a method that merges groups together (ctm's one HOOI) sweeps once per wave."""
-    waves: list[list[list[ModuleSpec]]] = []
-    used = 0
-    for group in plan_groups(specs, max_memory, factored_cores):
-        size = group_bytes(group, factored_cores)
-        if waves and used + size <= max_memory:
-            waves[-1].append(group)
-            used += size
-        else:
-            waves.append([group])
-            used = size
-    return waves
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -155,43 +100,6 @@ class _Piece:
         return data[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
 
-class _SafetensorsFile:
-    """Tensors of a safetensors file read with plain reads at the offsets its header gives."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._handle = path.open("rb", buffering=0)
-        try:
-            size = int.from_bytes(self._handle.read(8), "little")
-            header = json.loads(self._handle.read(size))
-        except (OSError, ValueError) as exc:
-            self._handle.close()
-            raise InputError(f"{path}: unreadable safetensors header ({exc})") from exc
-        self._start = 8 + size
-        self._entries = {key: value for key, value in header.items() if key != "__metadata__"}
-
-    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """dtype and shape of a stored tensor."""
-        entry = self._entries[key]
-        return _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
-
-    def read_into(self, key: str, target: torch.Tensor) -> None:
-        """Read the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
-        begin, end = self._entries[key]["data_offsets"]
-        view = memoryview(target.numpy())
-        self._handle.seek(self._start + begin)
-        done = 0
-        while done < end - begin:
-            count = self._handle.readinto(view[done:])
-            if not count:
-                raise InputError(f"{self.path}: ends inside tensor {key} (truncated file?)")
-            done += count
-
-    def close(self) -> None:
-        """Close the file."""
-        self._handle.close()
-
-
 class _AdapterTensors:
     """Tensors of an adapter whose weights are not safetensors (a legacy .bin, already in memory)."""
 
@@ -212,9 +120,9 @@ class _AdapterTensors:
         """Nothing to close."""
 
 
-def _tensor_source(adapter: Adapter) -> _SafetensorsFile | _AdapterTensors:
+def _tensor_source(adapter: Adapter) -> PlainReads | _AdapterTensors:
     if adapter.weights_path.suffix == ".safetensors":
-        return _SafetensorsFile(adapter.weights_path)
+        return PlainReads(adapter.weights_path)
     return _AdapterTensors(adapter)
 
 
@@ -233,7 +141,7 @@ def _aligned(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
 
 
-class _WaveStream:
+class WaveStream:
     """The waves' raw factors in order (one _RawGroup per group, all in one buffer), each next wave read and
     sent to the device by a background thread while the caller merges the current one. Use as a context
     manager."""
@@ -247,7 +155,7 @@ class _WaveStream:
         # the files themselves are read in parallel (file reads release the GIL)
         self._files = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(adapters)), thread_name_prefix="ctm-file")
 
-    def __enter__(self) -> _WaveStream:
+    def __enter__(self) -> WaveStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -290,7 +198,7 @@ class _WaveStream:
     def _read_group(self, group: list[ModuleSpec], pieces: list, buffer: torch.Tensor) -> torch.Tensor:
         """Read one group's factors into their places in `buffer`, one thread per file; its LoRA scales (T, G)."""
 
-        def read_file(source: _SafetensorsFile | _AdapterTensors, adapter: Adapter, rows: list | None) -> None:
+        def read_file(source: PlainReads | _AdapterTensors, adapter: Adapter, rows: list | None) -> None:
             for spec, pair in zip(group, rows, strict=True) if rows is not None else ():
                 module = adapter.modules[spec.name]
                 for key, piece in zip((module.a_key, module.b_key), pair, strict=True):
@@ -336,6 +244,8 @@ def _finite(*tensors: torch.Tensor) -> bool:
 def _task_factors(raw: _RawGroup, task: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, s·B) of one adapter for every module of the group, (G, r_t, in) and (G, out, r_t), float32."""
     rows = raw.pieces[task]
+    if rows is None:
+        raise ValueError(f"input {task} has none of this group's modules")
     a = torch.stack([a_piece.view(raw.data) for a_piece, _ in rows]).to(COMPUTE_DTYPE)
     b = torch.stack([b_piece.view(raw.data) for _, b_piece in rows]).to(COMPUTE_DTYPE)
     return a, b * raw.scales[task].view(-1, 1, 1)
@@ -386,10 +296,12 @@ def _to_output(
 def _merge_wave(
     method: Method, factors: list[FactorGroup], settings: list[MergeSettings], wave: list[list[ModuleSpec]]
 ) -> list[MergeResult]:
-    """Run the method on a wave of groups; a linear-algebra breakdown (extreme values) becomes a clear usage
-    error."""
+    """Run the method on a wave of groups; inputs its rule cannot merge, and a linear-algebra breakdown (extreme
+    values), become a clear usage error."""
     try:
         return method.merge_all(factors, settings)
+    except RuleError as exc:
+        raise UsageError(str(exc)) from exc
     except torch.linalg.LinAlgError as exc:
         raise UsageError(
             f"{_group_label([spec for group in wave for spec in group])}: the merge broke down numerically "
@@ -397,24 +309,18 @@ def _merge_wave(
         ) from exc
 
 
-def _output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
-    """The (A, B) weight keys of a module as the first adapter that has it spells them."""
-    module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
-    return module.a_key, module.b_key
-
-
-def _optional(values: torch.Tensor | None, index: int, kind: type) -> float | int | None:
+def _optional(values: torch.Tensor | None, index: int, kind: Callable[[float], Number]) -> Number | None:
     return None if values is None else kind(values[index].item())
 
 
-def _module_stats(spec: ModuleSpec, result: MergeResult, index: int, output_rank: int, seconds: float) -> ModuleStats:
+def _module_stats(spec: ModuleSpec, result: MergeResult, index: int, written_rank: int, seconds: float) -> ModuleStats:
     """The report's figures for module `index` of a merged group."""
     return ModuleStats(
         name=spec.name,
         out_features=spec.out_features,
         in_features=spec.in_features,
         ranks=spec.ranks,
-        output_rank=output_rank,
+        written_rank=written_rank,
         kept_energy=[float(x) for x in result.kept_energy[index].tolist()],
         relative_error=_optional(result.relative_error, index, float),
         sweeps=_optional(result.sweeps, index, int),
@@ -437,17 +343,18 @@ def merge_modules(
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
     settings = replace(settings, weights=settings.weights.to(device))
-    with _WaveStream(adapters, waves, device) as stream:
+    with WaveStream(adapters, waves, device) as stream:
         for wave, raws in zip(waves, stream, strict=True):
             started = time.perf_counter()
             factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
-            each = [replace(settings, rank=method.output_rank(settings.rank, list(group[0].ranks))) for group in wave]
-            results = _merge_wave(method, factors, each, wave)
+            each = [replace(settings, rank=method.output_rank(settings.rank, group[0].ranks)) for group in wave]
+            with single_threaded(device):  # bit-identical whatever the grouping and thread count
+                results = _merge_wave(method, factors, each, wave)
             outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
             seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
             for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):
                 for index, spec in enumerate(group):
-                    a_key, b_key = _output_keys(adapters, spec.name)
+                    a_key, b_key = output_keys(adapters, spec.name)
                     tensors[a_key] = lora_a[index].contiguous()
                     tensors[b_key] = lora_b[index].contiguous()
                     stats.append(_module_stats(spec, result, index, lora_a.shape[1], seconds))

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
-from ctm_cli.errors import IncompatibleError, InputError, UsageError
+from ctm_cli.errors import IncompatibleError, InputError
+from ctm_cli.recipe import EXTRA_TENSOR_POLICIES
 
-POLICIES = ("drop", "first", "mean")
 BASE_LAYER = ".base_layer."
 SHOWN = 3
 
@@ -53,7 +53,7 @@ def _refuse(key_carriers: dict[str, list[Adapter]]) -> None:
     shown = ", ".join(keys[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
     raise IncompatibleError(
         f"{holder.weights_path}: carries non-LoRA tensors ({shown}) from modules_to_save or saved base layers; "
-        f"ctm will not drop or merge them silently: choose --modules-to-save {'|'.join(POLICIES)}"
+        f"ctm will not drop or merge them silently: choose --modules-to-save {'|'.join(EXTRA_TENSOR_POLICIES)}"
     )
 
 
@@ -67,7 +67,7 @@ def _mean(adapters: list[Adapter], key: str) -> torch.Tensor:
                 "--modules-to-save mean needs equal shapes (choose first or drop)"
             )
     tensors = [_load(adapter, key) for adapter in adapters]
-    total = sum(tensor.to(torch.float64) for tensor in tensors)
+    total = sum((tensor.to(torch.float64) for tensor in tensors), torch.zeros(shapes[0], dtype=torch.float64))
     return (total / len(tensors)).to(functools.reduce(torch.promote_types, (tensor.dtype for tensor in tensors)))
 
 
@@ -99,8 +99,6 @@ def keep_extra_tensors(adapters: list[Adapter], policy: str | None) -> KeptTenso
     Without a policy, base-layer copies that every carrier holds identically are kept (nothing is lost or
     chosen); anything else is refused with a message naming the tensors and the choices.
     """
-    if policy is not None and policy not in POLICIES:
-        raise UsageError(f"--modules-to-save must be one of {', '.join(POLICIES)}, got {policy!r}")
     carriers = _carriers(adapters)
     if policy is None:
         undecided = {

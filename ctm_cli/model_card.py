@@ -3,38 +3,76 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from ctm_cli.untrusted import printable
+
 TAGS = ["lora", "merge", "ctm"]
 # What the Hub accepts as `base_model`: a model id (`gpt2`, `org/name`); a local path is left out of the metadata.
 _MODEL_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# The transformers class that builds the model a PEFT task type adapts (PeftModel then finds every LoRA key).
+TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_IDENTIFIER = re.compile(r"^[A-Za-z_]\w*$")
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclass(frozen=True)
+class LoadingClass:
+    """The class the card's snippet builds the base model with, and the module it is imported from."""
+
+    module: str
+    name: str
+
+
+def loading_class(config: dict[str, Any]) -> LoadingClass:
+    """The model class of an adapter: its `task_type`'s Auto class; without one, the class PEFT recorded in
+    `auto_mapping` (the exact model the adapter was trained on); else AutoModel. Only valid Python names
+    from the config reach the snippet."""
+    task_class = TASK_CLASSES.get(config.get("task_type"))  # type: ignore[arg-type]
+    if task_class:
+        return LoadingClass("transformers", task_class)
+    mapping = config.get("auto_mapping")
+    if isinstance(mapping, dict):
+        name, library = mapping.get("base_model_class"), mapping.get("parent_library")
+        if isinstance(name, str) and isinstance(library, str) and _IDENTIFIER.match(name) and _MODULE.match(library):
+            return LoadingClass("transformers" if library.startswith("transformers.") else library, name)
+    return LoadingClass("transformers", "AutoModel")
 
 
 def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return printable(str(value)).replace("|", "\\|")
 
 
 def _front_matter(report: dict[str, Any]) -> str:
-    bases = {item["base_model"] for item in report["inputs"] if item["base_model"]}
-    base = bases.pop() if len(bases) == 1 else None
+    base = report["settings"].get("base_model")
     data: dict[str, Any] = {"base_model": base} if base and _MODEL_ID.match(base) else {}
     data.update(library_name="peft", tags=TAGS)
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def render_model_card(report: dict[str, Any], model_id: str) -> str:
-    """Model card text for the merge `report`; `model_id` is where users load it from (Hub repo or folder)."""
+def render_model_card(report: dict[str, Any], model_id: str, model_class: LoadingClass | None = None) -> str:
+    """Model card text for the merge `report`; `model_id` is where users load it from (Hub repo or folder),
+    `model_class` what builds the base model (see `loading_class`). Text from the inputs is escaped."""
     settings = report["settings"]
-    base = next((item["base_model"] for item in report["inputs"] if item["base_model"]), "BASE_MODEL")
+    base = settings.get("base_model") or "BASE_MODEL"
+    model_class = model_class or LoadingClass("transformers", "AutoModel")
     params = ", ".join(f"{name}={value}" for name, value in settings["rule_params"].items()) or "none"
+    overridden = " (set with --base-model)" if settings.get("base_model_overridden") else ""
     lines = [
-        _front_matter(report),
         f"# {model_id}",
         "",
-        f"A rank-{settings['rank']} PEFT LoRA adapter of `{base}`, merged from {len(report['inputs'])} adapters "
-        f"by ctm {report['ctm_version']} (method `{settings['method']}`, rule `{settings['rule']}`).",
+        f"A rank-{settings['written_rank']} PEFT LoRA adapter of `{base}`, merged from {len(report['inputs'])} "
+        f"adapters by ctm {report['ctm_version']} (method `{settings['method']}`, rule `{settings['rule']}`).",
         "",
         "## Inputs",
         "",
@@ -48,11 +86,13 @@ def render_model_card(report: dict[str, Any], model_id: str) -> str:
         ("method", settings["method"]),
         ("rule", settings["rule"]),
         ("rule parameters", params),
-        ("rank", settings["rank"]),
+        ("rank", settings["written_rank"]),
+        ("requested rank", settings["requested_rank"]),
         ("beta", settings["beta"]),
         ("seed", settings["seed"]),
         ("dtype", settings["dtype"]),
         ("device", settings["device"]),
+        ("base model", f"{settings.get('base_model')}{overridden}"),
     ]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
@@ -62,9 +102,9 @@ def render_model_card(report: dict[str, Any], model_id: str) -> str:
         "",
         "```python",
         "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM  # or the model class of the adapter's task",
+        f"from {model_class.module} import {model_class.name}",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        f"base = {model_class.name}.from_pretrained({base!r})",
         f"model = PeftModel.from_pretrained(base, {model_id!r})",
         "```",
         "",
@@ -75,4 +115,4 @@ def render_model_card(report: dict[str, Any], model_id: str) -> str:
         "and `merge_report.json`.",
         "",
     ]
-    return "\n".join(lines)
+    return _front_matter(report) + "\n" + "\n".join(printable(line) for line in lines)

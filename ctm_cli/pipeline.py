@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,126 +16,113 @@ import torch
 
 from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
-from ctm_cli.engine import default_max_memory, merge_modules, plan_waves, resolve_device
+from ctm_cli.base_model import BaseModel, resolve_base_model
+from ctm_cli.engine import merge_modules, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
-from ctm_cli.methods import MergeSettings, Method, get_method, resolve_settings
-from ctm_cli.model_card import render_model_card
-from ctm_cli.plan import describe_plan
+from ctm_cli.interrupts import output_written
+from ctm_cli.methods import METHODS, MergeSettings, Method, get_method, resolve_settings
+from ctm_cli.model_card import loading_class, render_model_card
+from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.params import Params
+from ctm_cli.plan import CoreNumbers, default_max_memory, describe_plan, method_core_numbers, plan_waves
 from ctm_cli.publish import check_push_target, push_folder
 from ctm_cli.recipe import DEFAULTS, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
-from ctm_cli.validate import ModuleSpec, check_compatible, check_rank, missing_modules
-from ctm_cli.writer import check_output, write_adapter
+from ctm_cli.validate import check_compatible, missing_modules
+from ctm_cli.writer import check_apart, check_output, write_adapter
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config fields that describe one adapter's training and no longer hold for the merge.
 _RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
 # Config fields that narrow down which of the target modules PEFT wraps.
 _LAYER_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
-
-
-@dataclass
-class MergeRequest:
-    """Everything a merge needs, as given on the command line or in a recipe."""
-
-    sources: list[str]
-    output: Path
-    rank: int = DEFAULTS.rank
-    method: str = DEFAULTS.method
-    rule: str | None = DEFAULTS.rule  # None: the method's default rule
-    rule_params: dict[str, float] = field(default_factory=dict)
-    weights: list[float] | None = None
-    beta: float = DEFAULTS.beta
-    device: str = DEFAULTS.device
-    dtype: str | None = DEFAULTS.dtype
-    seed: int = DEFAULTS.seed
-    max_memory: int | None = None  # bytes per group; None: engine.default_max_memory(device)
-    force: bool = False
-    revisions: list[str | None] | None = None
-    push_to_hub: str | None = None
-    private: bool = False
-    modules_to_save: str | None = None
-    allow_missing: bool = False
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, **options: Any) -> MergeRequest:
-        """The request for a recipe; `options` are the run options (force, max_memory, push_to_hub, private)."""
-        if recipe.output is None:
-            raise UsageError("no output folder: give -o/--output, or `output:` in the recipe")
-        return cls(
-            sources=[a.source for a in recipe.adapters],
-            revisions=[a.revision for a in recipe.adapters],
-            weights=[a.weight for a in recipe.adapters],
-            output=Path(recipe.output),
-            rank=recipe.rank,
-            method=recipe.method,
-            rule=recipe.rule,
-            rule_params=dict(recipe.params),
-            beta=recipe.beta,
-            device=recipe.device,
-            dtype=recipe.dtype,
-            seed=recipe.seed,
-            modules_to_save=recipe.modules_to_save,
-            allow_missing=recipe.allow_missing,
-            **options,
-        )
+# PEFT task types whose model class adds the task's head to modules_to_save and loads it from the adapter.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """A merge after every check that needs no math: sources resolved, adapters read, settings validated."""
+class MergeRequest:
+    """A merge as asked: the recipe (what to merge, and how), and how to run it."""
+
+    recipe: Recipe
+    max_memory_mib: int | None = None  # working memory per wave; None: plan.default_max_memory(device)
+    force: bool = False  # replace an existing output folder
+    push_to_hub: str | None = None  # upload the output to this Hub repo
+    private: bool = False  # create that repo as private
+
+
+@dataclass(frozen=True)
+class PreparedMerge:
+    """A merge after every check that needs no math: settings resolved, sources located, adapters read and checked
+    together, modules planned in waves. What `plan_merge` describes and `run_merge` carries out."""
 
     request: MergeRequest
+    output: Path
     method: Method
-    rule: Rule
-    method_params: dict[str, float]
-    rule_params: dict[str, float]
+    rule: Rule[Any]
+    method_params: Params
+    rule_params: Params
     sources: list[ResolvedSource]
     adapters: list[Adapter]
     specs: list[ModuleSpec]
     kept: KeptTensors
+    core_numbers: CoreNumbers  # the method's core-space memory per module, for the plan
     waves: list[list[list[ModuleSpec]]]
-    weights: list[float]
     device: torch.device
     output_dtype: torch.dtype
+    base_model: BaseModel
+    task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
+    warnings: list[str]
+    started: float  # time.perf_counter() when preparing began: the report's `seconds` count from there
+
+    @property
+    def requested_rank(self) -> int:
+        """The rank asked for (`--rank`, the recipe's `rank`)."""
+        return self.request.recipe.rank
+
+    @property
+    def weights(self) -> list[float]:
+        """Each input's weight."""
+        return [entry.weight for entry in self.request.recipe.adapters]
+
+    def written_ranks(self) -> dict[str, int]:
+        """The rank each module is written with: the requested one, or the method's own (cat: R, ...)."""
+        return {spec.name: self.method.output_rank(self.requested_rank, spec.ranks) for spec in self.specs}
 
     def settings(self) -> dict[str, Any]:
         """The resolved settings as the report and the plan show them."""
+        recipe = self.request.recipe
         return {
             "method": self.method.name,
             "rule": self.rule.name,
-            "method_params": self.method_params,
-            "rule_params": self.rule_params,
-            "rank": self.request.rank,
-            "beta": self.request.beta,
+            "method_params": dict(self.method_params),
+            "rule_params": dict(self.rule_params),
+            "requested_rank": self.requested_rank,
+            "written_rank": adapter_rank(self.written_ranks()),
+            "beta": recipe.beta,
             "weights": self.weights,
-            "seed": self.request.seed,
+            "seed": recipe.seed,
             "device": str(self.device),
             "dtype": str(self.output_dtype).removeprefix("torch."),
+            "base_model": self.base_model.name,
+            "base_model_overridden": self.base_model.overridden,
         }
 
     def recipe(self) -> Recipe:
         """The recipe that repeats this merge exactly: resolved settings, Hub inputs pinned to their commits."""
-        request = self.request
-        return Recipe(
+        recipe = self.request.recipe
+        return replace(
+            recipe,
             adapters=tuple(
                 AdapterEntry(source.name, weight, source.commit)
                 for source, weight in zip(self.sources, self.weights, strict=True)
             ),
-            method=self.method.name,
             rule=self.rule.name,
-            rank=request.rank,
             params={**self.method_params, **self.rule_params},
-            beta=request.beta,
-            seed=request.seed,
             dtype=str(self.output_dtype).removeprefix("torch."),
-            device=request.device,
-            output=str(request.output),
-            modules_to_save=request.modules_to_save,
-            allow_missing=request.allow_missing,
+            output=str(self.output),
         )
 
     def inputs(self) -> list[dict[str, Any]]:
@@ -148,22 +134,29 @@ class _Prepared:
         ]
 
 
-def _check_weights(weights: list[float] | None, count: int) -> list[float]:
-    if weights is None:
-        return [1.0] * count
-    if len(weights) != count:
-        raise UsageError(f"--weights has {len(weights)} values but there are {count} adapters")
-    bad = [w for w in weights if not math.isfinite(w)]
-    if bad:
-        raise UsageError(f"--weights must be finite numbers, got {bad[0]}")
-    return weights
+def adapter_rank(ranks: dict[str, int]) -> int:
+    """The `r` of an adapter whose modules have these ranks: the most common one (the others go in rank_pattern)."""
+    return Counter(ranks.values()).most_common(1)[0][0]
+
+
+def _output_path(output: str | None) -> Path:
+    if output is None:
+        raise UsageError("no output folder: give -o/--output, or `output:` in the recipe")
+    if output == "":
+        raise UsageError("the output folder is an empty name (-o \"\" or `output: \"\"`: an unset variable?)")
+    return Path(output)
+
+
+def _check_run_options(request: MergeRequest) -> None:
+    if request.private and request.push_to_hub is None:
+        raise UsageError("--private only applies with --push-to-hub")
+    if request.max_memory_mib is not None and request.max_memory_mib <= 0:
+        raise UsageError(f"--max-memory must be a positive number of MiB, got {request.max_memory_mib}")
 
 
 def _output_dtype(adapters: list[Adapter], requested: str | None) -> torch.dtype:
     if requested is not None:
-        if requested not in DTYPES:
-            raise UsageError(f"--dtype {requested!r} is not one of: {', '.join(DTYPES)}")
-        return DTYPES[requested]
+        return getattr(torch, requested)
     found = set().union(*(a.dtypes() for a in adapters))
     return found.pop() if len(found) == 1 else torch.float32
 
@@ -181,7 +174,8 @@ def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
     lists = [a.config.get("target_modules") for a in adapters]
     targets = lists[0]
     compact = (
-        all(isinstance(t, list) and sorted(t) == sorted(targets) for t in lists)
+        isinstance(targets, list)
+        and all(isinstance(t, list) and sorted(t) == sorted(targets) for t in lists)
         and all(set(a.modules) == set(names) for a in adapters)
         and not any(a.config.get(key) for a in adapters for key in _LAYER_FIELDS)
         and all(_listed(path, targets) for path in paths)
@@ -189,11 +183,14 @@ def _targeting(adapters: list[Adapter], names: list[str]) -> dict[str, Any]:
     return {"target_modules": targets if compact else paths, **dict.fromkeys(_LAYER_FIELDS)}
 
 
-def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None) -> dict[str, Any]:
+def output_config(
+    adapters: list[Adapter], ranks: dict[str, int], modules_to_save: list[str] | None, decided: dict[str, Any]
+) -> dict[str, Any]:
     """The merged adapter's config: the first input's fields, with the written ranks, scale 1 everywhere
     (alpha = r, per module through rank/alpha patterns where a module's rank differs), targets that wrap
-    exactly the merged modules, and the `modules_to_save` of the kept non-LoRA tensors."""
-    rank = Counter(ranks.values()).most_common(1)[0][0]
+    exactly the merged modules, the `modules_to_save` of the kept non-LoRA tensors, and the `decided`
+    fields (base model, task type)."""
+    rank = adapter_rank(ranks)
     pattern = {re.escape(n.removeprefix(MODEL_PREFIX)): r for n, r in ranks.items() if r != rank}
     config = dict(adapters[0].config)
     config.update(_RESET_FIELDS)
@@ -206,30 +203,56 @@ def output_config(adapters: list[Adapter], ranks: dict[str, int], modules_to_sav
         modules_to_save=modules_to_save,
         fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
     )
+    config.update(decided)
     return config
 
 
-def _prepare(request: MergeRequest) -> _Prepared:
-    """Validate the settings, resolve and read the sources, check they fit together, group the modules."""
-    method = get_method(request.method)
-    rule = get_rule(request.rule or method.default_rule)
-    method_params, rule_params = resolve_settings(method, rule, request.rule_params)
-    if not 0.0 <= request.beta <= 1.0:
-        raise UsageError(f"--beta must be in [0, 1], got {request.beta}")
-    check_output(request.output, request.force)
+def _task_type(adapters: list[Adapter], kept: KeptTensors) -> tuple[str | None, list[str]]:
+    """The task type the output config can carry, and a warning when it cannot keep the inputs': PEFT's
+    classification and question-answering models load their head from the adapter, so an adapter without its
+    head is written as a plain (task-less) LoRA that PEFT loads onto any model class."""
+    task_type = adapters[0].config.get("task_type")
+    if task_type not in _HEAD_TASKS or kept.modules_to_save:
+        return task_type, []
+    return None, [
+        f"task_type {task_type} written as null: PEFT loads a {task_type} adapter only with its head, which is "
+        "not in the merged adapter; loaded onto a model of that task, it keeps the model's own head"
+    ]
+
+
+def prepare(request: MergeRequest) -> PreparedMerge:
+    """Check a request and everything it names, without merging: the settings, the sources (resolved, Hub ones
+    downloaded), the adapters (read, and checked to fit together), the output; then plan the modules in waves."""
+    started = time.perf_counter()
+    recipe = request.recipe
+    _check_run_options(request)
+    output = _output_path(recipe.output)
+    recipe.check()
+    method = get_method(recipe.method)
+    rule = get_rule(recipe.rule or method.default_rule)
+    method_params, rule_params = resolve_settings(method, rule, recipe.params)
+    if recipe.beta != DEFAULTS.beta and not method.uses_beta:
+        users = ", ".join(sorted(name for name, other in METHODS.items() if other.uses_beta))
+        raise UsageError(
+            f"--beta {recipe.beta} has no effect with method {method.name} (β acts on: {users}); leave it at 1"
+        )
+    device = resolve_device(recipe.device)
+    check_output(output, request.force)
     if request.push_to_hub is not None:
         check_push_target(request.push_to_hub)
-    revisions = request.revisions or [None] * len(request.sources)
-    sources = [locate_source(source, revision) for source, revision in zip(request.sources, revisions, strict=True)]
+    sources = [locate_source(entry.source, entry.revision) for entry in recipe.adapters]
+    check_apart(output, [(source.source, source.folder) for source in sources])
     adapters = [Adapter(source.folder, source.source) for source in sources]
-    specs = check_compatible(adapters, request.allow_missing)
-    kept = keep_extra_tensors(adapters, request.modules_to_save)
-    weights = _check_weights(request.weights, len(adapters))
-    check_rank(specs, request.rank, method, rule)
-    device = resolve_device(request.device)
-    max_memory = request.max_memory if request.max_memory is not None else default_max_memory(device)
-    return _Prepared(
+    base_model = resolve_base_model(adapters, recipe.base_model)
+    specs = check_compatible(adapters, recipe.allow_missing)
+    kept = keep_extra_tensors(adapters, recipe.modules_to_save)
+    task_type, task_warnings = _task_type(adapters, kept)
+    method.check_rank(specs, recipe.rank, rule)
+    core_numbers = method_core_numbers(method, recipe.rank, method_params)
+    budget = default_max_memory(device) if request.max_memory_mib is None else request.max_memory_mib * 1024**2
+    return PreparedMerge(
         request=request,
+        output=output,
         method=method,
         rule=rule,
         method_params=method_params,
@@ -238,26 +261,35 @@ def _prepare(request: MergeRequest) -> _Prepared:
         adapters=adapters,
         specs=specs,
         kept=kept,
-        waves=plan_waves(specs, max_memory, method.factored_cores),
-        weights=weights,
+        core_numbers=core_numbers,
+        waves=plan_waves(specs, budget, core_numbers),
         device=device,
-        output_dtype=_output_dtype(adapters, request.dtype),
+        output_dtype=_output_dtype(adapters, recipe.dtype),
+        base_model=base_model,
+        task_type=task_type,
+        warnings=[*base_model.warnings, *task_warnings],
+        started=started,
     )
 
 
-def plan_merge(request: MergeRequest) -> dict:
-    """What `run_merge` would do, for --dry-run: every check runs, nothing is merged or written."""
-    prepared = _prepare(request)
+def plan_merge(prepared: PreparedMerge) -> dict:
+    """What `run_merge` would do, for --dry-run: every check has run, nothing is merged or written."""
     plan = describe_plan(
-        prepared.adapters[0], prepared.specs, prepared.waves, prepared.method, request.rank, prepared.output_dtype
+        prepared.adapters,
+        prepared.specs,
+        prepared.waves,
+        prepared.written_ranks(),
+        prepared.output_dtype,
+        prepared.core_numbers,
     )
     return {
         "dry_run": True,
-        "output": str(request.output),
-        "push_to_hub": request.push_to_hub,
+        "output": str(prepared.output),
+        "push_to_hub": prepared.request.push_to_hub,
         "settings": prepared.settings(),
         "inputs": prepared.inputs(),
         "recipe": recipe_data(prepared.recipe()),
+        "warnings": prepared.warnings,
         **plan,
     }
 
@@ -285,18 +317,19 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
     return result
 
 
-def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progress: Callable[[int], None]) -> dict:
-    """Run one merge end to end and return its report; nothing is written unless it all succeeds."""
-    started = time.perf_counter()
-    prepared = _prepare(request)
+def run_merge(
+    prepared: PreparedMerge, on_start: Callable[[int], None], on_progress: Callable[[int], None]
+) -> dict:
+    """Carry out a prepared merge and return its report; nothing is written unless it all succeeds."""
+    request, recipe = prepared.request, prepared.request.recipe
     settings = MergeSettings(
-        rank=request.rank,
+        rank=recipe.rank,
         rule=prepared.rule,
         rule_params=prepared.rule_params,
         method_params=prepared.method_params,
         weights=torch.tensor(prepared.weights, dtype=torch.float64),
-        beta=request.beta,
-        generator=torch.Generator().manual_seed(request.seed),
+        beta=recipe.beta,
+        generator=torch.Generator().manual_seed(recipe.seed),
     )
     on_start(len(prepared.specs))
     hashed_inputs = _in_background(prepared.inputs)  # the inputs' sha256 for the report, hashed while the merge runs
@@ -309,33 +342,37 @@ def run_merge(request: MergeRequest, on_start: Callable[[int], None], on_progres
         prepared.output_dtype,
         on_progress,
     )
-    ranks = {s.name: s.output_rank for s in merged.stats}
-    config = output_config(prepared.adapters, ranks, prepared.kept.modules_to_save)
-    report_settings = {**prepared.settings(), "rank": config["r"]}
+    ranks = {s.name: s.written_rank for s in merged.stats}
+    decided = {"base_model_name_or_path": prepared.base_model.name, "task_type": prepared.task_type}
+    config = output_config(prepared.adapters, ranks, prepared.kept.modules_to_save, decided)
+    report_settings = prepared.settings()
     inputs = hashed_inputs()
-    recipe = prepared.recipe()
-    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - started)
-    report["recipe"] = recipe_data(recipe)
+    repeat = prepared.recipe()
+    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - prepared.started)
+    report["recipe"] = recipe_data(repeat)
     report["extra_tensors"] = prepared.kept.report
+    report["warnings"] = prepared.warnings
     metadata = {
         "format": "pt",
         "ctm_version": __version__,
         "ctm_settings": json.dumps(report_settings, sort_keys=True),
         "ctm_inputs": json.dumps([{"source": i["source"], "sha256": i["sha256"]} for i in inputs]),
     }
+    model_id = request.push_to_hub or prepared.output.absolute().name
     write_adapter(
-        request.output,
+        prepared.output,
         merged.tensors | prepared.kept.tensors,
         config,
         metadata,
         {
             "merge_report.json": json.dumps(report, indent=2) + "\n",
             "merge_report.md": render_markdown(report),
-            "recipe.yaml": dump_recipe(recipe),
-            "README.md": render_model_card(report, request.push_to_hub or request.output.absolute().name),
+            "recipe.yaml": dump_recipe(repeat),
+            "README.md": render_model_card(report, model_id, loading_class(prepared.adapters[0].config)),
         },
         request.force,
     )
     if request.push_to_hub is not None:
-        report["pushed_to"] = push_folder(request.output, request.push_to_hub, request.private)
+        with output_written(prepared.output):
+            report["pushed_to"] = push_folder(prepared.output, request.push_to_hub, request.private)
     return report

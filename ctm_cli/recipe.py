@@ -1,27 +1,19 @@
-"""The YAML recipe of a merge: schema, validation with errors that name the key and line, flags on top, dump.
+"""The recipe of a merge: one schema for every setting (`Recipe`, whose fields say how each is given on the
+command line and which values it takes), read from YAML with errors that name the file, line and key, with
+the flags a user typed on top, checked, and dumped back.
 
-Schema (every key but `adapters` is optional; defaults as for `ctm merge`):
-
-    adapters:                     # two or more
-      - source: org/name          # local folder or Hub repo (`org/name@rev`, `hf://org/name[@rev][/sub]`)
-        weight: 1.0               # default 1.0
-        revision: main            # Hub branch, tag or commit
-    method: ctm
-    rule: ta
-    rank: 16
-    params: {lambda: 1.0}         # rule parameters
-    beta: 1.0
-    seed: 0
-    dtype: null                   # float32 | float16 | bfloat16 | null (the inputs' dtype)
-    device: auto
-    output: merged/
+The command line's options (`ctm merge --rank ...`) are built from the same fields (cli.py), so a setting is
+declared once, here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field, fields, replace
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,10 +23,63 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ctm_cli import __version__
 from ctm_cli.errors import UsageError
+from ctm_cli.untrusted import TooLargeError, read_limited
 
 ADAPTER_KEYS = ("source", "weight", "revision")
-_STRING_TAG = "tag:yaml.org,2002:str"
-_NULL_TAG = "tag:yaml.org,2002:null"
+_YAML_TAG = "tag:yaml.org,2002:"
+_STRING_TAG = _YAML_TAG + "str"
+_NULL_TAG = _YAML_TAG + "null"
+# The YAML tags a recipe may hold (what plain YAML resolves to); any other (`!!python/name:...`, `!!binary`, a
+# local `!tag`) is refused by name.
+_ALLOWED_TAGS = {
+    _YAML_TAG + name for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")
+}
+RECIPE_LIMIT = 16 * 1024**2  # bytes read of a recipe at most: a recipe is small; /dev/zero is not a recipe
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype writes
+EXTRA_TENSOR_POLICIES = ("drop", "first", "mean")  # what --modules-to-save does with non-LoRA tensors
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a recipe field is given on the command line (`flags`, none for the fields with a form of their own:
+    adapters, params), what it means, and which values it takes (`choices`, or `check` giving the problem with a
+    value). A value of None (the YAML `null`) always stands for the default behaviour."""
+
+    help: str
+    flags: tuple[str, ...] = ()
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value`, or None."""
+        if value is None:
+            return None
+        if self.choices and value not in self.choices:
+            return f"{value!r} is not one of: {', '.join(self.choices)}"
+        return self.check(value) if self.check is not None else None
+
+
+def setting(default: Any, help: str, *flags: str, **options: Any) -> Any:
+    """A field of `Recipe`: its default and its `Setting` (help, flags, and metavar, choices or check)."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, flags, **options)})
+
+
+def _rank_problem(rank: int) -> str | None:
+    return None if rank >= 0 else f"must be 0 (full rank: core, knots) or positive, got {rank}"
+
+
+def _beta_problem(beta: float) -> str | None:
+    return None if 0.0 <= beta <= 1.0 else f"must be in [0, 1], got {beta}"
+
+
+def _seed_problem(seed: int) -> str | None:
+    return None if SEED_RANGE[0] <= seed <= SEED_RANGE[1] else f"must be from -2**63 to 2**64-1, got {seed}"
+
+
+def _name_problem(name: str) -> str | None:
+    return None if name.strip() else f"needs a model name or path, got {name!r}"
 
 
 @dataclass(frozen=True)
@@ -50,21 +95,63 @@ class AdapterEntry:
 class Recipe:
     """Everything that determines a merge's result; the defaults are `ctm merge`'s defaults."""
 
-    adapters: tuple[AdapterEntry, ...] = ()
-    method: str = "ctm"
-    rule: str | None = None  # None: the method's default rule (iso_c for ctm, ta for the others)
-    rank: int = 16
-    params: dict[str, float] = field(default_factory=dict)
-    beta: float = 1.0
-    seed: int = 0
-    dtype: str | None = None
-    device: str = "auto"
-    output: str | None = None
-    modules_to_save: str | None = None
-    allow_missing: bool = False
+    adapters: tuple[AdapterEntry, ...] = setting((), "the inputs: SOURCE arguments, their weights --weights")
+    method: str = setting("ctm", "Merge method (see `ctm methods`).", "--method", "-m", metavar="NAME")
+    rule: str | None = setting(
+        None, "Merging rule (see `ctm methods`; default: the method's own, tsv for ctm).", "--rule", metavar="NAME"
+    )
+    rank: int = setting(
+        16,
+        "Requested rank of the merged adapter (0 = full rank R: core, knots; cat and robustmerge set their own).",
+        "--rank",
+        "-r",
+        check=_rank_problem,
+    )
+    params: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata={"setting": Setting("rule and method parameters: --param NAME=X, --lambda X")}
+    )
+    beta: float = setting(1.0, "CtM balancing β in [0, 1] (1 = off, 0 = equal tasks).", "--beta", check=_beta_problem)
+    seed: int = setting(0, "Seed for rules that use randomness.", "--seed", check=_seed_problem)
+    dtype: str | None = setting(
+        None, "Output dtype (float32, float16, bfloat16; default: the inputs').", "--dtype", choices=DTYPE_NAMES
+    )
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", "--device")
+    output: str | None = setting(None, "Output folder (or `output:` in the recipe).", "--output", "-o")
+    modules_to_save: str | None = setting(
+        None,
+        "Non-LoRA tensors (heads): drop, first or mean (default: refuse).",
+        "--modules-to-save",
+        choices=EXTRA_TENSOR_POLICIES,
+    )
+    allow_missing: bool = setting(
+        False, "Merge a module some adapters lack as a zero update for them.", "--allow-missing"
+    )
+    base_model: str | None = setting(
+        None,
+        "Base model to record in the output when the inputs name it differently or not at all (then their names "
+        "are not compared; module shapes still are).",
+        "--base-model",
+        metavar="NAME",
+        check=_name_problem,
+    )
+
+    def check(self) -> None:
+        """Refuse a value no merge can use, naming its flag (the YAML reader names file, line and key instead)."""
+        for name, (_, spec) in SCHEMA.items():
+            problem = spec.problem(getattr(self, name)) if spec.flags else None
+            if problem:
+                raise UsageError(f"{spec.flags[0]} {problem}")
+        bad = [entry.weight for entry in self.adapters if not math.isfinite(entry.weight)]
+        if bad:
+            raise UsageError(f"--weights must be finite numbers, got {bad[0]}")
 
 
-RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
+# Every field: (its type, its Setting), in the schema's order.
+SCHEMA: dict[str, tuple[Any, Setting]] = {
+    field.name: (typing.get_type_hints(Recipe)[field.name], field.metadata["setting"])
+    for field in dataclasses.fields(Recipe)
+}
+RECIPE_KEYS = tuple(SCHEMA)
 DEFAULTS = Recipe()
 
 
@@ -101,6 +188,8 @@ class _Reader:
         """A scalar as written (so `revision: 2024` is the tag "2024", not a number)."""
         if not isinstance(node, ScalarNode) or node.tag == _NULL_TAG or node.value == "":
             self.fail(node, key, f"expected text, got {_describe(node)}")
+        if "\x00" in node.value:  # no path or name holds one; the OS would refuse it later
+            self.fail(node, key, "contains a NUL character")
         return node.value
 
     def optional_text(self, node: Node, key: str) -> str | None:
@@ -129,7 +218,29 @@ class _Reader:
         return value
 
     def _scalar(self, node: Node) -> Any:
-        return self._constructor.construct_object(node, deep=True) if isinstance(node, ScalarNode) else None
+        """The scalar's value, or None for anything that is not a well-formed scalar (`!!int abc`)."""
+        if not isinstance(node, ScalarNode):
+            return None
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+            return None
+
+    def refuse_odd_tags(self, document: Node) -> None:
+        """Refuse, by line and name, any YAML tag beyond plain YAML's (every node visited once, aliases too)."""
+        pending, seen = [document], set()
+        while pending:
+            node = pending.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.tag not in _ALLOWED_TAGS:
+                tag = "!!" + node.tag.removeprefix(_YAML_TAG) if node.tag.startswith(_YAML_TAG) else node.tag
+                raise UsageError(f"{self.name}:{node.start_mark.line + 1}: YAML tag {tag} is not allowed in a recipe")
+            if isinstance(node, MappingNode):
+                pending.extend(item for pair in node.value for item in pair)
+            elif isinstance(node, SequenceNode):
+                pending.extend(node.value)
 
 
 def _describe(node: Node) -> str:
@@ -161,27 +272,32 @@ def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
     return tuple(entries)
 
 
+# The reader of each setting's type.
+_READERS: dict[Any, Callable[[_Reader, Node, str], Any]] = {
+    str: _Reader.text,
+    str | None: _Reader.optional_text,
+    int: _Reader.integer,
+    float: _Reader.number,
+    bool: _Reader.boolean,
+}
+
+
 def _settings(reader: _Reader, values: dict[str, Node]) -> dict[str, Any]:
-    readers = {
-        "method": reader.text,
-        "rule": reader.optional_text,
-        "rank": reader.integer,
-        "beta": reader.number,
-        "seed": reader.integer,
-        "dtype": reader.optional_text,
-        "device": reader.text,
-        "output": reader.optional_text,
-        "modules_to_save": reader.optional_text,
-        "allow_missing": reader.boolean,
-    }
-    settings = {key: read(values[key], key) for key, read in readers.items() if key in values}
-    if "params" in values:
-        params = reader.mapping(values["params"], "params", None)
-        settings["params"] = {name: reader.number(node, f"params.{name}") for name, node in params.items()}
-    if settings.get("rank", 1) < 0:
-        reader.fail(values["rank"], "rank", f"must be 0 (full rank: core, knots) or positive, got {settings['rank']}")
-    if not 0.0 <= settings.get("beta", 1.0) <= 1.0:
-        reader.fail(values["beta"], "beta", f"must be in [0, 1], got {settings['beta']}")
+    """The recipe's settings (all keys but `adapters`), each read by its type and checked by its Setting."""
+    settings: dict[str, Any] = {}
+    for name, node in values.items():
+        kind, spec = SCHEMA[name]
+        if name == "adapters":
+            continue
+        if name == "params":
+            params = reader.mapping(node, "params", None)
+            settings["params"] = {key: reader.number(value, f"params.{key}") for key, value in params.items()}
+            continue
+        value = _READERS[kind](reader, node, name)
+        problem = spec.problem(value)
+        if problem:
+            reader.fail(node, name, problem)
+        settings[name] = value
     return settings
 
 
@@ -193,9 +309,12 @@ def parse_recipe(text: str, name: str) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark is not None else name
         raise UsageError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{name}: not a recipe (lists or mappings nested too deeply)") from exc
     if document is None:
         raise UsageError(f"{name}: empty recipe (it needs at least `adapters:`)")
     reader = _Reader(name)
+    reader.refuse_odd_tags(document)
     values = reader.mapping(document, "", RECIPE_KEYS)
     if "adapters" not in values:
         reader.fail(document, "adapters", "missing (list two or more adapters, each with a `source:`)")
@@ -205,8 +324,8 @@ def parse_recipe(text: str, name: str) -> Recipe:
 def load_recipe(path: Path) -> Recipe:
     """A recipe from a YAML file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_limited(path, RECIPE_LIMIT).decode("utf-8")
+    except (OSError, UnicodeDecodeError, TooLargeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"{path}: cannot read the recipe ({reason})") from exc
     return parse_recipe(text, str(path))
@@ -232,6 +351,28 @@ def build_recipe(config: Path | None, given: dict[str, Any]) -> Recipe:
     if not recipe.adapters:
         raise UsageError("no adapters: give two or more adapter folders or Hub repos, or --config RECIPE")
     return recipe
+
+
+def parse_weights(text: str) -> list[float]:
+    """`--weights` as typed: comma-separated numbers, one per adapter."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise UsageError(f"--weights expects comma-separated numbers, got {text!r}") from exc
+
+
+def parse_params(items: list[str]) -> dict[str, float]:
+    """`--param NAME=NUMBER` values as typed (repeatable), by name."""
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            params[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UsageError(f"--param expects NAME=NUMBER, got {item!r}")
+    return params
 
 
 def recipe_data(recipe: Recipe) -> dict[str, Any]:

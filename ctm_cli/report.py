@@ -11,6 +11,7 @@ from typing import Any
 from ctm_cli import __version__
 from ctm_cli.adapter import Adapter
 from ctm_cli.engine import ModuleStats
+from ctm_cli.untrusted import printable
 
 WORST_SHOWN = 5
 
@@ -60,7 +61,7 @@ def build_report(
         "inputs": inputs,
         "summary": {
             "modules": len(stats),
-            "output_rank": settings["rank"],
+            "written_rank": settings["written_rank"],
             "mean_kept_energy_per_input": per_adapter,
             "mean_relative_error": _mean(errors),
             "max_relative_error": max(errors) if errors else None,
@@ -74,6 +75,12 @@ def build_report(
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def _requested(settings: dict[str, Any]) -> str:
+    """The requested rank, where the written one differs (methods that set their own rank)."""
+    requested = settings["requested_rank"]
+    return f" (requested {requested})" if requested != settings["written_rank"] else ""
 
 
 def _error_line(settings: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -110,17 +117,19 @@ def _quirk_lines(report: dict[str, Any]) -> list[str]:
         f"- non-LoRA tensor {entry['key']}: {entry['action']} ({', '.join(entry['from'])})"
         for entry in report.get("extra_tensors", [])
     ]
+    lines += [f"- warning: {warning}" for warning in report.get("warnings", [])]
     return ["", "Quirks handled:", "", *lines] if lines else []
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """A short human summary: settings, inputs, totals and the worst modules first."""
+    """A short human summary: settings, inputs, totals and the worst modules first (text from the inputs
+    escaped: no control characters)."""
     settings, summary = report["settings"], report["summary"]
     lines = [
         "# ctm merge report",
         "",
         f"- method **{settings['method']}**, rule **{settings['rule']}** {settings['rule_params']}, "
-        f"output rank **{summary['output_rank']}**, β = {settings['beta']}",
+        f"rank **{summary['written_rank']}**{_requested(settings)}, β = {settings['beta']}",
         f"- {summary['modules']} modules merged in {summary['seconds']:.2f} s on {settings['device']} "
         f"(ctm {report['ctm_version']})",
         _error_line(settings, summary),
@@ -148,4 +157,4 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     lines += _quirk_lines(report)
     lines += ["", "Per-module figures are in merge_report.json.", ""]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -53,13 +53,31 @@ def parse_hub_ref(source: str, revision: str | None = None) -> HubRef | None:
     named = match["revision"]
     if named and revision and named != revision:
         raise UsageError(f"{source}: names revision {named!r} but revision {revision!r} is also given")
+    for what, value in (("subfolder", match["subfolder"]), ("revision", named or revision)):
+        if value is not None and _escapes(value):
+            raise InputError(f"{source}: {what} {value!r} would lead outside the Hub repository; refused")
     return HubRef(match["repo"], named or revision, match["subfolder"])
+
+
+def _escapes(relative: str) -> bool:
+    """Whether a subfolder or revision could name a path outside its repository in the Hub cache: absolute,
+    with `..`, `.` or empty parts, backslashes or control characters."""
+    parts = relative.split("/")
+    return (
+        relative.startswith("/")
+        or "\\" in relative
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(char) < 32 or ord(char) == 127 for char in relative)
+    )
 
 
 def locate_source(source: str, revision: str | None = None) -> ResolvedSource:
     """A local folder for `source`; an existing local path always wins over a Hub repo id."""
     path = Path(source).expanduser()
-    looks_local = path.exists() or source.startswith((".", "/", "~"))
+    try:
+        looks_local = path.exists() or source.startswith((".", "/", "~"))
+    except OSError as exc:  # a name the file system refuses to look up (too long, ...)
+        raise InputError(f"{source}: not a usable path ({exc.strerror})") from exc
     hub = parse_hub_ref(source, revision) if source.startswith(HUB_PREFIX) or not looks_local else None
     if hub is None:
         if source.startswith(HUB_PREFIX):

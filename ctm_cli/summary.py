@@ -10,6 +10,7 @@ import torch
 
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.core_space import core_space
+from ctm_cli.errors import InputError
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -22,9 +23,10 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 
 def update_spectrum(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """Singular values of s·B·A from its r × r core, without forming the out × in product."""
-    b32, a32 = (b.to(torch.float32) * scale).unsqueeze(0), a.to(torch.float32).unsqueeze(0)
-    space = core_space(b32, a32, [a.shape[0]])
+    """Singular values of s·B·A from its r × r core, without forming the out × in product (in float64, where
+    the largest float32 factors and scales cannot overflow)."""
+    b64, a64 = (b.to(torch.float64) * scale).unsqueeze(0), a.to(torch.float64).unsqueeze(0)
+    space = core_space(b64, a64, [a.shape[0]])
     return torch.linalg.svdvals(space.cores[0, 0])
 
 
@@ -40,6 +42,8 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     parameters = 0
     for name, module in adapter.modules.items():
         a, b = adapter.factors(name)
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise InputError(f"{adapter.weights_path}: module {name} has NaN or infinite values")
         parameters += a.numel() + b.numel()
         spectrum = update_spectrum(a, b, module.scale)
         modules.append(

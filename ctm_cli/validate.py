@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from ctm_cli.adapter import CONFIG_NAME, Adapter
 from ctm_cli.errors import IncompatibleError, InputError, UsageError
-from ctm_cli.methods import Method
-from ctm_cli.rules import Rule
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """A module present in every adapter: its shape and each adapter's rank."""
-
-    name: str
-    out_features: int
-    in_features: int
-    ranks: tuple[int, ...]
-    embedding: bool
-
-    @property
-    def total_rank(self) -> int:
-        """R = Σ r_t for this module."""
-        return sum(self.ranks)
-
+from ctm_cli.module_spec import ModuleSpec
 
 # Tensors of LoRA variants that a plain LoRA cannot express: (pattern of the key, config flag, what it is).
 _UNSUPPORTED = (
@@ -56,7 +37,8 @@ def _missing_message(holder: Adapter, lacking: Adapter, names: list[str]) -> str
 
 
 def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> list[ModuleSpec]:
-    """The modules to merge, after checking base model, module sets and shapes agree across adapters.
+    """The modules to merge, after checking module sets and shapes agree across adapters (base models are
+    compared by base_model.resolve_base_model).
 
     With `allow_missing`, a module some adapters lack is merged with rank 0 (a zero update) for them.
     """
@@ -64,10 +46,6 @@ def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> li
         raise UsageError("a merge needs at least two adapters")
     for adapter in adapters:
         _refuse_unsupported(adapter)
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1:
-        listing = "; ".join(f"{a.source}: {a.base_model}" for a in adapters)
-        raise IncompatibleError(f"adapters were trained on different base models ({listing})")
     names = sorted(set().union(*(a.modules for a in adapters)))
     if not allow_missing:
         for holder in adapters:
@@ -106,27 +84,3 @@ def check_compatible(adapters: list[Adapter], allow_missing: bool = False) -> li
 def missing_modules(adapters: list[Adapter], specs: list[ModuleSpec]) -> list[list[str]]:
     """Per adapter, the merged modules it lacks (merged as zero updates with --allow-missing)."""
     return [[spec.name for spec in specs if spec.name not in adapter.modules] for adapter in adapters]
-
-
-def check_rank(specs: list[ModuleSpec], rank: int, method: Method, rule: Rule) -> None:
-    """Refuse an output rank the method cannot write for some module, naming the allowed range.
-
-    Methods with a natural rank (cat, robustmerge) ignore --rank; core and knots take 0 for "no
-    truncation" (rank R); otherwise 1 ≤ rank ≤ the method's limit for every module.
-    """
-    if method.natural_rank is not None or (rank == 0 and method.zero_is_full):
-        return
-    full = " (or 0 for the full rank R)" if method.zero_is_full else ""
-    if rank <= 0:
-        raise UsageError(f"--rank must be a positive integer for method {method.name}{full}, got {rank}")
-
-    def limit(spec: ModuleSpec) -> int:
-        return method.rank_limit(spec.total_rank, spec.out_features, spec.in_features, rule)
-
-    tightest = min(specs, key=limit)
-    if rank > limit(tightest):
-        raise UsageError(
-            f"--rank {rank} is larger than possible for method {method.name}: module {tightest.name} allows at "
-            f"most {limit(tightest)} (R={tightest.total_rank}, out={tightest.out_features}, "
-            f"in={tightest.in_features}); choose 1..{limit(tightest)}{full}"
-        )

@@ -1,45 +1,79 @@
-"""Atomic writing of the output PEFT folder: everything goes to a temporary sibling, then is renamed."""
+"""Writing of the output PEFT folder, atomically (staging.py), after checks that refuse, before any work, an
+output that would be unusable or would change an input."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import struct
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
+from ctm_cli import staging
 from ctm_cli.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from ctm_cli.errors import OutputError
+from ctm_cli.safetensors_format import encode
+from ctm_cli.sources import ADAPTER_FILES
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Refuse, before any work, an output that is a file, exists without --force, or can't be written."""
-    if path.exists() and not path.is_dir():
+    """Refuse, before any work, an output that is a file, exists without --force, is a mount point (which no
+    rename can replace), is read-only while --force would replace it, or whose parent can't be written."""
+    location = staging.output_location(path)
+    if os.path.exists(location) and not os.path.isdir(location):
         raise OutputError(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise OutputError(f"{path}: exists and is not empty (use --force to replace it)")
-    parent = path.absolute().parent
-    if not parent.is_dir():
+    if os.path.isdir(location):
+        if os.path.ismount(location):
+            raise OutputError(f"{path}: is a mount point, which cannot be replaced; write into a folder inside it")
+        if _holds_anything(path, location):
+            if not force:
+                raise OutputError(f"{path}: exists and is not empty (use --force to replace it)")
+            if not os.access(location, os.W_OK | os.X_OK):
+                raise OutputError(f"{path}: not writable, so --force cannot replace it")
+    parent = location.parent
+    if not os.path.isdir(parent):
         raise OutputError(f"{parent}: parent folder of the output does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent}: not writable")
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors encoding with its metadata in sorted order, so equal inputs give byte-identical files
-    (the library writes the metadata map in an order that changes from call to call)."""
-    data = save(tensors, metadata=metadata)
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+def _holds_anything(path: Path, folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(entries)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
+def check_apart(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
+    """Refuse an output that is, contains or lies inside an input folder (`inputs`: each source and its folder),
+    or contains a file an input reads (a Hub snapshot's files live in the cache's blobs/). Paths are compared as
+    the file system sees them: symlinks followed, `..` resolved, and by device and inode."""
+    target = output.resolve()
+    around = _identities([target, *target.parents])  # the output and every folder above it
+    for source, folder in inputs:
+        files = [(folder / name).resolve() for name in ADAPTER_FILES if os.path.exists(folder / name)]
+        place = _identity(folder.resolve())
+        if place in around:
+            relation = "is" if place == _identity(target) else "lies inside"
+            raise OutputError(f"{output}: {relation} the input folder {source}; choose another output folder")
+        inside = _identities([folder.resolve(), *folder.resolve().parents, *(p for f in files for p in f.parents)])
+        if _identity(target) in inside:
+            raise OutputError(f"{output}: contains the input {source}; choose another output folder")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _identities(paths: list[Path]) -> set[tuple[int, int]]:
+    return {identity for identity in map(_identity, paths) if identity is not None}
 
 
 def write_adapter(
@@ -50,37 +84,25 @@ def write_adapter(
     text_files: dict[str, str],
     force: bool,
 ) -> None:
-    """Write the adapter and its companion files to `path` atomically; on failure nothing changes."""
+    """Write the adapter and its companion files to `path` atomically (staging.py): on failure, or an interrupt
+    before the final swap, nothing changes. What killed runs left beside it is cleaned up first, and the output
+    checked again after (an output that a kill had left aside is back, and is replaced only with --force)."""
+    target = staging.output_location(path)
+    staging.remove_stale(target.parent)
     check_output(path, force)
-    parent = path.absolute().parent
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.ctm-tmp-", dir=parent))
+        stage = staging.create(target)
     except OSError as exc:
-        raise OutputError(f"{parent}: cannot create a temporary folder ({exc.strerror})") from exc
+        raise OutputError(f"{target.parent}: cannot create a temporary folder ({exc.strerror or exc})") from exc
     try:
-        (staging / SAFETENSORS_NAME).write_bytes(safetensors_bytes(tensors, metadata))
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (stage.folder / SAFETENSORS_NAME).write_bytes(encode(tensors, metadata))
+        (stage.folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in text_files.items():
-            (staging / name).write_text(text, encoding="utf-8")
-        _replace(staging, path)
+            (stage.folder / name).write_text(text, encoding="utf-8")
+        staging.install(stage)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard(stage)
         raise OutputError(f"{path}: writing failed ({exc.strerror or exc}); nothing was changed") from exc
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard(stage)  # after a swap that was interrupted, what is left there is the old output
         raise
-
-
-def _replace(staging: Path, path: Path) -> None:
-    if not path.exists():
-        staging.rename(path)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.ctm-old-", dir=path.absolute().parent))
-    path.rename(retired / path.name)
-    try:
-        staging.rename(path)
-    except BaseException:  # an OSError or an interrupt: put the old output back
-        (retired / path.name).rename(path)
-        retired.rmdir()
-        raise
-    shutil.rmtree(retired, ignore_errors=True)

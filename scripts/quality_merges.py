@@ -6,15 +6,18 @@ Every ctm merge runs the real command line (`python -m ctm_cli merge ...`) in a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +25,6 @@ import torch
 from safetensors import safe_open
 
 PEFT = "peft"
-BETA_METHODS = {"ctm"}  # methods the CLI's --beta acts on, when `ctm methods --json` does not say
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def next_lambdas(grid: Grid, scores: dict[float, float]) -> list[float]:
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """One merge: `method`+`rule` at `rank` with rule parameters and β (engine `peft` for the baseline)."""
+    """One merge: `method`+`rule` at `rank` with rule parameters and β (engine `peft` for the baseline);
+    `variant` names the fixed settings of a variant (see Variant), which make it a method+rule of its own."""
 
     method: str
     rule: str
@@ -102,11 +105,12 @@ class MergeSpec:
     params: tuple[tuple[str, float], ...] = ()
     beta: float | None = None
     seed: int = 0
+    variant: str = ""
 
     @property
     def combo(self) -> str:
-        """The method+rule pair."""
-        return f"{self.method}+{self.rule}"
+        """The method+rule pair, with the variant's fixed settings in brackets."""
+        return f"{self.method}+{self.rule}" + (f"[{self.variant}]" if self.variant else "")
 
     @property
     def label(self) -> str:
@@ -122,7 +126,8 @@ class MergeSpec:
         """A file-system-safe unique name."""
         beta = "" if self.beta is None else f"-b{self.beta:g}"
         params = "".join(f"-{k}{v:g}" for k, v in self.params)
-        return f"{self.method}-{self.rule}-r{self.rank}{beta}{params}-s{self.seed}"
+        variant = "".join(c if c.isalnum() else "-" for c in self.variant)
+        return f"{self.method}-{self.rule}{'-' + variant if variant else ''}-r{self.rank}{beta}{params}-s{self.seed}"
 
     def with_param(self, name: str, value: float) -> MergeSpec:
         """The same merge with one rule parameter set."""
@@ -144,38 +149,68 @@ class MergeSpec:
         return args
 
 
-def _entries(value) -> list[dict]:
-    """A catalog section as a list of dicts with a name, whether given as a list or a name → info mapping."""
-    if isinstance(value, dict):
-        return [{"name": name, **(info if isinstance(info, dict) else {})} for name, info in value.items()]
-    return [item if isinstance(item, dict) else {"name": str(item)} for item in value or []]
+@dataclass(frozen=True)
+class Variant:
+    """A method+rule with some settings fixed, benchmarked as a pair of its own: `ctm+tsv:frame_rank=2r`.
+
+    A value written `<k>r` is k times the merge's rank (so one variant means the same at every rank); `beta`
+    sets β, any other name a rule or method parameter."""
+
+    method: str
+    rule: str
+    settings: tuple[tuple[str, float, bool], ...]  # (name, value, value is a multiple of the rank)
+    text: str
+
+    def spec(self, method: MethodInfo, rule: RuleInfo, rank: int, seed: int) -> MergeSpec:
+        """The variant's merge at `rank`: its settings resolved, λ = 1 where the rule has one, β 1 unless set."""
+        spec = MergeSpec(self.method, self.rule, rank, beta=1.0 if method.takes_beta else None, seed=seed)
+        spec = replace(spec, variant=self.text.split(":", 1)[1])
+        if "lambda" in rule.params:
+            spec = spec.with_param("lambda", 1.0)
+        for name, value, relative in self.settings:
+            resolved = value * rank if relative else value
+            spec = replace(spec, beta=resolved) if name == "beta" else spec.with_param(name, resolved)
+        return spec
 
 
-def _param_defaults(value) -> dict[str, float]:
-    """Rule parameters and defaults from a mapping (name → spec or default) or a list of {name, default}."""
-    params = {}
-    for entry in _entries(value):
-        default = entry.get("default", entry.get("value"))
-        params[entry["name"]] = float(default) if isinstance(default, int | float) else None
-    return params
+def parse_variant(text: str) -> Variant:
+    """`METHOD+RULE:NAME=VALUE[,NAME=VALUE...]`, VALUE a number or `<k>r` (k times the rank); errors say why."""
+    pair, sep, settings = text.partition(":")
+    method, plus, rule = pair.partition("+")
+    if not (sep and plus and method and rule and settings):
+        raise ValueError(f"variant {text!r}: expected METHOD+RULE:NAME=VALUE[,NAME=VALUE...]")
+    parsed = []
+    for item in settings.split(","):
+        name, equals, value = item.partition("=")
+        relative = value.endswith("r")
+        try:
+            number = float(value[:-1] or 1) if relative else float(value)
+        except ValueError:
+            number = math.nan
+        if not equals or not name or not math.isfinite(number):
+            raise ValueError(f"variant {text!r}: {item!r} is not NAME=NUMBER or NAME=<k>r")
+        parsed.append((name, number, relative))
+    return Variant(method, rule, tuple(parsed), text)
 
 
 def parse_catalog(payload: dict, source: str) -> Catalog:
-    """The catalog from `ctm methods --json` output, tolerant of list or mapping layouts."""
+    """The catalog from `ctm methods --json` output: each method's rule needs, β and rank behaviour as ctm states
+    them, and every parameter's default."""
+
+    def defaults(params: dict) -> dict[str, float]:
+        return {name: float(spec["default"]) for name, spec in params.items()}
+
     methods = [
         MethodInfo(
             name=m["name"],
-            linear_rules_only=bool(m.get("needs_linear_rule", m.get("linear_only", False))),
-            takes_beta=bool(m.get("takes_beta", m.get("uses_beta", m["name"] in BETA_METHODS))),
-            fixed_rank=bool(m.get("writes_total_rank", "ignored" in str(m.get("rank", "")))),
-            params=_param_defaults(m.get("params")),
+            linear_rules_only=m["needs_linear_rule"],
+            takes_beta=m["uses_beta"],
+            fixed_rank=m["fixed_rank"] is not None,
+            params=defaults(m["params"]),
         )
-        for m in _entries(payload.get("methods"))
+        for m in payload["methods"]
     ]
-    rules = [
-        RuleInfo(name=r["name"], linear=bool(r.get("linear", True)), params=_param_defaults(r.get("params")))
-        for r in _entries(payload.get("rules"))
-    ]
+    rules = [RuleInfo(r["name"], r["linear"], defaults(r["params"])) for r in payload["rules"]]
     return Catalog(methods=methods, rules=rules, source=source)
 
 
@@ -186,30 +221,14 @@ def select(catalog: Catalog, only: Iterable[str] | None) -> Catalog:
     return replace(catalog, pairs=frozenset(tuple(pair.split("+", 1)) for pair in only))
 
 
-def _registry_catalog() -> Catalog:
-    """The catalog read from ctm_cli's registries, for versions without `ctm methods`."""
-    from ctm_cli.methods import METHODS
-    from ctm_cli.rules import RULES
-
-    methods = [
-        MethodInfo(m.name, m.needs_linear_rule, m.name in BETA_METHODS, getattr(m, "writes_total_rank", False))
-        for m in METHODS.values()
-    ]
-    rules = [RuleInfo(r.name, r.linear, {k: p.default for k, p in r.params.items()}) for r in RULES.values()]
-    return Catalog(methods, rules, "ctm_cli registries (this ctm has no `methods` command)")
-
-
 def discover_catalog(env: dict[str, str]) -> Catalog:
-    """Methods and rules from `python -m ctm_cli methods --json`, or from the registries when it is missing."""
+    """Methods and rules from `python -m ctm_cli methods --json`, the installed ctm's own description."""
     done = subprocess.run(
         [sys.executable, "-m", "ctm_cli", "methods", "--json"], capture_output=True, text=True, env=env, check=False
     )
-    if done.returncode == 0:
-        try:
-            return parse_catalog(json.loads(done.stdout), "`ctm methods --json`")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            pass
-    return _registry_catalog()
+    if done.returncode != 0:
+        raise RuntimeError(f"`ctm methods --json` failed ({done.returncode}): {done.stderr.strip()}")
+    return parse_catalog(json.loads(done.stdout), "`ctm methods --json`")
 
 
 def combos(catalog: Catalog) -> Iterator[tuple[MethodInfo, RuleInfo]]:
@@ -221,22 +240,30 @@ def combos(catalog: Catalog) -> Iterator[tuple[MethodInfo, RuleInfo]]:
             yield method, rule
 
 
-def tuning_specs(method: MethodInfo, rule: RuleInfo, ranks: Iterable[int], grid: Grid, seed: int) -> list[MergeSpec]:
-    """The merges that tune one method+rule on validation: every grid value of β and of the parameters
-    (the rule's and the method's) that the grid names.
+def tuning_specs(
+    method: MethodInfo, rule: RuleInfo, ranks: Iterable[int], grid: Grid, seed: int, variant: Variant | None = None
+) -> list[MergeSpec]:
+    """The merges that tune one method+rule (or a variant of it) on validation: every grid value of β and of
+    the parameters (the rule's and the method's) that the grid names and the variant does not fix.
 
     λ stays 1 here: it is swept afterwards by scaling the merged update, which is exact for a rule whose λ
     multiplies its result (checked again on the final merge).
     """
+    fixed = {name for name, _, _ in variant.settings} if variant else set()
     ranks = list(ranks)[:1] if method.fixed_rank else list(ranks)
-    betas = grid.betas if method.takes_beta else (None,)
-    tuned = [name for name in {**rule.params, **method.params} if name in grid.merge_params]
+    betas = grid.betas if method.takes_beta and "beta" not in fixed else (None,)
+    tuned = [name for name in {**rule.params, **method.params} if name in grid.merge_params and name not in fixed]
     values = [grid.merge_params[name] for name in tuned]
     specs = []
     for rank, beta, chosen in itertools.product(ranks, betas, itertools.product(*values)):
-        spec = MergeSpec(method.name, rule.name, rank, beta=beta, seed=seed)
-        if "lambda" in rule.params:
-            spec = spec.with_param("lambda", 1.0)
+        if variant is not None:
+            spec = variant.spec(method, rule, rank, seed)
+        else:
+            spec = MergeSpec(method.name, rule.name, rank, seed=seed)
+            if "lambda" in rule.params:
+                spec = spec.with_param("lambda", 1.0)
+        if beta is not None:
+            spec = replace(spec, beta=beta)
         for name, value in zip(tuned, chosen, strict=True):
             spec = spec.with_param(name, value)
         specs.append(spec)
@@ -265,37 +292,74 @@ def adapter_facts(folder: Path) -> dict:
     return {"rank": max(ranks), "parameters": count}
 
 
-def run_cli_merge(spec: MergeSpec, sources: list[Path], folder: Path, device: str, env: dict[str, str]) -> str | None:
-    """One `python -m ctm_cli merge`; None on success, else the error line it printed."""
-    command = [sys.executable, "-m", "ctm_cli", "merge", *map(str, sources), "-o", str(folder)]
-    command += [*spec.cli_args(), "--device", device, "--force", "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode == 0:
-        return None
-    lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit code {done.returncode}"]
-    return f"exit {done.returncode}: {lines[-1].strip()}"
+def merge_command(spec: MergeSpec, sources: list[Path], folder: Path, device: str) -> list[str]:
+    """The `ctm merge` arguments that write `spec` to `folder`."""
+    return ["merge", *map(str, sources), "-o", str(folder), *spec.cli_args(), "--device", device, "--force", "--quiet"]
 
 
 def merge_env(threads: int) -> dict[str, str]:
-    """Environment of the merge subprocesses: offline, few threads each so several run at once."""
+    """Environment of the merge processes: offline, few threads each so several run at once."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
-def run_cli_merges(
-    specs: list[MergeSpec], sources: list[Path], root: Path, device: str, jobs: int
-) -> Iterator[tuple[MergeSpec, Path, str | None]]:
-    """Run the merges `jobs` at a time, yielding (spec, folder, error) as each one finishes."""
-    env = merge_env(max(1, (os.cpu_count() or 1) // max(1, jobs)))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+def _start_merge_worker(env: dict[str, str]) -> None:
+    """Set up a merge worker process once: the merge environment, its thread count, ctm importable."""
+    os.environ.update(env)
+    sys.path[:0] = [p for p in env["PYTHONPATH"].split(os.pathsep) if p not in sys.path]
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+
+
+def _run_ctm_in_worker(arguments: list[str]) -> str | None:
+    """Run the `ctm` console script's entry point with `arguments` in this worker process; None on success,
+    else the last line it printed on stderr with its exit code. The command line is exactly the CLI's; only
+    the process start (Python, torch) is paid once per worker instead of once per merge."""
+    from ctm_cli.cli import main
+
+    captured = io.StringIO()
+    saved_argv = sys.argv
+    sys.argv = ["ctm", *arguments]
+    try:
+        with contextlib.redirect_stderr(captured):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    if code == 0:
+        return None
+    lines = [line for line in captured.getvalue().splitlines() if line.strip()] or [f"exit code {code}"]
+    return f"exit {code}: {lines[-1].strip()}"
+
+
+class MergePool:
+    """Worker processes that run `ctm merge` command lines, `jobs` at a time (start once, merge many)."""
+
+    def __init__(self, jobs: int):
+        env = merge_env(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+        context = multiprocessing.get_context("spawn")
+        self._pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_start_merge_worker, initargs=(env,)
+        )
+
+    def run(
+        self, specs: list[MergeSpec], sources: list[Path], root: Path, device: str
+    ) -> Iterator[tuple[MergeSpec, Path, str | None]]:
+        """Merge every spec into root/<its folder name>, yielding (spec, folder, error) as each one finishes."""
         futures = {
-            pool.submit(run_cli_merge, spec, sources, root / spec.folder_name, device, env): spec for spec in specs
+            self._pool.submit(_run_ctm_in_worker, merge_command(spec, sources, root / spec.folder_name, device)): spec
+            for spec in specs
         }
         for future in as_completed(futures):
             spec = futures[future]
             yield spec, root / spec.folder_name, future.result()
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class PeftMerger:

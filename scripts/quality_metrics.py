@@ -29,6 +29,19 @@ def label_words(name: str) -> str:
     return " ".join(CODE_WORDS.get(token.lower(), token.lower()) for token in tokens)
 
 
+def check_label_words(task: str, class_names: list[str]) -> None:
+    """Refuse class names whose label words are empty or repeat within the task: a zero-shot head built from
+    them would score that class at chance (or two classes as one), so the task's figures would mean nothing."""
+    seen: dict[str, str] = {}
+    for name in class_names:
+        words = label_words(name)
+        if not words:
+            raise ValueError(f"task {task!r}: class {name!r} has no label words (letters or digits)")
+        if words in seen:
+            raise ValueError(f"task {task!r}: classes {seen[words]!r} and {name!r} both read {words!r}")
+        seen[words] = name
+
+
 def normalized_accuracy(merged: float, individual: float) -> float:
     """NA = merged / individual accuracy on one task (1.0 = the task's own adapter)."""
     return merged / individual if individual > 0 else math.nan

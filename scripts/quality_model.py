@@ -142,6 +142,29 @@ def train_adapter(
     return output
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """One adapter to train in a worker process: everything `train_adapter` needs, as picklable data."""
+
+    model_folder: Path
+    tokens: Tokens
+    labels: torch.Tensor
+    head: torch.Tensor  # on the CPU; moved to `device` in the worker
+    config: TrainConfig
+    seed: int
+    output: Path
+    device: str
+
+
+def run_train_job(job: TrainJob) -> Path:
+    """Train one adapter in a fresh process (the benchmark's --train-jobs), on the job's device."""
+    device = torch.device(job.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the main process sets it
+    base, _ = load_encoder(job.model_folder, torch.device("cpu"))
+    return train_adapter(base, job.tokens, job.labels, job.head.to(device), job.config, job.seed, job.output)
+
+
 class AdapterReader:
     """Reads adapters with real PEFT into per-weight deltas ΔW, through one PeftModel kept for the purpose.
 

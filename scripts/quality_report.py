@@ -53,7 +53,39 @@ def aggregate(seeds: list[dict]) -> dict:
         )
     ordered = {kind: rank_by_gr(r for r in rows if r["kind"] == kind) for kind in KIND_ORDER}
     floor_na = nan_mean(floor[t] / individual[t] for t in tasks)
-    return {"tasks": tasks, "floor": floor, "individual": individual, "floor_na": floor_na, "rows": ordered}
+    return {
+        "tasks": tasks,
+        "floor": floor,
+        "individual": individual,
+        "floor_na": floor_na,
+        "rows": ordered,
+        "defaults_over_ranks": defaults_over_ranks(seeds),
+    }
+
+
+def defaults_over_ranks(seeds: list[dict]) -> list[dict]:
+    """Each method+rule at its defaults, GR averaged over the ranks of every seed, then over seeds: the figure
+    the default is chosen by (on val; test shown beside it), with the sd over seeds and the mean per rank.
+    Pairs missing at some rank of some seed (a fixed-rank method, a failed merge) are left out."""
+    cells: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for seed in seeds:
+        for row in seed["final"]:
+            if row["kind"] == "default":
+                cells[row["combo"]][seed["seed"]][row["rank"]] = row
+    ranks = sorted({row["rank"] for seed in seeds for row in seed["final"] if row["kind"] == "default"})
+    table = []
+    for combo, by_seed in cells.items():
+        if len(by_seed) != len(seeds) or any(sorted(found) != ranks for found in by_seed.values()):
+            continue
+        entry: dict = {"combo": combo}
+        for split in ("val", "test"):
+            per_seed = [nan_mean(rows[r][split]["mean"]["gr"] for r in ranks) for rows in by_seed.values()]
+            entry[split], entry[f"{split}_spread"] = mean_and_spread(per_seed)
+            entry[f"{split}_by_rank"] = {
+                r: nan_mean(rows[r][split]["mean"]["gr"] for rows in by_seed.values()) for r in ranks
+            }
+        table.append(entry)
+    return sorted(table, key=lambda e: (-e["val"] if math.isfinite(e["val"]) else math.inf, e["combo"]))
 
 
 # Settings that must agree for runs to be combined into one table (everything but seeds, paths and timings).
@@ -125,6 +157,19 @@ def _score_table(rows: list[dict], tasks: list[str], with_settings: bool) -> lis
         cells += [_f(row["mean"]["na"]), _f(row["mean"]["gr"]), _f(row["gr_spread"]), _f(row["val_gr"])]
         cells += [_f(row["tasks"][t]["gr"], 2) for t in tasks]
         body.append(cells)
+    return _table(header, body)
+
+
+def _defaults_over_ranks(entries: list[dict]) -> list[str]:
+    if not entries:
+        return ["No pair was run at its defaults at every rank of every seed."]
+    ranks = list(entries[0]["test_by_rank"])
+    header = ["#", "method+rule", "val GR", "± sd", "test GR", "± sd"] + [f"test GR r={r}" for r in ranks]
+    body = [
+        [str(place), e["combo"], _f(e["val"]), _f(e["val_spread"]), _f(e["test"]), _f(e["test_spread"])]
+        + [_f(e["test_by_rank"][r]) for r in ranks]
+        for place, e in enumerate(entries, 1)
+    ]
     return _table(header, body)
 
 
@@ -210,6 +255,8 @@ def render_markdown(results: dict) -> str:
     lines += _table(["task", "floor (base)", "individual", "floor NA"], body)
     lines += ["", "## Ranking by gain retention (settings tuned on val)", ""]
     lines += _score_table(summary["rows"]["tuned"], tasks, with_settings=True)
+    lines += ["", "## Defaults averaged over ranks (the default is chosen by val GR; test beside it)", ""]
+    lines += _defaults_over_ranks(summary.get("defaults_over_ranks", []))
     lines += ["", "## Defaults (no tuning: λ = 1, β = 1, rule defaults)", ""]
     lines += _score_table(summary["rows"]["default"], tasks, with_settings=False)
     if summary["rows"]["beta-study"]:
@@ -219,10 +266,11 @@ def render_markdown(results: dict) -> str:
             for r in sorted(summary["rows"]["beta-study"], key=lambda r: (r["combo"], r["beta"]))
         ]
         lines += _table(["method+rule", "β", "settings", "val GR", "test NA", "test GR"], body)
-    lines += ["", f"## λ sweep at r = {settings['study_rank']}: val mean GR (seed {seeds[0]['seed']})", ""]
-    lines += _lambda_sweep(seeds[0], settings["study_rank"])
-    lines += ["", f"## Leave one task out at r = {settings['study_rank']} (val GR, seed {seeds[0]['seed']})", ""]
-    lines += _loo(seeds[0])
+    if seeds[0]["leave_one_task_out"] is not None:  # absent without tuning
+        lines += ["", f"## λ sweep at r = {settings['study_rank']}: val mean GR (seed {seeds[0]['seed']})", ""]
+        lines += _lambda_sweep(seeds[0], settings["study_rank"])
+        lines += ["", f"## Leave one task out at r = {settings['study_rank']} (val GR, seed {seeds[0]['seed']})", ""]
+        lines += _loo(seeds[0])
     lines += ["", "## Checks and skipped merges", "", _estimate_check(seeds), ""]
     skipped = {item["label"]: item["error"] for s in seeds for item in s["skipped"]}
     lines += [f"- skipped `{label}`: {error}" for label, error in sorted(skipped.items())] or ["No merge failed."]

@@ -24,18 +24,25 @@ EPS = np.finfo(np.float64).eps
 # ------------------------------------------------------------------------------------------- rules
 
 
-def kept(size: int, density: float) -> int:
-    """Entries a density keeps: nearest whole number (half up), at least one."""
+def kept(size: int, density: float, trim_count: int = 0) -> int:
+    """Entries a density keeps, at most `size`: nearest whole number (half up), at least one (trim_count 0);
+    ⌊ρ·d⌋ + 1 (1: the TIES and CtM papers' code); ⌊ρ·d⌋, possibly none (2: PEFT)."""
+    if trim_count == 1:
+        return min(size, math.floor(density * size) + 1)
+    if trim_count == 2:
+        return min(size, math.floor(density * size))
     return min(size, max(1, math.floor(density * size + 0.5)))
 
 
-def trim(x: np.ndarray, density: float) -> np.ndarray:
-    """x with all but its kept(size, density) largest-magnitude entries zeroed (ties at the cut kept)."""
+def trim(x: np.ndarray, density: float, trim_count: int = 0) -> np.ndarray:
+    """x with all but its kept(size, density, trim_count) largest-magnitude entries zeroed (ties at the cut kept)."""
     if density >= 1:
         return x.copy()
+    count = kept(x.size, density, trim_count)
+    if count == 0:
+        return np.zeros_like(x)
     magnitudes = np.sort(np.abs(x).ravel())[::-1]
-    threshold = magnitudes[kept(x.size, density) - 1]
-    return np.where(np.abs(x) >= threshold, x, 0.0)
+    return np.where(np.abs(x) >= magnitudes[count - 1], x, 0.0)
 
 
 def ta(xs: Matrices, w: Sequence[float], lam: float = 1.0) -> np.ndarray:
@@ -48,10 +55,17 @@ def mean(xs: Matrices, w: Sequence[float]) -> np.ndarray:
     return ta(xs, w) / sum(w)
 
 
-def ties(xs: Matrices, w: Sequence[float], density: float = 0.2, by_count: bool = False, lam: float = 1.0):
+def ties(
+    xs: Matrices,
+    w: Sequence[float],
+    density: float = 0.2,
+    by_count: bool = False,
+    lam: float = 1.0,
+    trim_count: int = 0,
+):
     """Trim each w_t X_t, elect signs (mass, or count with even splits by mass; zero to +), mean of the
     agreeing kept entries, × λ."""
-    trimmed = [trim(wt * x, density) for wt, x in zip(w, xs, strict=True)]
+    trimmed = [trim(wt * x, density, trim_count) for wt, x in zip(w, xs, strict=True)]
     mass, count = sum(trimmed), sum(np.sign(t) for t in trimmed)
     votes = np.where(count != 0, count, mass) if by_count else mass
     sign = np.where(votes >= 0, 1.0, -1.0)
@@ -71,9 +85,9 @@ def dare(xs: Matrices, w: Sequence[float], uniform: np.ndarray, drop_rate: float
     return ta(drop(xs, uniform, drop_rate), w, lam)
 
 
-def dare_ties(xs, w, uniform, drop_rate=0.9, density=1.0, by_count=False, lam=1.0):
+def dare_ties(xs, w, uniform, drop_rate=0.9, density=1.0, by_count=False, lam=1.0, trim_count=0):
     """DARE then TIES."""
-    return ties(drop(xs, uniform, drop_rate), w, density, by_count, lam)
+    return ties(drop(xs, uniform, drop_rate), w, density, by_count, lam, trim_count)
 
 
 def polar(x: np.ndarray) -> np.ndarray:
@@ -103,31 +117,35 @@ def iso_c(xs: Matrices, w: Sequence[float], lam: float = 1.0, eps: float = EPS) 
     return lam * s[:rank].mean() * u[:, :rank] @ vh[:rank]
 
 
-def magnitude_prune(xs: Matrices, w: Sequence[float], density: float = 0.2, lam: float = 1.0) -> np.ndarray:
+def magnitude_prune(
+    xs: Matrices, w: Sequence[float], density: float = 0.2, lam: float = 1.0, trim_count: int = 0
+) -> np.ndarray:
     """λ · trim(Σ w_t X_t)."""
-    return lam * trim(ta(xs, w), density)
+    return lam * trim(ta(xs, w), density, trim_count)
 
 
 def apply_rule(name: str, xs: Matrices, w: Sequence[float], params: dict, uniform: np.ndarray | None = None):
-    """Dispatch on the rule name with ctm's parameter names (sign_count as 0/1)."""
+    """Dispatch on the rule name with ctm's parameter names (sign_count as 0/1, trim_count as 0/1/2)."""
     lam = params.get("lambda", 1.0)
+    count = int(params.get("trim_count", 0))
     if name == "ta":
         return ta(xs, w, lam)
     if name == "mean":
         return mean(xs, w)
     if name == "ties":
-        return ties(xs, w, params.get("density", 0.2), bool(params.get("sign_count", 0)), lam)
+        return ties(xs, w, params.get("density", 0.2), bool(params.get("sign_count", 0)), lam, count)
     if name == "dare":
         return dare(xs, w, uniform, params.get("drop_rate", 0.9), lam)
     if name == "dare_ties":
         density = params.get("density", 1.0)
-        return dare_ties(xs, w, uniform, params.get("drop_rate", 0.9), density, bool(params.get("sign_count", 0)), lam)
+        by_count = bool(params.get("sign_count", 0))
+        return dare_ties(xs, w, uniform, params.get("drop_rate", 0.9), density, by_count, lam, count)
     if name == "tsv":
         return tsv(xs, w, lam)
     if name == "iso_c":
         return iso_c(xs, w, lam)
     if name == "magnitude_prune":
-        return magnitude_prune(xs, w, params.get("density", 0.2), lam)
+        return magnitude_prune(xs, w, params.get("density", 0.2), lam, count)
     raise KeyError(name)
 
 
@@ -173,16 +191,25 @@ def cut_rule(rule: Rule, rank: int, name: str = "", w: Sequence[float] = (), lam
     return lambda xs: truncated(rule(xs), rank)
 
 
+def flattened(x: np.ndarray) -> np.ndarray:
+    """x with its numerically nonzero singular values replaced by their mean (Iso-C's spectrum)."""
+    u, s, vh = np.linalg.svd(x, full_matrices=False)
+    present = s > max(x.shape) * EPS * s[0]
+    return s[present].mean() * u[:, present] @ vh[present]
+
+
 def draws(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The uniform float32 draws torch makes for a stack of `shape` from a fresh generator with `seed`."""
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
 
 
-def ctm(bs, as_, rank: int, rule: Rule, beta: float = 1.0) -> np.ndarray:
-    """CtM: QR core space, HOOI frame of the balanced cores, rule on uᵀ C_t v, Q_B u M vᵀ Q_Aᵀ."""
+def ctm(bs, as_, rank: int, rule: Rule, beta: float = 1.0, cut: Callable | None = None) -> np.ndarray:
+    """CtM: QR core space, HOOI frame of the balanced cores at rank r' = `rank`, rule on uᵀ C_t v, then
+    (with `cut`, see cut_rule) the merge-and-cut to the output rank; Q_B u M vᵀ Q_Aᵀ."""
     space = qr_core_space(as_, bs, [1.0] * len(bs))
     frame = hooi(balance(space.cores, beta), rank)
-    merged = rule([frame.u.T @ c @ frame.v for c in space.cores])
+    coordinates = [frame.u.T @ c @ frame.v for c in space.cores]
+    merged = rule(coordinates) if cut is None else cut(coordinates)[0]
     return space.q_b @ frame.u @ merged @ frame.v.T @ space.q_a.T
 
 

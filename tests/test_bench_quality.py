@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+from helpers import run_ctm
 from quality_data import DataLimits, carve_rows
 from quality_merges import (
+    Catalog,
     Grid,
     MergeSpec,
     MethodInfo,
@@ -20,11 +23,13 @@ from quality_merges import (
     default_spec,
     next_lambdas,
     parse_catalog,
+    parse_variant,
     select,
     tuning_specs,
 )
 from quality_metrics import (
     best_config,
+    check_label_words,
     gain_retention,
     label_words,
     leave_one_task_out,
@@ -34,6 +39,8 @@ from quality_metrics import (
     score_row,
 )
 from quality_report import aggregate, combine_runs, render_markdown
+
+from ctm_cli.methods import METHODS
 
 
 @pytest.mark.parametrize(
@@ -111,39 +118,32 @@ def test_val_carve_is_fixed_disjoint_and_independent_of_caps_on_test():
     assert carve_rows("trec", train, test, DataLimits(val_size=10))["val"] != first["val"]
 
 
-def test_parse_catalog_accepts_lists_and_mappings():
-    listed = parse_catalog(
-        {
-            "methods": [
-                {"name": "ctm", "rank": "r, 1..min(R, out, in)"},
-                {"name": "cat", "needs_linear_rule": True, "rank": "R (--rank is ignored)"},
-                {"name": "robustmerge", "params": {"robust_density": {"default": 0.2, "range": "(0, 1]"}}},
-            ],
-            "rules": [{"name": "ta", "linear": True, "params": {"lambda": {"default": 1.0}}}],
-        },
-        "json",
-    )
-    assert listed.methods == [
-        MethodInfo("ctm", False, True, False),
-        MethodInfo("cat", True, False, True),
-        MethodInfo("robustmerge", params={"robust_density": 0.2}),
-    ]
-    assert listed.rules == [RuleInfo("ta", True, {"lambda": 1.0})]
-    mapped = parse_catalog(
-        {"methods": {"mtc": {}}, "rules": {"ties": {"linear": False, "params": [{"name": "density", "default": 0.2}]}}},
-        "json",
-    )
-    assert mapped.methods == [MethodInfo("mtc")]
-    assert mapped.rules == [RuleInfo("ties", False, {"density": 0.2})]
+def test_parse_catalog_reads_what_ctm_methods_prints():
+    """The benchmark learns each method's rule needs, β and rank behaviour from `ctm methods --json` itself."""
+    printed = run_ctm("methods", "--json")
+    assert printed.exit_code == 0, printed.stderr
+    catalog = parse_catalog(json.loads(printed.stdout), "json")
+    methods = {m.name: m for m in catalog.methods}
+    assert sorted(methods) == sorted(METHODS)
+    ctm, cat = methods["ctm"], methods["cat"]
+    assert (ctm.linear_rules_only, ctm.takes_beta, ctm.fixed_rank) == (False, True, False)
+    assert ctm.params["frame_rank"] == 0.0  # the whole core space, ctm's default frame
+    assert (cat.linear_rules_only, cat.takes_beta, cat.fixed_rank) == (True, False, True)
+    assert methods["robustmerge"] == MethodInfo("robustmerge", True, False, True, {"robust_density": 0.2})
+    assert methods["mtc"] == MethodInfo("mtc")
+    assert {m.name for m in catalog.methods if m.takes_beta} == {n for n, m in METHODS.items() if m.uses_beta}
+    assert {m.name for m in catalog.methods if m.fixed_rank} == {n for n, m in METHODS.items() if m.fixed_rank}
+    rules = {r.name: r for r in catalog.rules}
+    assert rules["ta"] == RuleInfo("ta", True, {"lambda": 1.0})
+    ties_defaults = {"density": 0.2, "trim_count": 0.0, "sign_count": 0.0, "lambda": 1.0}
+    assert rules["ties"] == RuleInfo("ties", False, ties_defaults)
 
 
 def test_combos_skip_nonlinear_rules_for_linear_only_methods():
-    catalog = parse_catalog(
-        {
-            "methods": [{"name": "ctm"}, {"name": "cat", "needs_linear_rule": True}],
-            "rules": [{"name": "ta"}, {"name": "ties", "linear": False}],
-        },
-        "json",
+    catalog = Catalog(
+        methods=[MethodInfo("ctm"), MethodInfo("cat", linear_rules_only=True)],
+        rules=[RuleInfo("ta"), RuleInfo("ties", linear=False)],
+        source="test",
     )
     pairs = [(m.name, r.name) for m, r in combos(catalog)]
     assert pairs == [("ctm", "ta"), ("ctm", "ties"), ("cat", "ta"), ("peft", "svd"), ("peft", "ties_svd")]
@@ -194,6 +194,41 @@ def test_merge_spec_cli_args_and_names():
     ]  # fmt: skip
     assert spec.label == "ctm+ties r=16 β=0.25 density=0.25 λ=0.5"
     assert spec.folder_name == "ctm-ties-r16-b0.25-density0.25-lambda0.5-s1"
+
+
+def test_variants_fix_settings_in_multiples_of_the_rank():
+    tsv = RuleInfo("tsv", False, {"lambda": 1.0})
+    ctm = MethodInfo("ctm", takes_beta=True)
+    variant = parse_variant("ctm+tsv:frame_rank=2r,beta=0.25")
+    spec = variant.spec(ctm, tsv, 16, seed=2)
+    assert spec.combo == "ctm+tsv[frame_rank=2r,beta=0.25]"
+    assert spec.label == "ctm+tsv[frame_rank=2r,beta=0.25] r=16 β=0.25 frame_rank=32 λ=1"
+    assert spec.cli_args()[-6:] == ["--beta", "0.25", "--param", "frame_rank=32.0", "--param", "lambda=1.0"]
+    assert variant.spec(ctm, tsv, 8, seed=2).param("frame_rank") == 16
+    assert "[" not in spec.folder_name and "," not in spec.folder_name
+    grid = Grid(betas=(0.0, 1.0), merge_params={"density": (0.1,)})
+    tuned = tuning_specs(ctm, tsv, [16], grid, 0, variant)
+    assert [(s.beta, s.param("frame_rank")) for s in tuned] == [(0.25, 32)]  # β fixed by the variant: not tuned
+    whole = parse_variant("ctm+ties:frame_rank=0")
+    ties = RuleInfo("ties", False, {"density": 0.2})
+    tuned = tuning_specs(ctm, ties, [8], grid, 0, whole)
+    assert [(s.beta, s.param("frame_rank"), s.param("density")) for s in tuned] == [(0.0, 0, 0.1), (1.0, 0, 0.1)]
+
+
+@pytest.mark.parametrize(
+    "text", ["ctm+tsv", "ctm:frame_rank=2", "ctm+tsv:frame_rank", "ctm+tsv:frame_rank=xr", "+ta:a=1"]
+)
+def test_bad_variants_are_refused(text):
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant(text)
+
+
+def test_label_words_must_be_present_and_distinct():
+    check_label_words("trec", ["DESC", "ENTY", "ABBR"])
+    with pytest.raises(ValueError, match=r"task 'emoji': class '😀' has no label words"):
+        check_label_words("emoji", ["happy", "😀"])
+    with pytest.raises(ValueError, match=r"classes 'not-offensive' and 'not offensive' both read 'not offensive'"):
+        check_label_words("tweets", ["not-offensive", "not offensive"])
 
 
 def _final(kind, combo, gr_a, gr_b, beta=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_ADAPTERS, fails, listing, needs_shared, run_ctm, single_error_line
+from helpers import REAL_ADAPTERS, fails, listing, needs_shared, run_ctm, single_error_line
 from reference import config_scale, core_space
 from safetensors.torch import load_file
 

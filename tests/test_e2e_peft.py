@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
+from helpers import PREFIX, WEIGHTS, inputs_of, read_adapter, relative, run_ctm, stored_dtypes, written_deltas
 from reference import ctm_ta, exact_sum
 from safetensors.torch import load_file, save_file
 
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 THREE = [(8, 16, False, 1), (4, 4, True, 2), (12, 24, False, 3)]
 CUSTOM = {"weights": [1.0, -0.5, 2.0], "lam": 0.7, "beta": 0.25}
 CUSTOM_ARGS = ["--weights", "1,-0.5,2", "--lambda", "0.7", "--beta", "0.25"]
+PAPER_TA = ["--rule", "ta", "--param", "frame_rank=1"]  # DESIGN's CtM-TA: the frame has the output rank
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def three(make_adapter) -> list[Path]:
 def merged_default(three, tmp_path_factory) -> Path:
     """`ctm merge a b c --rank 8 --rule ta`, written once for the tests that only read it."""
     out = tmp_path_factory.mktemp("merged") / "out"
-    result = run_ctm("merge", *three, "--rank", "8", "--rule", "ta", "-o", out)
+    result = run_ctm("merge", *three, "--rank", "8", *PAPER_TA, "-o", out)
     assert result.exit_code == 0, result.stderr
     return out
 
@@ -38,7 +39,7 @@ def merged_default(three, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("custom", [False, True], ids=["defaults", "weights-lambda-beta"])
 def test_ctm_matches_reference(three, tmp_path, custom):
     out = tmp_path / "out"
-    result = run_ctm("merge", *three, "--rank", "8", "--rule", "ta", "-o", out, *(CUSTOM_ARGS if custom else []))
+    result = run_ctm("merge", *three, "--rank", "8", *PAPER_TA, "-o", out, *(CUSTOM_ARGS if custom else []))
     assert result.exit_code == 0, result.stderr
     settings = CUSTOM if custom else {"weights": None, "lam": 1.0, "beta": 1.0}
 
@@ -103,7 +104,7 @@ def test_peft_loads_merged_adapter(merged_default, three, load_base):
 def test_rank_at_least_total_rank_is_exact(make_adapter, tmp_path):
     folders = [make_adapter(r=4, alpha=8, seed=4), make_adapter(r=4, alpha=8, seed=5)]
     out = tmp_path / "out"
-    result = run_ctm("merge", *folders, "--rank", "8", "--rule", "ta", "-o", out)
+    result = run_ctm("merge", *folders, "--rank", "8", *PAPER_TA, "-o", out)
     assert result.exit_code == 0, result.stderr
     written = written_deltas(out)
     for name, (As, Bs, scales) in inputs_of(folders).items():
@@ -134,7 +135,7 @@ def test_merge_report(merged_default, three):
     for item, folder in zip(report["inputs"], three, strict=True):
         assert item["sha256"] == hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
         assert item["base_model"] == "tiny-llama"
-    assert report["settings"]["method"] == "ctm" and report["settings"]["rank"] == 8
+    assert report["settings"]["method"] == "ctm" and report["settings"]["written_rank"] == 8
 
     written = written_deltas(merged_default)
     inputs = inputs_of(three)
@@ -145,7 +146,7 @@ def test_merge_report(merged_default, three):
         assert all(0.0 <= k <= 1.0 for k in kept), module["name"]
         exact = exact_sum(*inputs[module["name"]])
         assert module["relative_error"] == pytest.approx(relative(written[module["name"]], exact), abs=1e-6)
-        assert module["output_rank"] == 8
+        assert module["written_rank"] == 8
 
     markdown = (merged_default / "merge_report.md").read_text()
     assert markdown.strip()
@@ -166,14 +167,14 @@ def test_bfloat16_inputs(three, tmp_path):
     inputs = inputs_of(folders)  # the bfloat16 values, exactly, in float64
     expected = {name: ctm_ta(As, Bs, scales, 8).delta for name, (As, Bs, scales) in inputs.items()}
 
-    result = run_ctm("merge", *folders, "--rank", "8", "--rule", "ta", "-o", tmp_path / "bf16")
+    result = run_ctm("merge", *folders, "--rank", "8", *PAPER_TA, "-o", tmp_path / "bf16")
     assert result.exit_code == 0, result.stderr
     assert stored_dtypes(tmp_path / "bf16") == {"BF16"}
     written = written_deltas(tmp_path / "bf16")
     for name, delta in expected.items():
         assert relative(written[name], delta) < 2e-2, name
 
-    result = run_ctm("merge", *folders, "--rank", "8", "--rule", "ta", "--dtype", "float32", "-o", tmp_path / "f32")
+    result = run_ctm("merge", *folders, "--rank", "8", *PAPER_TA, "--dtype", "float32", "-o", tmp_path / "f32")
     assert result.exit_code == 0, result.stderr
     assert stored_dtypes(tmp_path / "f32") == {"F32"}
     written = written_deltas(tmp_path / "f32")
@@ -191,7 +192,7 @@ def test_rank_pattern_inputs(make_adapter, tmp_path, load_base):
     inputs = inputs_of(folders)
     assert {a.shape[0] for name, (As, _, _) in inputs.items() if "q_proj" in name for a in As} == {6}
     out = tmp_path / "out"
-    result = run_ctm("merge", *folders, "--rank", "4", "--rule", "ta", "-o", out)
+    result = run_ctm("merge", *folders, "--rank", "4", *PAPER_TA, "-o", out)
     assert result.exit_code == 0, result.stderr
     written = written_deltas(out)
     for name, (As, Bs, scales) in inputs.items():

@@ -12,13 +12,14 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
+from helpers import project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import balance, hooi
 from safetensors.torch import load_file, save_file
 
 from ctm_cli import core_space as cs
-from ctm_cli import engine
+from ctm_cli import engine, plan
 from ctm_cli.adapter import Adapter
 from ctm_cli.methods import FactorGroup, MergeSettings, get_method
 from ctm_cli.rules import get_rule
@@ -33,9 +34,10 @@ def _ta_settings(rank: int, tasks: int, beta: float = 1.0) -> MergeSettings:
     return MergeSettings(
         rank=rank,
         rule=get_rule("ta"),
-        rule_params={"lambda": 1.0},
+        rule_params=get_rule("ta").resolve({"lambda": 1.0}),
         weights=torch.ones(tasks, dtype=torch.float64, device=DEVICE),
         beta=beta,
+        method_params=get_method("ctm").resolve({"frame_rank": rank}),  # ctm: DESIGN's CtM, a HOOI frame of rank r
     )
 
 
@@ -89,14 +91,14 @@ def test_streamed_groups_equal_the_stored_factors(mixed_adapters, several: str) 
     """Every group, read ahead into reused buffers, equals the stored factors: with several groups per shape
     (one wave each), and with every shape in one wave."""
     specs = check_compatible(mixed_adapters)
-    budget = 2 * engine.bytes_per_module(specs[0]) if several == "groups per shape" else 10**10
-    waves = engine.plan_waves(specs, budget)
+    budget = 2 * plan.bytes_per_module(specs[0]) if several == "groups per shape" else 10**10
+    waves = plan.plan_waves(specs, budget)
     groups = [group for wave in waves for group in wave]
     if several == "groups per shape":
         assert len(groups) > len({(s.out_features, s.in_features) for s in specs})
     else:
         assert len(waves) == 1 and len(groups) > 1
-    with engine._WaveStream(mixed_adapters, waves, DEVICE) as stream:  # a wave's buffer is reused two waves on
+    with engine.WaveStream(mixed_adapters, waves, DEVICE) as stream:  # a wave's buffer is reused two waves on
         loaded = [
             engine._load_group(mixed_adapters, group, raw)
             for wave, raws in zip(waves, stream, strict=True)
@@ -120,7 +122,7 @@ def test_safetensors_inputs_are_never_read_through_mmap(make_adapter, monkeypatc
     monkeypatch.setattr(Adapter, "factors", refuse)
     monkeypatch.setattr(Adapter, "tensor", refuse)
     merged = engine.merge_modules(
-        adapters, engine.plan_waves(specs, 10**9), get_method("cat"), _ta_settings(8, 2), DEVICE, torch.float32
+        adapters, plan.plan_waves(specs, 10**9), get_method("cat"), _ta_settings(8, 2), DEVICE, torch.float32
     )
     assert len(merged.tensors) == 2 * len(specs)
 
@@ -131,7 +133,7 @@ def test_merge_does_not_depend_on_the_group_size(make_adapter) -> None:
     specs = check_compatible(adapters)
     outputs = []
     for budget in (1, 10**10):
-        waves = engine.plan_waves(specs, budget)
+        waves = plan.plan_waves(specs, budget)
         assert len(waves) == (len(specs) if budget == 1 else 1)
         outputs.append(
             engine.merge_modules(adapters, waves, get_method("ctm"), _ta_settings(4, 3), DEVICE, torch.float32)
@@ -143,17 +145,17 @@ def test_merge_does_not_depend_on_the_group_size(make_adapter) -> None:
 
 def test_groups_fit_the_budget() -> None:
     specs = [ModuleSpec(f"m{i}", 64 + 32 * (i % 3), 48, (4, 8), embedding=False) for i in range(30)]
-    budget = 5 * engine.bytes_per_module(specs[0])
-    groups = engine.plan_groups(specs, budget)
+    budget = 5 * plan.bytes_per_module(specs[0])
+    groups = plan.plan_groups(specs, budget)
     assert sorted(s.name for g in groups for s in g) == sorted(s.name for s in specs)
     for group in groups:
         assert len({(s.out_features, s.in_features, s.ranks) for s in group}) == 1
-        assert len(group) == 1 or len(group) * engine.bytes_per_module(group[0]) <= budget
-    assert engine.plan_groups(specs[:1], 1) == [specs[:1]]  # over budget alone: still merged, on its own
-    waves = engine.plan_waves(specs, budget)
+        assert len(group) == 1 or len(group) * plan.bytes_per_module(group[0]) <= budget
+    assert plan.plan_groups(specs[:1], 1) == [specs[:1]]  # over budget alone: still merged, on its own
+    waves = plan.plan_waves(specs, budget)
     assert [g for wave in waves for g in wave] == groups
     for wave in waves:
-        assert len(wave) == 1 or sum(len(g) * engine.bytes_per_module(g[0]) for g in wave) <= budget
+        assert len(wave) == 1 or sum(len(g) * plan.bytes_per_module(g[0]) for g in wave) <= budget
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="device memory is measured on CUDA only")
@@ -163,14 +165,15 @@ def test_device_memory_stays_within_the_estimate(make_adapter) -> None:
     wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
     adapters = [Adapter(make_adapter(r=16, seed=seed, model_overrides=wider)) for seed in range(4)]
     specs = check_compatible(adapters)
-    waves = engine.plan_waves(specs, 10**10, factored_cores=True)
+    numbers = plan.method_core_numbers(get_method("ctm"), 16, {})
+    waves = plan.plan_waves(specs, 10**10, numbers)
     for _ in range(2):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
         engine.merge_modules(adapters, waves, get_method("ctm"), _ta_settings(16, 4), DEVICE, torch.float32)
     peak = torch.cuda.max_memory_allocated() - baseline
-    estimate = max(sum(len(g) * engine.bytes_per_module(g[0], True) for g in wave) for wave in waves)
+    estimate = max(sum(len(g) * plan.bytes_per_module(g[0], numbers) for g in wave) for wave in waves)
     assert peak <= estimate + 4 * 2**20, (peak, estimate)
 
 
@@ -246,7 +249,7 @@ def test_factored_cores_equal_dense_cores(factors: tuple, beta: float, rank: int
     for module in range(balanced.shape[0]):  # the frame against the float64 numpy HOOI of tests/reference.py
         expected = hooi(list(balanced[module].cpu().numpy()), rank)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * max(expected.energy, 1e-300)
-    coordinates = cs.project(dense.cores, frame.u, frame.v)
+    coordinates = project(dense.cores, frame.u, frame.v)
     assert torch.allclose(factored.cores.project(frame.u, frame.v), coordinates, atol=1e-11 * scale)
 
 
@@ -361,7 +364,7 @@ def test_accelerated_hooi_never_lowers_the_energy(seed: int, ranks: list[int]) -
     energy's sum, ~1e-15 relative, once at the fixed point)."""
     cores = _random_cores(seed, ranks, out=60, inp=50)
     final = cs.shared_frame_factored(cores, 4)
-    energies = [float(final.start_energy[0])]
+    energies = [float(cs.shared_frame_factored(cores, 4, max_sweeps=0).energy[0])]  # the HOSVD start
     for sweeps in range(1, int(final.sweeps[0]) + 1):
         energies.append(float(cs.shared_frame_factored(cores, 4, max_sweeps=sweeps).energy[0]))
     assert all(later >= earlier * (1 - 1e-13) for earlier, later in pairwise(energies))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import WEIGHTS, listing, run_ctm
+from helpers import WEIGHTS, listing, run_ctm
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file

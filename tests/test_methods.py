@@ -12,9 +12,9 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
-from conftest import run_ctm
-from test_e2e_peft import PREFIX, inputs_of, read_adapter, relative, written_deltas
+from helpers import PREFIX, inputs_of, read_adapter, relative, run_ctm, written_deltas
 
+from ctm_cli import core_space as cs
 from ctm_cli.errors import UsageError
 from ctm_cli.methods import METHODS, FactorGroup, MergeSettings, get_method, resolve_settings
 from ctm_cli.rules import RULES, get_rule
@@ -110,11 +110,10 @@ def expected(method: str, rule: str, case: Case) -> tuple[np.ndarray, float | No
     """The reference ΔW of a pair and, for mtc/core/knots, its truncation loss."""
     tasks, total = len(case.bs), sum(case.ranks)
     out, inp = case.bs[0].shape[0], case.as_[0].shape[1]
-    if method == "ctm":
-        return ref.ctm(
-            case.bs, case.as_, case.rank, reference_rule(rule, case, (tasks, case.rank, case.rank)), 0.5
-        ), None
     lam = RULE_PARAMS[rule].get("lambda", 1.0)
+    if method == "ctm":  # the default frame is the whole core space in its own bases: Core Space merging
+        cut = ref.cut_rule(reference_rule(rule, case, (tasks, total, total)), case.rank, rule, case.weights, lam)
+        return ref.core(case.bs, case.as_, cut)[0], None
     if method == "mtc":
         cut = ref.cut_rule(reference_rule(rule, case, (tasks, out, inp)), case.rank, rule, case.weights, lam)
         return ref.mtc(case.bs, case.as_, cut)
@@ -194,6 +193,84 @@ def test_full_rank_core_equals_cat_equals_exact_merge(rule: str, case: str) -> N
     assert float(result.relative_error[0]) < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["ta", "ties", "tsv", "iso_c"])
+@pytest.mark.parametrize("extra", [1, 3])
+@pytest.mark.parametrize("case", ["T3", "T4"])
+def test_ctm_wider_frame_matches_reference(rule: str, extra: int, case: str) -> None:
+    """r < frame_rank r' < R: HOOI frame of rank r', the rule on r' × r' coordinates, one cut to r."""
+    data = CASES[case]
+    tasks, wide = len(data.bs), data.rank + extra
+    [delta], result = merge("ctm", rule, data, params={"frame_rank": wide})
+    cut = ref.cut_rule(reference_rule(rule, data, (tasks, wide, wide)), data.rank, rule, data.weights)
+    want = ref.ctm(data.bs, data.as_, wide, reference_rule(rule, data, (tasks, wide, wide)), 0.5, cut)
+    assert relative(delta, want) < 1e-5
+    assert result.lora_b.shape[-1] == result.lora_a.shape[-2] == data.rank
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ctm_whole_frame_is_core_space_merge(rule: str, case: str) -> None:
+    """With frame_rank 0 (or any r' ≥ R) the frame is the whole core space in its own bases, with no HOOI: the
+    merge is Core Space merging cut to rank r for every rule (β only shapes a frame search), and for a rule that
+    commutes with orthonormal changes of basis also merge-then-compress."""
+    data = CASES[case]
+    [whole], result = merge("ctm", rule, data, params={"frame_rank": 0})
+    [beyond], _ = merge("ctm", rule, data, params={"frame_rank": 10 * sum(data.ranks)})
+    [core], _ = merge("core", rule, data)
+    assert relative(whole, core) < 1e-5 and np.array_equal(whole, beyond)
+    assert (result.sweeps == 0).all()
+
+
+@pytest.mark.parametrize("rule", ["tsv", "ties", "ta"])
+@pytest.mark.parametrize("frame", [0, 1])
+def test_ctm_isotropic_flattens_the_kept_spectrum(rule: str, frame: int) -> None:
+    """isotropic=1: the rule's result cut to r, its r singular values then set to their mean."""
+    data = CASES["T4"]
+    tasks, total = len(data.bs), sum(data.ranks)
+    wide = total if frame == 0 else data.rank
+    [delta], _ = merge("ctm", rule, data, params={"frame_rank": frame, "isotropic": 1})
+    rule_ref = reference_rule(rule, data, (tasks, wide, wide))
+    cut = ref.cut_rule(rule_ref, data.rank)
+    flat_cut = lambda xs: (ref.flattened(cut(xs)[0]), None)  # noqa: E731
+    if frame == 0:
+        want = ref.core(data.bs, data.as_, flat_cut)[0]
+    else:
+        want = ref.ctm(data.bs, data.as_, wide, rule_ref, 0.5, flat_cut)
+    assert relative(delta, want) < 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_papers_ctm_matches_reference(rule: str, case: str) -> None:
+    """frame_rank = r: the paper's CtM, a HOOI frame of the output rank and the rule on its r × r coordinates."""
+    data = CASES[case]
+    tasks = len(data.bs)
+    [delta], result = merge("ctm", rule, data, params={"frame_rank": data.rank})
+    want = ref.ctm(data.bs, data.as_, data.rank, reference_rule(rule, data, (tasks, data.rank, data.rank)), 0.5)
+    assert relative(delta, want) < 1e-5
+    assert (result.sweeps >= 1).all()
+
+
+@pytest.mark.parametrize("params", [{}, {"frame_rank": 6}, {"frame_rank": 3}], ids=["R", "wider", "paper"])
+@pytest.mark.parametrize("rule", ["tsv", "ta", "iso_c"])
+def test_ctm_kept_energy_is_inside_the_output_spaces(rule: str, params: dict) -> None:
+    """ctm reads each task's kept energy in its frame's coordinates; it equals the energy of ΔW_t inside the
+    column and row spaces of the written factors, computed from them in full."""
+    data = CASES["T3"]
+    _, result = merge("ctm", rule, data, rank=3, params=params)
+    group = group_of([data])
+    full = cs.energy_in_output_spaces(result.lora_b, result.lora_a, group.b_cat, group.a_cat, group.ranks)
+    assert torch.allclose(result.kept_energy, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("frame", [1, 2])
+def test_ctm_frame_at_most_rank_is_the_papers_ctm(frame: int) -> None:
+    data = CASES["T4"]
+    [paper], _ = merge("ctm", "ties", data, params={"frame_rank": data.rank})
+    [same], _ = merge("ctm", "ties", data, params={"frame_rank": frame})
+    assert np.array_equal(paper, same)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ctm_at_total_rank_is_exact(case: str) -> None:
     data = CASES[case]
@@ -252,7 +329,12 @@ def test_lego_output_is_scaled_by_root_of_units_per_cluster() -> None:
     [
         ("cat", "ties", {}, "needs a linear rule (mean, ta); ties is not"),
         ("lego", "dare", {}, "needs a linear rule"),
-        ("ctm", "ties", {"drop_rate": 0.5}, "they take: density, hooi_tolerance, lambda, max_sweeps, sign_count"),
+        (
+            "ctm",
+            "ties",
+            {"drop_rate": 0.5},
+            "they take: density, frame_rank, hooi_tolerance, isotropic, lambda, max_sweeps, sign_count",
+        ),
         ("robustmerge", "ta", {"robust_density": 0.0}, "robust_density=0 is out of range; allowed: (0, 1]"),
         ("iso_cts", "ta", {"iso_common": 2.0}, "allowed: [0, 1]"),
     ],
@@ -316,7 +398,7 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
     out = tmp_path / "out"
     report = cli_merge(two, out, "--rank", "6", *args)
     config, modules = read_adapter(out)
-    assert config["r"] == rank and report["settings"]["rank"] == rank
+    assert config["r"] == rank and report["settings"]["written_rank"] == rank
     assert all(a.shape[0] == rank for a, _ in modules.values())
     base = load_base()
     merged = PeftModel.from_pretrained(load_base(), out).merge_and_unload()
@@ -327,16 +409,17 @@ def test_cli_output_loads_in_peft(two, tmp_path, load_base, args: list[str], ran
         assert relative(change, delta) < 1e-5, name
     losses = [m["truncation_loss"] for m in report["modules"]]
     method = report["settings"]["method"]
-    assert all((loss is not None) == (method in {"mtc", "core", "knots"}) for loss in losses)
+    assert all((loss is not None) == (method in {"ctm", "mtc", "core", "knots"}) for loss in losses)
     if method == "core":
         exact = {
             name: ref.cat(scaled_bs(Bs, scales), As, [1.0, 1.0]) for name, (As, Bs, scales) in inputs_of(two).items()
         }
         assert max(relative(written[n], exact[n]) for n in exact) < 1e-5
     if "--lambda" in args:
-        assert report["settings"]["rule_params"] == {"density": 0.25, "lambda": 0.75, "sign_count": 0.0}
+        expected_params = {"density": 0.25, "lambda": 0.75, "sign_count": 0.0, "trim_count": 0.0}
+        assert report["settings"]["rule_params"] == expected_params
     markdown = (out / "merge_report.md").read_text()
-    assert ("energy lost by the final truncation" in markdown) == (method in {"mtc", "core", "knots"})
+    assert ("energy lost by the final truncation" in markdown) == (method in {"ctm", "mtc", "core", "knots"})
 
 
 def scaled_bs(bs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
@@ -383,7 +466,7 @@ def test_methods_command_lists_the_registries() -> None:
     ties = next(r for r in listing["rules"] if r["name"] == "ties")
     assert ties["params"]["density"] == {"default": 0.2, "range": "(0, 1]", "doc": RULES["ties"].params["density"].doc}
     assert next(m for m in listing["methods"] if m["name"] == "cat")["needs_linear_rule"] is True
-    assert {m["name"]: m["default_rule"] for m in listing["methods"]}["ctm"] == "iso_c"
+    assert {m["name"]: m["default_rule"] for m in listing["methods"]}["ctm"] == "tsv"
     table = run_ctm("methods")
     assert table.exit_code == 0
     for name in [*METHODS, *RULES]:

@@ -10,15 +10,16 @@ from typing import ClassVar
 
 import pytest
 import yaml
-from conftest import listing, run_ctm
+from helpers import listing, run_ctm
 from typer.testing import CliRunner
 
 import ctm_cli.pipeline
 from ctm_cli.adapter import Adapter
 from ctm_cli.cli import app
-from ctm_cli.engine import bytes_per_module
 from ctm_cli.errors import EXIT_CODES
-from ctm_cli.model_card import render_model_card
+from ctm_cli.methods import get_method
+from ctm_cli.model_card import loading_class, render_model_card
+from ctm_cli.plan import bytes_per_module, method_core_numbers
 from ctm_cli.validate import ModuleSpec
 
 FLOAT32 = 4
@@ -81,18 +82,20 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     assert listing(out_parent) == []
     plan = json.loads(result.stdout)
     assert plan["dry_run"] is True
-    assert plan["settings"]["rank"] == 4 and plan["settings"]["method"] == "ctm"
+    assert plan["settings"]["requested_rank"] == 4 and plan["settings"]["method"] == "ctm"
     assert [i["r"] for i in plan["inputs"]] == [8, 4]
     shapes = {m["name"].removeprefix("base_model.model.model.layers."): m["shape"] for m in plan["modules"]}
     assert shapes["0.self_attn.q_proj"] == [32, 32] and shapes["1.mlp.down_proj"] == [32, 64]
     assert shapes["0.self_attn.k_proj"] == [16, 32] and shapes["0.mlp.up_proj"] == [64, 32]
-    assert all(m["ranks"] == [8, 4] and m["output_rank"] == 4 for m in plan["modules"])
+    assert all(m["ranks"] == [8, 4] and m["written_rank"] == 4 for m in plan["modules"])
     # Groups: one per distinct shape, every module in exactly one; device bytes from the engine's formula.
     assert sum(g["modules"] for g in plan["groups"]) == 14
     assert sorted(tuple(g["shape"]) for g in plan["groups"]) == sorted({tuple(s) for s in shapes.values()})
+    ctm = get_method("ctm")
+    numbers = method_core_numbers(ctm, 4, ctm.resolve(plan["settings"]["method_params"]))
     for group in plan["groups"]:
         spec = ModuleSpec("m", *group["shape"], ranks=tuple(group["ranks"]), embedding=False)
-        assert group["device_bytes"] == group["modules"] * bytes_per_module(spec, factored_cores=True)  # ctm
+        assert group["device_bytes"] == group["modules"] * bytes_per_module(spec, numbers)
     # Waves: groups merged together within the budget; the estimate is the largest wave's.
     assert plan["waves"] == 1 and {g["wave"] for g in plan["groups"]} == {0}
     assert plan["estimated_device_bytes"] == sum(g["device_bytes"] for g in plan["groups"])
@@ -101,6 +104,36 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     tensor_bytes = sum((o + i) * 4 * FLOAT32 for o, i in shapes.values())
     assert tensor_bytes < written <= plan["estimated_output_bytes"] <= written + 2048
     assert plan["recipe"]["adapters"] == [{"source": str(p), "weight": 1.0} for p in pair]
+
+
+def test_requested_and_written_ranks_are_named_apart(pair, out_parent):
+    """`--method cat --rank 4` writes rank R = 12 (cat sets its own rank): the plan, the report, the model card and
+    the recipe each say which rank they mean."""
+    args = ["merge", *pair, "--method", "cat", "--rank", "4", "-o", out_parent / "out", "--json"]
+    plan = json.loads(run_ctm(*args, "--dry-run").stdout)
+    result = run_ctm(*args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    for settings in (plan["settings"], report["settings"]):
+        assert (settings["requested_rank"], settings["written_rank"]) == (4, 12) and "rank" not in settings
+    assert report["summary"]["written_rank"] == 12
+    assert {m["written_rank"] for m in plan["modules"]} == {m["written_rank"] for m in report["modules"]} == {12}
+    assert plan["recipe"]["rank"] == report["recipe"]["rank"] == 4  # the recipe holds what was asked, to repeat it
+    assert yaml.safe_load((out_parent / "out" / "recipe.yaml").read_text())["rank"] == 4
+    card = (out_parent / "out" / "README.md").read_text()
+    assert "A rank-12 PEFT LoRA adapter" in card and "| rank | 12 |" in card and "| requested rank | 4 |" in card
+    assert "rank **12** (requested 4)" in (out_parent / "out" / "merge_report.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["core", "cat"])
+def test_beta_is_refused_for_methods_that_do_not_use_it(pair, out_parent, method):
+    result = run_ctm("merge", *pair, "--method", method, "--beta", "0.5", "-o", out_parent / "out")
+    assert result.exit_code == 2
+    assert f"--beta 0.5 has no effect with method {method} (β acts on: ctm)" in result.stderr
+    assert listing(out_parent) == []
+    args = ["merge", *pair, "--method", method, "--beta", "1", "--rank", "4", "-o", out_parent / "out", "--dry-run"]
+    default = run_ctm(*args)
+    assert default.exit_code == 0, default.stderr  # β = 1 is "off": a recipe.yaml of any method says so
 
 
 def test_dry_run_table_writes_nothing(pair, out_parent):
@@ -174,7 +207,7 @@ def test_model_card(merged, pair):
     body = text.split("---\n", 2)[2]
     for path in pair:
         assert f"| {path} | local |" in body
-    for row in ("| method | ctm |", "| rule | iso_c |", "| rank | 4 |"):
+    for row in ("| method | ctm |", "| rule | tsv |", "| rank | 4 |"):
         assert row in body
     assert "PeftModel.from_pretrained(base, 'out')" in body
     assert {"README.md", "recipe.yaml", "merge_report.json", "merge_report.md"} <= set(listing(out))
@@ -184,7 +217,8 @@ def test_model_card_leaves_local_base_paths_out_of_the_metadata(merged):
     report = json.loads((merged[0] / "merge_report.json").read_text())
     for item in report["inputs"]:
         item["base_model"] = "/models/llama|base"
-    text = render_model_card(report, "merged")
+    report["settings"]["base_model"] = "/models/llama|base"
+    text = render_model_card(report, "merged", loading_class({"task_type": "CAUSAL_LM"}))
     front = yaml.safe_load(text.split("---\n")[1])
     assert "base_model" not in front and front["library_name"] == "peft"
     assert "AutoModelForCausalLM.from_pretrained('/models/llama|base')" in text
@@ -284,13 +318,15 @@ def test_shell_completion():
 
 
 def test_compare_merges_measures_how_far_two_merges_are(pair, tmp_path):
-    """scripts/compare_merges.py: zero against itself; a merge with HOOI cut to one sweep against the default."""
+    """scripts/compare_merges.py: zero against itself; a merge with HOOI cut to one sweep against the converged
+    one (the paper's CtM: a frame of the output rank, found by HOOI)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from compare_merges import module_differences, report_figures
 
     exact, rough = tmp_path / "exact", tmp_path / "rough"
-    assert run_ctm("merge", *pair, "--rank", "4", "-o", exact, "--quiet").exit_code == 0
-    assert run_ctm("merge", *pair, "--rank", "4", "--param", "max_sweeps=1", "-o", rough, "--quiet").exit_code == 0
+    paper = ["merge", *pair, "--rank", "4", "--param", "frame_rank=4", "--quiet"]
+    assert run_ctm(*paper, "-o", exact).exit_code == 0
+    assert run_ctm(*paper, "--param", "max_sweeps=1", "-o", rough).exit_code == 0
     same = module_differences(Adapter(exact), Adapter(exact))
     assert len(same) == 14 and max(same.values()) == 0.0
     apart = module_differences(Adapter(rough), Adapter(exact))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     PREFIX,
     REAL_ADAPTERS,
     WEIGHTS,
@@ -43,8 +43,10 @@ TOLERANCE = 1e-5  # relative error of a float32 merge against the float64 refere
 
 
 def merge(*args) -> None:
-    """`ctm merge ARGS`, with the ta rule unless ARGS name one: these tests compare with the CtM-TA reference."""
-    rule = () if "--rule" in args else ("--rule", "ta")
+    """`ctm merge ARGS`, with DESIGN's CtM-TA (the ta rule in a frame of the output rank) unless ARGS name a rule:
+    these tests compare with the CtM-TA reference."""
+    ctm = "--method" not in args or args[args.index("--method") + 1] == "ctm"
+    rule = () if "--rule" in args else ("--rule", "ta", *(("--param", "frame_rank=1") if ctm else ()))
     result = run_ctm("merge", *args, *rule)
     assert result.exit_code == 0, result.stderr
 
@@ -152,6 +154,7 @@ def test_real_gpt2_fan_in_fan_out_drop(tmp_path):
     config = config_of(out)
     assert config["fan_in_fan_out"] is True
     assert config["modules_to_save"] is None
+    assert config["task_type"] is None  # SEQ_CLS without its head would not load in PEFT (test_bad_inputs_loading)
     assert config["target_modules"] == ["c_attn"]
     assert SCORE not in load_file(str(out / WEIGHTS))
     assert report_of(out)["extra_tensors"] == [{"key": SCORE, "action": "dropped", "from": [str(GPT2_A), str(GPT2_B)]}]
@@ -279,7 +282,8 @@ def test_allow_missing_merges_zero_updates(make_adapter, load_base, tmp_path):
         make_adapter(r=4, alpha=8, seed=62, targets=("q_proj", "k_proj")),
     ]
     out = tmp_path / "out"
-    merge(*folders, "--rank", "3", "--allow-missing", "--rule", "mean", "--weights", "1,0.5", "-o", out)
+    paper_mean = ["--rule", "mean", "--param", "frame_rank=1"]
+    merge(*folders, "--rank", "3", "--allow-missing", *paper_mean, "--weights", "1,0.5", "-o", out)
     check_against_reference(folders, out, 3, weights=[1.0, 0.5], lam=1 / 1.5)
     report = report_of(out)
     layers = [f"base_model.model.model.layers.{i}.self_attn" for i in (0, 1)]
@@ -290,6 +294,24 @@ def test_allow_missing_merges_zero_updates(make_adapter, load_base, tmp_path):
     markdown = (out / "merge_report.md").read_text()
     assert f"{folders[0]} lacks 2 modules (merged as zero updates): {layers[0]}.k_proj" in markdown
     check_peft_forward(load_base, out)
+
+
+def test_allow_missing_dry_run_plans_a_module_the_first_input_lacks(make_adapter, tmp_path):
+    """The plan names each output tensor as the merge writes it (the first input that has the module spells its
+    keys), so a module the first input lacks is planned too and the size estimate holds."""
+    folders = [
+        make_adapter(r=4, alpha=8, seed=61, targets=("q_proj", "v_proj")),
+        make_adapter(r=4, alpha=8, seed=62, targets=("q_proj", "k_proj")),
+    ]
+    args = ["merge", *folders, "--rank", "3", "--allow-missing", "-o", tmp_path / "out", "--quiet"]
+    dry = run_ctm(*args, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert run_ctm(*args).exit_code == 0
+    merged = report_of(tmp_path / "out")["modules"]
+    assert sorted(m["name"] for m in plan["modules"]) == sorted(m["name"] for m in merged)
+    written = (tmp_path / "out" / WEIGHTS).stat().st_size
+    assert written <= plan["estimated_output_bytes"] <= written + 2048
 
 
 def test_allow_missing_layers_to_transform(gpt2, gpt2_adapter, tmp_path):

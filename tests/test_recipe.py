@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import listing, run_ctm
+from helpers import listing, run_ctm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -68,7 +68,7 @@ def test_defaults():
     assert recipe == Recipe(adapters=(AdapterEntry("a"), AdapterEntry("b")))
     assert (recipe.method, recipe.rule, recipe.rank, recipe.beta, recipe.seed, recipe.device) == (
         "ctm",
-        None,  # the method's default rule: iso_c for ctm (methods.Method.default_rule)
+        None,  # the method's default rule: tsv for ctm (methods.Method.default_rule)
         16,
         1.0,
         0,
@@ -208,7 +208,7 @@ def test_only_given_flags_override(pair, tmp_path):
         tmp_path, pair, rule="ta", rank=4, beta=0.5, seed=7, params={"lambda": 0.5}, output=str(tmp_path / "o")
     )
     from_file = plan_settings("--config", recipe)
-    assert (from_file["rank"], from_file["beta"], from_file["seed"], from_file["rule_params"]) == (
+    assert (from_file["requested_rank"], from_file["beta"], from_file["seed"], from_file["rule_params"]) == (
         4,
         0.5,
         7,
@@ -218,7 +218,8 @@ def test_only_given_flags_override(pair, tmp_path):
     flags = plan_settings(
         "--config", recipe, "--rank", "10", "--beta", "1.0", "--seed", "0", "--lambda", "0.7", "-w", "1,3"
     )
-    assert (flags["rank"], flags["beta"], flags["seed"], flags["rule_params"]) == (10, 1.0, 0, {"lambda": 0.7})
+    assert (flags["requested_rank"], flags["beta"], flags["seed"]) == (10, 1.0, 0)
+    assert flags["rule_params"] == {"lambda": 0.7}
     assert flags["weights"] == [1.0, 3.0]
 
 
@@ -230,9 +231,9 @@ def test_recipe_yaml_repeats_the_merge(pair, tmp_path):
     written = first / "recipe.yaml"
     assert load_recipe(written) == Recipe(
         adapters=(AdapterEntry(str(pair[0]), 1.0), AdapterEntry(str(pair[1]), -0.5)),
-        rule="iso_c",  # ctm's default rule, written out resolved
+        rule="tsv",  # ctm's default rule, written out resolved
         rank=6,
-        params={"lambda": 0.8, "hooi_tolerance": 1e-10, "max_sweeps": 500},
+        params={"lambda": 0.8, "hooi_tolerance": 1e-10, "max_sweeps": 500, "frame_rank": 0, "isotropic": 0},
         beta=0.3,
         seed=5,
         dtype="float32",

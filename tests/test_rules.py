@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ctm_cli.errors import UsageError
 from ctm_cli.methods import get_method, resolve_settings
-from ctm_cli.rules import RULES, get_rule, linear_coefficients, top_fraction_mask
+from ctm_cli.rules import RULES, get_rule, kept_count, linear_coefficients, top_fraction_mask
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RANDOM_RULES = {"dare", "dare_ties"}
@@ -20,11 +20,15 @@ CASES = {
     "mean": {},
     "ties": {"density": 0.3, "lambda": 0.8},
     "ties-count": {"density": 0.5, "sign_count": 1},
+    "ties-reference": {"density": 0.3, "trim_count": 1, "lambda": 0.8},
+    "ties-peft": {"density": 0.3, "trim_count": 2},
     "dare": {"drop_rate": 0.6, "lambda": 1.2},
     "dare_ties": {"drop_rate": 0.5, "density": 0.6},
+    "dare_ties-reference": {"drop_rate": 0.5, "density": 0.4, "trim_count": 1},
     "tsv": {"lambda": 0.9},
     "iso_c": {"lambda": 1.1},
     "magnitude_prune": {"density": 0.25},
+    "magnitude_prune-peft": {"density": 0.25, "trim_count": 2},
 }
 
 
@@ -159,12 +163,61 @@ def test_top_fraction_keeps_the_nearest_count() -> None:
         assert mask.view(-1)[-count:].all()
 
 
+# (d, ρ) → entries kept by trim_count 0 (nearest, at least 1), 1 (⌊ρ·d⌋+1, the papers' code), 2 (⌊ρ·d⌋, PEFT).
+TRIM_COUNTS = {
+    (20, 0.2): (4, 5, 4),
+    (20, 0.33): (7, 7, 6),
+    (20, 0.01): (1, 1, 0),
+    (20, 1.0): (20, 20, 20),
+    (20, 0.99): (20, 20, 19),
+    (256, 0.25): (64, 65, 64),  # the CtM paper's headline setting: r = 16, density 0.25
+}
+
+
+@pytest.mark.parametrize(("size", "density"), sorted(TRIM_COUNTS))
+def test_kept_count_by_each_counting_rule(size: int, density: float) -> None:
+    magnitudes = torch.arange(1.0, size + 1.0)
+    matrices = (magnitudes * torch.tensor([1.0, -1.0]).repeat(size // 2)).view(1, 1, size)
+    for trim_count, count in enumerate(TRIM_COUNTS[size, density]):
+        assert kept_count(size, density, trim_count) == count
+        mask = top_fraction_mask(matrices, density, trim_count).view(-1)
+        assert int(mask.sum()) == count and bool(mask[size - count :].all())
+
+
+def test_reference_count_is_the_ties_code_threshold() -> None:
+    """trim_count=1 keeps |x| ≥ the (d − ⌊ρ·d⌋)-th smallest magnitude, as the TIES / CtM code's kthvalue does."""
+    matrices = torch.tensor(np.random.default_rng(12).standard_normal((3, 16, 16)))
+    for density in (0.05, 0.25, 0.3, 0.77):
+        size = 256
+        threshold = matrices.abs().flatten(-2).kthvalue(size - int(size * density), dim=-1, keepdim=True).values
+        expected = matrices.abs() >= threshold.unsqueeze(-1)
+        assert torch.equal(top_fraction_mask(matrices, density, 1), expected)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "magnitude_prune"])
+def test_default_trim_count_is_the_nearest_count_bit_for_bit(name: str) -> None:
+    stack = np.random.default_rng(13).standard_normal((3, 9, 7))
+    params = {"density": 0.27, "drop_rate": 0.2} if name == "dare_ties" else {"density": 0.27}  # 17.01 of 63
+    default = run_rule(name, stack, [1.0, 0.5, 2.0], params, seed=1)
+    nearest = run_rule(name, stack, [1.0, 0.5, 2.0], {**params, "trim_count": 0}, seed=1)
+    other = run_rule(name, stack, [1.0, 0.5, 2.0], {**params, "trim_count": 1}, seed=1)
+    assert np.array_equal(default, nearest) and not np.array_equal(default, other)
+
+
+def test_peft_count_can_keep_nothing() -> None:
+    """⌊ρ·d⌋ = 0 keeps no entry (PEFT's top-k with k = 0), so TIES then merges to zero."""
+    stack = np.random.default_rng(14).standard_normal((2, 3, 3))
+    assert not run_rule("ties", stack, [1.0, 1.0], {"density": 0.1, "trim_count": 2}).any()
+    assert run_rule("ties", stack, [1.0, 1.0], {"density": 0.1, "trim_count": 1}).any()
+
+
 @pytest.mark.parametrize(
     ("rule", "params", "shown"),
     [
         ("ties", {"density": 0.0}, "(0, 1]"),
         ("ties", {"density": 1.5}, "(0, 1]"),
         ("ties", {"sign_count": 0.5}, "{0, 1}"),
+        ("ties", {"trim_count": 3}, "{0, 1, 2}"),
         ("dare", {"drop_rate": 1.0}, "[0, 1)"),
         ("ta", {"lambda": 1e7}, "[-1e+06, 1e+06]"),
     ],
@@ -183,5 +236,5 @@ def test_a_wide_integer_range_is_shown_by_its_ends() -> None:
 
 
 def test_unknown_parameter_lists_the_known_ones() -> None:
-    with pytest.raises(UsageError, match="density, lambda, sign_count"):
+    with pytest.raises(UsageError, match="density, lambda, sign_count, trim_count"):
         get_rule("ties").resolve({"drop_rate": 0.5})

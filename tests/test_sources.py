@@ -3,7 +3,6 @@ and a local fake Hub server for the errors the Hub answers with. Nothing here re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,57 +16,13 @@ from typing import ClassVar
 import pytest
 import torch
 import yaml
-from conftest import run_ctm
+from helpers import HUB_FILES, adapter_files, cache_repo, run_ctm
 from safetensors.torch import load_file
 
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.sources import HubRef, locate_source, parse_hub_ref
 
 ROOT = Path(__file__).parents[1]
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def cache_repo(cache: Path, repo: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)) -> str:
-    """Put one commit of a model repo into a Hugging Face cache: blobs/, snapshots/<commit>/ links, refs/."""
-    storage = cache / ("models--" + repo.replace("/", "--"))
-    commit = hashlib.sha1(b"".join(name.encode() + data for name, data in sorted(files.items()))).hexdigest()
-    for name, data in files.items():
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = storage / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (storage / "refs").mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)  # huggingface_hub writes the bare hash, no newline
-    return commit
-
-
-def adapter_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
-    """The adapter files of a folder (plus a README, which ctm must not need), keyed by repo path."""
-    files = {prefix + name: (folder / name).read_bytes() for name in ADAPTER_FILES}
-    files["README.md"] = b"# a model card\n"
-    return files
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache in a temporary HF_HOME, with HF_HUB_OFFLINE=1.
-
-    huggingface_hub reads these variables once, at import; the module constants are patched to match
-    (test_environment_variables_alone checks the variables by themselves in a fresh process)."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf-home"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    for name, value in {"HF_HOME": home, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}.items():
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 @pytest.fixture
@@ -201,7 +156,7 @@ def test_only_adapter_files_are_required(hub_pair, hub_cache):
     cache_module = pytest.importorskip("huggingface_hub._tree_cache")
     storage = hub_cache / "models--org--a"
     snapshot = storage / "snapshots" / hub_pair["a"]
-    entries = {name: cache_module.TreeCacheEntry(size=1, blob_id="0" * 40) for name in ("optimizer.pt", *ADAPTER_FILES)}
+    entries = {name: cache_module.TreeCacheEntry(size=1, blob_id="0" * 40) for name in ("optimizer.pt", *HUB_FILES)}
     cache_module.write_tree_cache(str(storage), hub_pair["a"], entries)
     assert locate_source("org/a").folder == snapshot  # optimizer.pt is not an adapter file: not needed
     (snapshot / "adapter_model.safetensors").unlink()

@@ -1,0 +1,81 @@
+"""Steps that several merge methods share: a rule's coefficients per column, the rule's result cut to rank r,
+the output factors from core-space maps, and a MergeResult with the report's default figures."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ctm_cli import core_space as cs
+from ctm_cli.fixed_order import matmul
+from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings
+from ctm_cli.rules import isotropic_spectrum, linear_coefficients, weighted_sum
+
+
+def column_coefficients(group: FactorGroup, settings: MergeSettings) -> torch.Tensor:
+    """A linear rule's c_t repeated over each task's columns of the concatenated factors (R,)."""
+    coefficients = linear_coefficients(settings.rule, settings.weights, settings.rule_params, settings.generator)
+    counts = torch.tensor(group.ranks, device=coefficients.device)
+    return torch.repeat_interleave(coefficients, counts)
+
+
+def result(
+    group: FactorGroup,
+    settings: MergeSettings,
+    lora_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    *,
+    kept_energy: torch.Tensor | None = None,
+    relative_error: torch.Tensor | None = None,
+    sweeps: torch.Tensor | None = None,
+    frame_energy: torch.Tensor | None = None,
+    truncation_loss: torch.Tensor | None = None,
+) -> MergeResult:
+    """A MergeResult; the figures not given take their defaults (registry module doc): the energy inside the
+    output spaces, and with a linear rule the error against the exact merge."""
+    if kept_energy is None:
+        kept_energy = cs.energy_in_output_spaces(lora_b, lora_a, group.b_cat, group.a_cat, group.ranks)
+    if relative_error is None and settings.rule.linear:
+        scaled = group.b_cat.to(torch.float64) * column_coefficients(group, settings).to(group.b_cat.device)
+        relative_error = cs.lowrank_relative_error(lora_b, lora_a, scaled, group.a_cat)
+    return MergeResult(lora_b, lora_a, kept_energy, relative_error, sweeps, frame_energy, truncation_loss)
+
+
+def from_core_maps(group: FactorGroup, to_b: torch.Tensor, to_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_B = b_cat @ to_b, lora_A = to_a @ a_cat, in the factors' dtype."""
+    dtype = group.b_cat.dtype
+    return matmul(group.b_cat, to_b.to(dtype)), matmul(to_a.to(dtype), group.a_cat)
+
+
+def apply_rule(stack: torch.Tensor, settings: MergeSettings) -> torch.Tensor:
+    """The settings' rule applied to a stack of task matrices."""
+    return settings.rule.function(stack, settings.weights, settings.rule_params, settings.generator)
+
+
+def merge_and_cut(
+    stack: torch.Tensor,
+    settings: MergeSettings,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+    isotropic: bool = False,
+) -> cs.Truncation:
+    """The rule's result cut to settings.rank by SVD; with `isotropic`, the kept singular values are then
+    replaced by their mean (Iso-C's spectrum applied after the cut, to any rule).
+
+    A spectral rule (iso_c) flattens the spectrum, and a flat spectrum has no best rank-r part, so
+    for it the weighted sum is cut first and its top r singular values are remapped: the rule's
+    rank-r form. Its lost_energy is then that of the weighted sum.
+    """
+    spectrum = settings.rule.spectrum
+    size = max(stack.shape[-2:])
+    if spectrum is None:
+        flat = partial(isotropic_spectrum, scale=1.0, size=size) if isotropic else None
+        return cs.truncate(apply_rule(stack, settings), settings.rank, left_map, right_map, spectrum=flat)
+    total = weighted_sum(stack, settings.weights)
+    rule_params = settings.rule_params
+
+    def remap(kept: torch.Tensor) -> torch.Tensor:
+        return spectrum(kept, rule_params, size)
+
+    return cs.truncate(total, settings.rank, left_map, right_map, spectrum=remap)

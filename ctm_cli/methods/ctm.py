@@ -1,0 +1,123 @@
+"""ctm: Compress-then-Merge (DESIGN §1), the product's method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ctm_cli import core_space as cs
+from ctm_cli.fixed_order import matmul
+from ctm_cli.methods.common import from_core_maps, merge_and_cut, result
+from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
+from ctm_cli.params import Params, param
+
+# CtM's default frame rank: the whole core space (0). The quality benchmark (docs/benchmarks.md, issue 11) chose it:
+# with TSV, the rule sees every task's directions and one cut to r keeps the strongest of all of them.
+DEFAULT_FRAME_RANK = 0
+
+
+@dataclass(frozen=True)
+class CtmParams(Params):
+    """CtM's frame (its rank, HOOI's stopping rule) and the spectrum of its final cut."""
+
+    hooi_tolerance: float = param(
+        cs.HOOI_TOLERANCE,
+        0.0,
+        1.0,
+        "HOOI stops once a sweep raises the captured energy and moves the subspaces by less than this",
+        open_low=True,
+    )
+    max_sweeps: int = param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module")
+    frame_rank: int = param(
+        DEFAULT_FRAME_RANK,
+        0,
+        1_000_000,
+        "rank r' of the shared frame the rule works in, then cut to --rank; values ≤ --rank: r' = r (the "
+        "paper's CtM); 0: the whole core space R",
+    )
+    isotropic: int = param(
+        0, 0, 1, "1: the r singular values kept by the final cut set to their mean (Iso-C's spectrum)"
+    )
+
+
+def frame_rank(rank: int, total_rank: int, params: CtmParams) -> int:
+    """Rank r' of CtM's shared frame: `frame_rank` clamped to [r, R], 0 meaning R (the whole core space).
+
+    r' = r is the paper's CtM; a larger r' lets the rule see more of every task before the one cut to r, and
+    r' = R makes the frame the whole core space (no HOOI), where CtM is merge-then-compress run in core space."""
+    wanted = params.frame_rank
+    return total_rank if wanted == 0 else min(total_rank, max(rank, wanted))
+
+
+def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSettings]) -> list[MergeResult]:
+    """CtM (DESIGN §1) of several groups: core space, balanced HOOI frame, rule on r × r coordinates, rank-r
+    output. The frames of all groups come from one batched HOOI (`cs.shared_frames_factored`), so groups of
+    other shapes cost no extra sweeps. The T cores stay factored (two R × R factors instead of T·R² numbers),
+    so memory does not grow with T²."""
+    spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
+    params = [each.method_params_as(CtmParams) for each in settings]
+    stopping = params[0]  # one merge's groups share everything but the rank
+    frame_ranks = [frame_rank(s.rank, sum(g.ranks), p) for g, s, p in zip(groups, settings, params, strict=True)]
+    searched = [i for i, (g, wide) in enumerate(zip(groups, frame_ranks, strict=True)) if wide < sum(g.ranks)]
+    frames = {i: cs.whole_frame(space.cores) for i, space in enumerate(spaces) if i not in searched}
+    found = cs.shared_frames_factored(
+        [cs.balance_factored(spaces[i].cores, settings[i].beta) for i in searched],
+        [frame_ranks[i] for i in searched],
+        tolerance=stopping.hooi_tolerance,
+        max_sweeps=stopping.max_sweeps,
+    )
+    frames.update(zip(searched, found, strict=True))
+    return [
+        _ctm_output(groups[i], settings[i], spaces[i], frames[i], params[i].isotropic == 1) for i in range(len(groups))
+    ]
+
+
+def _ctm_output(
+    group: FactorGroup, settings: MergeSettings, space: cs.FactoredCoreSpace, frame: cs.SharedFrame, isotropic: bool
+) -> MergeResult:
+    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
+    coordinates = space.cores.project(frame.u, frame.v)
+    cut = merge_and_cut(coordinates, settings, matmul(space.left, frame.u), matmul(space.right, frame.v), isotropic)
+    lora_b, lora_a = from_core_maps(group, cut.to_b, cut.to_a)
+    # Each task's energy inside the output's column and row spaces, read in the frame's orthonormal coordinates.
+    inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
+    whole = space.cores.norms()
+    kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
+    return result(
+        group,
+        settings,
+        lora_b,
+        lora_a,
+        kept_energy=torch.where(whole > 0, kept, torch.ones_like(kept)),
+        sweeps=frame.sweeps,
+        frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
+        truncation_loss=cut.lost_energy,
+    )
+
+
+def _core_numbers(total_rank: int, tasks: int, rank: int, params: CtmParams) -> int:
+    """Float64 core-space numbers of one module: the factored cores and frames, the T r' × r' coordinates and,
+    when HOOI runs (r' < R), its extrapolation history (results and residuals of ANDERSON_WINDOW sweeps, each a
+    pair of R × r' bases)."""
+    wide = frame_rank(rank, total_rank, params)
+    history = 2 * cs.ANDERSON_WINDOW * 2 * total_rank * wide if wide < total_rank else 0
+    return 10 * total_rank**2 + 4 * tasks * wide**2 + history
+
+
+@register(
+    "ctm",
+    "Compress-then-Merge: core space, a shared frame of rank r' (HOOI; default: the whole core space), the rule on "
+    "the r'×r' coordinates, one cut to rank r (default rule: tsv)",
+    # TSV in the whole core space, at λ 1 with no tuning, kept the most of each task's gain on the quality
+    # benchmark (docs/benchmarks.md, issue 11: 8 tasks, 3 seeds, ranks 8/16/32, chosen on val by a rule written
+    # before the runs). The paper's CtM is frame_rank = r (configs/ctm-paper.yaml).
+    default_rule="tsv",
+    uses_beta=True,
+    parameters=CtmParams,
+    merge_groups=compress_then_merge_groups,
+    core_numbers=_core_numbers,
+)
+def compress_then_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult:
+    """CtM of one group (see compress_then_merge_groups)."""
+    return compress_then_merge_groups([group], [settings])[0]
