@@ -419,6 +419,32 @@ class FactoredCores:
         """The cores themselves (..., T, R, R), as `core_space` gives them."""
         return per_task_products(self.b, self._scaled_rows(self.a.mT), self.ranks)
 
+    def combined(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Σ_t c_t C_t (..., R, R) for coefficients (T,) or (..., T): one product b · diag(c_t s_t on I_t) · aᵀ,
+        without the T cores."""
+        weighted = replace(self, scales=self.scales * coefficients.to(self.scales))
+        return matmul(self.b, weighted._scaled_rows(self.a.mT))
+
+    def task_svds(self) -> SvdForm:
+        """Every core's thin SVD from its factors, C_t = U_t diag(σ_t) V_tᵀ: U_t, V_t (..., T, R, ρ), σ_t (..., T, ρ)
+        decreasing, with ρ = max r_t (σ = 0 past a task's rank). A QR of each task's R × r_t factors and an SVD of
+        r_t × r_t: R·r_t² work per task instead of an R × R SVD of the core."""
+        q_b, r_b = torch.linalg.qr(self._task_columns(self.b))
+        q_a, r_a = torch.linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
+        p, s, qh = torch.linalg.svd(matmul(r_b, r_a.mT))
+        return SvdForm(matmul(q_b, p), s, matmul(q_a, qh.mT))
+
+    def _task_columns(self, factor: torch.Tensor) -> torch.Tensor:
+        """(..., R, R) → (..., T, R, ρ): each task's columns I_t, padded with zero columns to ρ = max r_t."""
+        tasks, width = len(self.ranks), max(self.ranks)
+        if len(set(self.ranks)) == 1:
+            return factor.unflatten(-1, (tasks, width)).movedim(-2, -3)
+        padded = [
+            torch.nn.functional.pad(factor[..., :, cols], (0, width - (cols.stop - cols.start)))
+            for cols in column_slices(self.ranks)
+        ]
+        return torch.stack(padded, dim=-3)
+
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t), HOOI's HOSVD start, as b·D_a·bᵀ and a·D_b·aᵀ with D block-diagonal."""
         weights = torch.repeat_interleave(self.scales.square(), torch.tensor(self.ranks, device=self.b.device), dim=-1)
@@ -513,6 +539,16 @@ def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFram
 
 
 @dataclass(frozen=True)
+class SvdForm:
+    """A matrix (or a stack of them) as u·diag(s)·vᵀ, u and v with orthonormal columns, s in any order and of
+    any sign: a rule's result that needs no SVD to be cut (`truncate_svd_form`)."""
+
+    u: torch.Tensor  # (..., m, k)
+    s: torch.Tensor  # (..., k)
+    v: torch.Tensor  # (..., n, k)
+
+
+@dataclass(frozen=True)
 class Truncation:
     """A merged matrix split into LoRA maps at rank k, and the share of its energy the cut dropped."""
 
@@ -538,10 +574,42 @@ def truncate(
     puts its sign into to_b). lost_energy is measured on `merged`.
     """
     p, s, qh = torch.linalg.svd(merged, full_matrices=False)
+    return _cut(p[..., :rank], s, qh[..., :rank, :].mT, rank, left_map, right_map, spectrum)
+
+
+def truncate_svd_form(
+    form: SvdForm,
+    rank: int,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+    spectrum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Truncation:
+    """`truncate` of the matrix u·diag(s)·vᵀ given in SVD form (one column per value, at least `rank` of them):
+    its singular values are |s|, so the cut only orders them; no SVD."""
+    order = form.s.abs().argsort(dim=-1, descending=True, stable=True)
+    s = form.s.gather(-1, order)
+    top = order[..., :rank].unsqueeze(-2)
+    signs = torch.where(s[..., :rank] < 0, -1.0, 1.0).to(s).unsqueeze(-2)
+    u = form.u.gather(-1, top.expand(*form.u.shape[:-1], rank)) * signs
+    v = form.v.gather(-1, top.expand(*form.v.shape[:-1], rank))
+    return _cut(u, s.abs(), v, rank, left_map, right_map, spectrum)
+
+
+def _cut(
+    p: torch.Tensor,
+    s: torch.Tensor,
+    q: torch.Tensor,
+    rank: int,
+    left_map: torch.Tensor | None,
+    right_map: torch.Tensor | None,
+    spectrum: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Truncation:
+    """The Truncation of P·diag(s)·Qᵀ from its top `rank` singular vectors p, q (..., m or n, k) and all its
+    singular values s (decreasing), as `truncate` documents it."""
     kept = s[..., :rank] if spectrum is None else spectrum(s[..., :rank])
     root = kept.abs().sqrt()
-    to_b = p[..., :rank] * (kept.sign() * root).unsqueeze(-2)
-    to_a = qh[..., :rank, :] * root.unsqueeze(-1)
+    to_b = p * (kept.sign() * root).unsqueeze(-2)
+    to_a = q.mT * root.unsqueeze(-1)
     if left_map is not None:
         to_b = matmul(left_map, to_b)
     if right_map is not None:
@@ -550,7 +618,7 @@ def truncate(
     total = energy.sum(dim=-1)
     lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
     lost = torch.where(total > 0, lost, torch.zeros_like(total))
-    return Truncation(to_b, to_a, lost, p[..., :rank], qh[..., :rank, :].mT)
+    return Truncation(to_b, to_a, lost, p, q)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

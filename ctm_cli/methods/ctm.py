@@ -8,7 +8,7 @@ import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.fixed_order import matmul
-from ctm_cli.methods.common import from_core_maps, merge_and_cut, result
+from ctm_cli.methods.common import from_core_maps, merge_and_cut, merge_and_cut_factored, result
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
 from ctm_cli.params import Params, param
 
@@ -76,12 +76,19 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
 def _ctm_output(
     group: FactorGroup, settings: MergeSettings, space: cs.FactoredCoreSpace, frame: cs.SharedFrame, isotropic: bool
 ) -> MergeResult:
-    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
-    coordinates = space.cores.project(frame.u, frame.v)
-    cut = merge_and_cut(coordinates, settings, matmul(space.left, frame.u), matmul(space.right, frame.v), isotropic)
+    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r. In
+    the whole core space (r' = R) the coordinates are the cores themselves, which the rule takes from their factors
+    where it can (`merge_and_cut_factored`)."""
+    if frame.u.shape[-1] == space.cores.b.shape[-1]:  # the whole core space: u = v = I
+        cut = merge_and_cut_factored(space.cores, settings, space.left, space.right, isotropic)
+        inside = space.cores.project(cut.left_basis, cut.right_basis)
+    else:
+        coordinates = space.cores.project(frame.u, frame.v)
+        left_map, right_map = matmul(space.left, frame.u), matmul(space.right, frame.v)
+        cut = merge_and_cut(coordinates, settings, left_map, right_map, isotropic)
+        inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
     lora_b, lora_a = from_core_maps(group, cut.to_b, cut.to_a)
-    # Each task's energy inside the output's column and row spaces, read in the frame's orthonormal coordinates.
-    inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
+    # inside: each task's core in the output's column and row spaces, in the frame's orthonormal coordinates.
     whole = space.cores.norms()
     kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
     return result(
