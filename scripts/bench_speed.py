@@ -167,11 +167,19 @@ def io_floor(files: list[Path], output_bytes: int, device: torch.device, scratch
 
 
 def ctm_subprocess(
-    folders: list[Path], output: Path, rank: int, device: str, max_memory: int | None, params: dict[str, float]
+    folders: list[Path],
+    output: Path,
+    rank: int,
+    device: str,
+    max_memory: int | None,
+    params: dict[str, float],
+    rule: str | None,
 ) -> dict:
     """`ctm merge` as a user runs it: wall time (process start included) and the child's peak RSS."""
     command = [sys.executable, "-m", "ctm_cli", "merge", *map(str, folders), "-o", str(output)]
     command += ["--rank", str(rank), "--device", device, "--force", "--quiet"]
+    if rule is not None:
+        command += ["--rule", rule]
     for name, value in params.items():
         command += ["--param", f"{name}={value:g}"]
     if max_memory is not None:
@@ -213,6 +221,7 @@ def ctm_in_process(
     device: torch.device,
     max_memory: int | None,
     params: dict[str, float],
+    rule: str | None,
     profile: Path | None,
 ) -> dict:
     """The merge alone (`prepare` and `run_merge`, as `ctm merge` runs them) in this process, the device's peak
@@ -222,6 +231,8 @@ def ctm_in_process(
     from ctm_cli.recipe import build_recipe
 
     given = {"sources": [str(f) for f in folders], "output": str(output), "rank": rank, "device": str(device)}
+    if rule is not None:
+        given["rule"] = rule
     recipe = build_recipe(None, {**given, "params": params})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -344,13 +355,15 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
         drop_from_page_cache(files)
     output = scratch / f"merged-{len(folders)}"
     params = parse_params(args.param)  # ctm's own parser: the same checks as `ctm merge --param`
-    rows["ctm_end_to_end"] = ctm_subprocess(folders, output, shapes.rank, args.device, args.max_memory, params)
+    rows["ctm_end_to_end"] = ctm_subprocess(
+        folders, output, shapes.rank, args.device, args.max_memory, params, args.rule
+    )
     runs = []
     for repeat in range(args.repeats):
         if args.cold:
             drop_from_page_cache(files)
         profile = Path(f"{args.profile}-T{len(folders)}.txt") if args.profile and repeat == 0 else None
-        runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, params, profile))
+        runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, params, args.rule, profile))
     rows["ctm_merge_seconds"] = [run["seconds"] for run in runs]
     rows["ctm_merge_cpu_seconds"] = [run["cpu_seconds"] for run in runs]
     rows["groups"], rows["waves"] = runs[0]["groups"], runs[0]["waves"]
@@ -410,6 +423,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--max-memory", type=int, default=None, help="ctm --max-memory, MiB")
     parser.add_argument("--param", action="append", default=[], help="ctm --param NAME=X (repeatable)")
+    parser.add_argument("--rule", default=None, help="ctm --rule (default: the method's default rule)")
     parser.add_argument("--peft-layers", type=int, default=1, help="layers PEFT merges (0: skip PEFT)")
     parser.add_argument("--repeats", type=int, default=2, help="in-process merges to time (best is shown)")
     parser.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before each run")
@@ -461,6 +475,7 @@ def main() -> None:
                 "shapes": asdict(shapes),
                 "shared": args.shared,
                 "params": parse_params(args.param),
+                "rule": args.rule,
                 "device": str(device),
                 "results": results,
             }
