@@ -398,15 +398,16 @@ def _spec(name: str, out: int, inp: int, ranks: tuple[int, ...]) -> ModuleSpec:
 def test_a_wave_split_between_threads_gives_the_same_bits(frame_rank: int) -> None:
     """The CPU engine may merge a wave's modules on several threads (runs of consecutive modules, a group cut
     between threads): every field of every group's result is bit for bit the one-thread result, with the whole
-    core space (tsv from the factors) and with HOOI frames."""
+    core space (tsv from the factors) and with HOOI frames. On the CPU always: only the CPU engine splits waves."""
+    cpu = torch.device("cpu")
     generator = torch.Generator().manual_seed(8)
     shapes = [(5, 30, 26), (2, 20, 34)]  # (modules, out, in) of two groups
     ranks = (4, 6, 2)
     wave = [[_spec(f"g{g}m{m}", out, inp, ranks) for m in range(count)] for g, (count, out, inp) in enumerate(shapes)]
     factors = [
         FactorGroup(
-            b_cat=torch.randn(count, out, sum(ranks), generator=generator).to(DEVICE),
-            a_cat=torch.randn(count, sum(ranks), inp, generator=generator).to(DEVICE),
+            b_cat=torch.randn(count, out, sum(ranks), generator=generator).to(cpu),
+            a_cat=torch.randn(count, sum(ranks), inp, generator=generator).to(cpu),
             ranks=list(ranks),
         )
         for count, out, inp in shapes
@@ -417,11 +418,11 @@ def test_a_wave_split_between_threads_gives_the_same_bits(frame_rank: int) -> No
             rank=4,
             rule=get_rule("tsv"),
             rule_params=get_rule("tsv").resolve({}),
-            weights=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, device=DEVICE),
+            weights=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, device=cpu),
             method_params=method.resolve({"frame_rank": frame_rank}),
         )
     ] * 2
-    with single_threaded(DEVICE):  # as the engine runs it
+    with single_threaded(cpu):  # as the engine runs it
         alone = engine._merge_wave_split(method, factors, each, wave, workers=1)
         splits = {workers: engine._merge_wave_split(method, factors, each, wave, workers) for workers in (2, 3, 16)}
     for workers, split in splits.items():
