@@ -13,9 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
-from itertools import groupby
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 
@@ -310,60 +309,6 @@ def _merge_wave(
         ) from exc
 
 
-def cpu_workers(device: torch.device, method: Method, settings: MergeSettings) -> int:
-    """Threads that merge a wave's modules at once on the CPU, one thread each (torch's thread count, the cores by
-    default); 1 on other devices and for a method or rule that draws from the generator (its draws follow the
-    order of the modules)."""
-    if device.type != "cpu" or method.random or settings.rule.random:
-        return 1
-    return torch.get_num_threads()
-
-
-def _merge_wave_split(
-    method: Method,
-    factors: list[FactorGroup],
-    settings: list[MergeSettings],
-    wave: list[list[ModuleSpec]],
-    workers: int,
-) -> list[MergeResult]:
-    """`_merge_wave` with the wave's modules split into `workers` parts merged on as many threads, each group's
-    results joined back in order. Every module's result is the one it gets alone (fixed_order: one thread per
-    matrix), so the split changes no bit of the output."""
-    modules = sum(len(group) for group in wave)
-    if workers <= 1 or modules <= 1:
-        return _merge_wave(method, factors, settings, wave)
-    count = min(workers, modules)
-    order = [(index, row) for index, group in enumerate(wave) for row in range(len(group))]
-    parts: list[list[tuple[int, slice]]] = []
-    for chunk in range(count):  # contiguous runs of modules, as even as the module count allows
-        taken = order[chunk * modules // count : (chunk + 1) * modules // count]
-        runs = groupby(taken, key=lambda entry: entry[0])
-        parts.append([(index, slice(rows[0][1], rows[-1][1] + 1)) for index, rows in ((i, list(r)) for i, r in runs)])
-
-    def merge_part(part: list[tuple[int, slice]]) -> list[MergeResult]:
-        chosen = [replace(factors[i], b_cat=factors[i].b_cat[rows], a_cat=factors[i].a_cat[rows]) for i, rows in part]
-        return _merge_wave(method, chosen, [settings[i] for i, _ in part], [wave[i][rows] for i, rows in part])
-
-    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="ctm-merge") as pool:
-        merged = list(pool.map(merge_part, parts))
-    pieces: list[list[MergeResult]] = [[] for _ in wave]
-    for part, results in zip(parts, merged, strict=True):
-        for (index, _), piece in zip(part, results, strict=True):
-            pieces[index].append(piece)
-    return [_joined(group_pieces) for group_pieces in pieces]
-
-
-def _joined(pieces: list[MergeResult]) -> MergeResult:
-    """One group's MergeResult from the results of consecutive runs of its modules."""
-    if len(pieces) == 1:
-        return pieces[0]
-    values: dict[str, Any] = {}
-    for field in fields(MergeResult):
-        parts = [getattr(piece, field.name) for piece in pieces]
-        values[field.name] = None if parts[0] is None else torch.cat(parts, dim=0)
-    return MergeResult(**values)
-
-
 def _optional(values: torch.Tensor | None, index: int, kind: Callable[[float], Number]) -> Number | None:
     return None if values is None else kind(values[index].item())
 
@@ -398,14 +343,13 @@ def merge_modules(
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
     settings = replace(settings, weights=settings.weights.to(device))
-    workers = cpu_workers(device, method, settings)
     with WaveStream(adapters, waves, device) as stream:
         for wave, raws in zip(waves, stream, strict=True):
             started = time.perf_counter()
             factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
             each = [replace(settings, rank=method.output_rank(settings.rank, group[0].ranks)) for group in wave]
             with single_threaded(device):  # bit-identical whatever the grouping and thread count
-                results = _merge_wave_split(method, factors, each, wave, workers)
+                results = _merge_wave(method, factors, each, wave)
             outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
             seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
             for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):

@@ -46,7 +46,6 @@ class Rule(Generic[P]):
     `parameters`: the rule's `Params` dataclass.
     `factored` (optional): the same rule on the cores of a core space given by their factors (FactoredCores), with
     its result in SVD form: a faster route to the same result that never forms the T dense cores.
-    `random`: the rule draws from the generator, so a module's result depends on the modules merged before it.
     """
 
     name: str
@@ -56,7 +55,6 @@ class Rule(Generic[P]):
     parameters: type[P]
     spectrum: SpectrumMap[P] | None = None
     factored: FactoredRule[P] | None = None
-    random: bool = False
 
     @property
     def spectral(self) -> bool:
@@ -161,12 +159,11 @@ def register(
     parameters: type[P],
     spectrum: SpectrumMap[P] | None = None,
     factored: FactoredRule[P] | None = None,
-    random: bool = False,
 ) -> Callable[[RuleFunction[P]], RuleFunction[P]]:
     """Decorator adding a rule function to the registry under `name`, with its parameters' dataclass."""
 
     def add(function: RuleFunction[P]) -> RuleFunction[P]:
-        RULES[name] = Rule(name, function, doc, linear, parameters, spectrum, factored, random)
+        RULES[name] = Rule(name, function, doc, linear, parameters, spectrum, factored)
         return function
 
     return add
@@ -310,7 +307,6 @@ def ties(
     "DARE: drop entries with probability p, rescale by 1/(1-p), then task arithmetic λ · Σ w_t X_t",
     linear=False,
     parameters=DareParams,
-    random=True,
 )
 def dare(
     stack: torch.Tensor, weights: torch.Tensor, params: DareParams, generator: torch.Generator | None
@@ -324,7 +320,6 @@ def dare(
     "DARE then TIES: random drop and rescale, optional magnitude trim (density), sign election, disjoint mean; × λ",
     linear=False,
     parameters=DareTiesParams,
-    random=True,
 )
 def dare_ties(
     stack: torch.Tensor, weights: torch.Tensor, params: DareTiesParams, generator: torch.Generator | None

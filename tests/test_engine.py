@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from ctm_cli import core_space as cs
 from ctm_cli import engine, plan
 from ctm_cli.adapter import Adapter
-from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeSettings, get_method
 from ctm_cli.rules import get_rule
 from ctm_cli.validate import ModuleSpec, check_compatible
@@ -388,58 +387,3 @@ def test_ctm_with_large_core_spaces_matches_the_reference() -> None:
         result = get_method("ctm").function(group, _ta_settings(8, 4, beta))
         expected = ref.ctm(bs, as_, 8, lambda xs: ref.ta(xs, [1.0] * 4), beta)
         assert _relative(_delta(result), expected) < 1e-5
-
-
-def _spec(name: str, out: int, inp: int, ranks: tuple[int, ...]) -> ModuleSpec:
-    return ModuleSpec(name=name, out_features=out, in_features=inp, ranks=ranks, embedding=False)
-
-
-@pytest.mark.parametrize("frame_rank", [0, 4])
-def test_a_wave_split_between_threads_gives_the_same_bits(frame_rank: int) -> None:
-    """The CPU engine may merge a wave's modules on several threads (runs of consecutive modules, a group cut
-    between threads): every field of every group's result is bit for bit the one-thread result, with the whole
-    core space (tsv from the factors) and with HOOI frames. On the CPU always: only the CPU engine splits waves."""
-    cpu = torch.device("cpu")
-    generator = torch.Generator().manual_seed(8)
-    shapes = [(5, 30, 26), (2, 20, 34)]  # (modules, out, in) of two groups
-    ranks = (4, 6, 2)
-    wave = [[_spec(f"g{g}m{m}", out, inp, ranks) for m in range(count)] for g, (count, out, inp) in enumerate(shapes)]
-    factors = [
-        FactorGroup(
-            b_cat=torch.randn(count, out, sum(ranks), generator=generator).to(cpu),
-            a_cat=torch.randn(count, sum(ranks), inp, generator=generator).to(cpu),
-            ranks=list(ranks),
-        )
-        for count, out, inp in shapes
-    ]
-    method = get_method("ctm")
-    each = [
-        MergeSettings(
-            rank=4,
-            rule=get_rule("tsv"),
-            rule_params=get_rule("tsv").resolve({}),
-            weights=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, device=cpu),
-            method_params=method.resolve({"frame_rank": frame_rank}),
-        )
-    ] * 2
-    with single_threaded(cpu):  # as the engine runs it
-        alone = engine._merge_wave_split(method, factors, each, wave, workers=1)
-        splits = {workers: engine._merge_wave_split(method, factors, each, wave, workers) for workers in (2, 3, 16)}
-    for workers, split in splits.items():
-        for one, other in zip(alone, split, strict=True):
-            for name in ("lora_b", "lora_a", "kept_energy", "sweeps", "frame_energy", "truncation_loss"):
-                assert torch.equal(getattr(one, name), getattr(other, name)), (workers, name)
-
-
-def _with_rule(settings_: MergeSettings, name: str) -> MergeSettings:
-    return MergeSettings(**{**vars(settings_), "rule": get_rule(name), "rule_params": get_rule(name).resolve({})})
-
-
-def test_random_rules_and_methods_merge_on_one_thread() -> None:
-    """dare's and lego's draws follow the order of the modules: the engine keeps them on one thread."""
-    cpu = torch.device("cpu")
-    dare = _with_rule(_ta_settings(4, 2), "dare")
-    assert engine.cpu_workers(cpu, get_method("ctm"), dare) == 1
-    assert engine.cpu_workers(cpu, get_method("lego"), _ta_settings(4, 2)) == 1
-    assert engine.cpu_workers(cpu, get_method("ctm"), _ta_settings(4, 2)) == torch.get_num_threads()
-    assert engine.cpu_workers(torch.device("meta"), get_method("ctm"), _ta_settings(4, 2)) == 1

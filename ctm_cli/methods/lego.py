@@ -59,7 +59,6 @@ def kmeans(points: torch.Tensor, clusters: int, generator: torch.Generator | Non
     "lego",
     "LoRA-LEGO: k-means of all rank-1 units (b_i, a_i) into r clusters, centroids at their cluster's mean ∞-norm",
     needs_linear_rule=True,
-    random=True,
 )
 def lora_lego(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     """LoRA-LEGO (Zhao et al. 2024) with the rule's coefficients folded into B.

@@ -129,8 +129,6 @@ class Method:
     batched HOOI); by default each group is merged on its own.
     core_numbers: float64 numbers of the core-space arrays one module holds at its peak, from (R, T, the output
     rank, the method's parameters), for memory planning: three T × R × R stacks by default.
-    random: the method draws from the generator (lego's k-means start), so a module's result depends on the modules
-    merged before it.
     """
 
     name: str
@@ -145,7 +143,6 @@ class Method:
     default_rule: str = "ta"
     merge_groups: GroupsFunction | None = None
     core_numbers: CoreNumbers = _three_core_stacks
-    random: bool = False
 
     @property
     def params(self) -> dict[str, Param]:
