@@ -9,7 +9,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from ctm_cli.errors import IncompatibleError, InputError, first_line, unreadable
 from ctm_cli.patterns import MAX_NAME_LENGTH, pattern_problem
 from ctm_cli.safetensors_format import DTYPES, SafetensorsFile
 from ctm_cli.untrusted import TooLargeError, read_limited
+
+if TYPE_CHECKING:
+    from ctm_cli.formats import SingleFile
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -210,6 +213,14 @@ class Adapter:
     def __init__(self, folder: Path, source: str | None = None):
         self.folder = Path(folder)
         self.source = source or str(folder)
+        from ctm_cli.formats import open_single_file  # kohya / diffusers / LyCORIS files (ctm_cli/formats)
+
+        self.single_file = open_single_file(self.folder)
+        if self.single_file is not None:
+            self.config, self.weights_path = self.single_file.config, self.single_file.path
+            self._reader: SafetensorsFile | _BinReader | SingleFile = self.single_file
+            self.modules, self.extra_keys = self.single_file.modules, list[str]()
+            return
         self.config = _read_config(self.folder)
         self.weights_path = self._find_weights()
         self._reader = (
@@ -318,3 +329,7 @@ class Adapter:
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of a stored tensor without reading it."""
         return self._reader.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """dtype of a stored tensor without reading it (None for one ctm does not read)."""
+        return self._reader.dtype(key)

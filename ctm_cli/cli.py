@@ -166,6 +166,18 @@ def _given(ctx: typer.Context) -> set[str]:
 _RECIPE_OPTIONS = {name: (kind, spec) for name, (kind, spec) in SCHEMA.items() if spec.flags}
 
 
+def _bad_parameter_on_value_error(parser: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A setting's parser whose ValueError the command-line library reports as a bad value, in the setting's words."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parser(text)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parse
+
+
 def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give `command` an option for every recipe setting that has flags, made from the recipe's schema (flags, help,
     default, metavar) and placed after its `config` parameter, so that a setting is declared once, in recipe.py.
@@ -175,8 +187,14 @@ def _with_recipe_options(command: Callable[..., None]) -> Callable[..., None]:
         Parameter(
             name,
             Parameter.POSITIONAL_OR_KEYWORD,
-            annotation=kind,
-            default=typer.Option(getattr(DEFAULTS, name), *spec.flags, help=escape(spec.help), metavar=spec.metavar),
+            annotation=kind if spec.parser is None else str,
+            default=typer.Option(
+                getattr(DEFAULTS, name),
+                *spec.flags,
+                help=escape(spec.help),
+                metavar=spec.metavar,
+                parser=None if spec.parser is None else _bad_parameter_on_value_error(spec.parser),
+            ),
         )
         for name, (kind, spec) in _RECIPE_OPTIONS.items()
     ]
@@ -353,22 +371,59 @@ def _bytes(count: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-@app.command(epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules")
+@app.command(
+    epilog="Examples:\nctm inspect merged/\nctm inspect org/name@v1.0 --json | jq .lora_modules\n"
+    "ctm inspect math/ code/ chat/ --plot adapters.png"
+)
 def inspect(
-    path: str = typer.Argument(..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...)."),
+    path: list[str] = typer.Argument(
+        ..., help="Adapter folder or Hub repo (org/name, org/name@rev, hf://...); two or more: how they would merge."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout, only."),
     spectra: int = typer.Option(8, "--spectra", help="Singular values shown per module in the table."),
+    plot: Path | None = typer.Option(
+        None, "--plot", metavar="FILE.png", help="With two or more adapters: energy-kept curves and overlaps as a PNG."
+    ),
 ) -> None:
-    """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra."""
+    """Show what an adapter is: base model, ranks, scale, modules, sizes and per-module spectra. Given two or more
+    adapters: how they would merge (overlap, dominance, conflict, energy kept by a rank-r merge)."""
+    if len(path) > 1 or plot is not None:
+        _inspect_many(path, as_json, plot)
+        return
     from ctm_cli.adapter import Adapter
     from ctm_cli.sources import locate_source
     from ctm_cli.summary import summarize
 
-    info = _run(lambda: summarize(Adapter(locate_source(path).folder, path)))
+    info = _run(lambda: summarize(Adapter(locate_source(path[0]).folder, path[0])))
     if as_json:
         print(json.dumps(info, indent=2))
         return
     _print_summary(info, spectra)
+
+
+def _inspect_many(paths: list[str], as_json: bool, plot: Path | None) -> None:
+    """`ctm inspect a/ b/ …`: the diagnosis of two or more adapters (multi_inspect.py), shown or saved."""
+    from ctm_cli.errors import UsageError
+    from ctm_cli.multi_inspect import inspect_adapters
+    from ctm_cli.multi_inspect_view import check_plot_target, print_diagnosis, save_plot
+
+    def action() -> dict:
+        if len(paths) < 2:
+            raise UsageError("--plot needs two or more adapters (one adapter: ctm inspect ADAPTER)")
+        if plot is not None:
+            check_plot_target(plot)
+        data = inspect_adapters(paths)
+        if plot is not None:
+            save_plot(data, plot)
+        return data
+
+    data = _run(action)
+    for warning in data["warnings"]:
+        _print_line("ctm: warning:", warning, "yellow")
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_diagnosis(data)
 
 
 @app.command()
@@ -396,7 +451,8 @@ def _print_summary(info: dict, spectra: int) -> None:
     console = Console()
     facts = Table(show_header=False, box=None)
     for key in (
-        "path", "base_model", "peft_type", "r", "rank_pattern", "lora_alpha", "alpha_pattern",
+        "path", "style", "kinds", "blocks", "base_model", "peft_type", "r", "rank_pattern", "lora_alpha",
+        "alpha_pattern",
         "use_rslora", "scale", "fan_in_fan_out", "target_modules", "lora_modules", "lora_parameters",
         "modules_to_save", "other_parameters", "weights_file", "file_size", "dtype",
     ):  # fmt: skip

@@ -557,6 +557,7 @@ class Truncation:
     lost_energy: torch.Tensor  # (...,) Σ_{i>k} σ_i² / Σ σ_i² (0 for a zero matrix)
     left_basis: torch.Tensor  # (..., m, k): the kept left singular vectors, in the merged matrix's coordinates
     right_basis: torch.Tensor  # (..., n, k): the kept right singular vectors
+    values: torch.Tensor  # (..., k): the kept singular values as written (remapped by `spectrum`; signed)
 
 
 def truncate(
@@ -571,7 +572,9 @@ def truncate(
     Returns to_b = L·P_k·√S_k and to_a = √S_k·Q_kᵀ·Rmᵀ (L, Rm default to the identity), so that
     lora_B = b_cat @ to_b, lora_A = to_a @ a_cat when L, Rm map the concatenated factors to the frame.
     `spectrum` remaps the kept singular values first (a spectral rule's rank-k form; a negative value
-    puts its sign into to_b). lost_energy is measured on `merged`.
+    puts its sign into to_b). lost_energy is measured on `merged`. The bases hold the kept singular vectors of
+    the numerically nonzero values only (zero columns for σ ≤ max(m, n)·eps·σ_max, whose vectors are arbitrary),
+    so that they span the output's column and row spaces, never more.
     """
     p, s, qh = torch.linalg.svd(merged, full_matrices=False)
     return _cut(p[..., :rank], s, qh[..., :rank, :].mT, rank, left_map, right_map, spectrum)
@@ -618,7 +621,16 @@ def _cut(
     total = energy.sum(dim=-1)
     lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
     lost = torch.where(total > 0, lost, torch.zeros_like(total))
-    return Truncation(to_b, to_a, lost, p, q)
+    present = numerical_rank_mask(s[..., :rank], max(p.shape[-2], q.shape[-2])).to(s.dtype).unsqueeze(-2)
+    return Truncation(to_b, to_a, lost, p * present, q * present, kept)
+
+
+def numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tensor:
+    """Singular values (..., k), decreasing, above max(m, n)·eps·σ_max (as matrix_rank counts them); `size` is
+    max(m, n). The others are numerically absent and their singular vectors arbitrary."""
+    eps = torch.finfo(singular_values.dtype).eps
+    largest = singular_values[..., :1]
+    return singular_values > size * eps * largest
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

@@ -251,6 +251,20 @@ def diagnose(
     with that rule; conflict is read in the frame of rank `frame_rank` (0: the whole core space).
     """
     cores = cs.factored_core_space(b_cat, a_cat, ranks).cores
+    return diagnose_cores(cores, rule, weights, params, frame_rank, beta, generator)
+
+
+def diagnose_cores(
+    cores: cs.FactoredCores,
+    rule: Rule[Any],
+    weights: torch.Tensor,
+    params: Params,
+    frame_rank: int = 0,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Diagnosis:
+    """`diagnose` from the modules' factored cores (for a caller that needs them for more)."""
+    ranks = cores.ranks
     whole = cores.dense()
     framed = whole if is_whole_frame(frame_rank, sum(ranks)) else frame_coordinates(cores, frame_rank, beta)
     spectrum = merge_spectrum(whole, rule, weights, params, generator)

@@ -48,6 +48,7 @@ class ModuleStats:
     sweeps: int | None
     frame_energy: float | None
     truncation_loss: float | None
+    full_rank_loss: float | None
     seconds: float
 
 
@@ -101,15 +102,15 @@ class _Piece:
 
 
 class _AdapterTensors:
-    """Tensors of an adapter whose weights are not safetensors (a legacy .bin, already in memory)."""
+    """Tensors of an adapter read through it: a legacy .bin (already in memory), or a single-file LoRA's factors
+    (built from its stored tensors: ctm_cli/formats)."""
 
     def __init__(self, adapter: Adapter):
         self._adapter = adapter
 
     def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of a stored tensor."""
-        tensor = self._adapter.tensor(key)
-        return tensor.dtype, tuple(tensor.shape)
+        return self._adapter.dtype(key) or torch.float32, self._adapter.shape(key)
 
     def read_into(self, key: str, target: torch.Tensor) -> None:
         """Copy the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
@@ -121,7 +122,7 @@ class _AdapterTensors:
 
 
 def _tensor_source(adapter: Adapter) -> PlainReads | _AdapterTensors:
-    if adapter.weights_path.suffix == ".safetensors":
+    if adapter.weights_path.suffix == ".safetensors" and adapter.single_file is None:  # read as stored
         return PlainReads(adapter.weights_path)
     return _AdapterTensors(adapter)
 
@@ -272,6 +273,17 @@ def _load_group(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
 
 
+def read_groups(
+    adapters: list[Adapter], waves: list[list[list[ModuleSpec]]], device: torch.device
+) -> Iterator[tuple[list[ModuleSpec], FactorGroup]]:
+    """Every group's specs and concatenated scaled factors on `device`, read as the merge reads them (NaN or
+    infinite factors refused, naming the file and module)."""
+    with WaveStream(adapters, waves, device) as stream:
+        for wave, raws in zip(waves, stream, strict=True):
+            for group, raw in zip(wave, raws, strict=True):
+                yield group, _load_group(adapters, group, raw)
+
+
 def _group_label(group: list[ModuleSpec]) -> str:
     """The group's first module, and how many more, for error messages."""
     return group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
@@ -326,6 +338,7 @@ def _module_stats(spec: ModuleSpec, result: MergeResult, index: int, written_ran
         sweeps=_optional(result.sweeps, index, int),
         frame_energy=_optional(result.frame_energy, index, float),
         truncation_loss=_optional(result.truncation_loss, index, float),
+        full_rank_loss=_optional(result.full_rank_loss, index, float),
         seconds=seconds,
     )
 
@@ -338,8 +351,10 @@ def merge_modules(
     device: torch.device,
     output_dtype: torch.dtype,
     on_progress: Callable[[int], None] = lambda done: None,
+    module_ranks: dict[str, int] | None = None,
 ) -> MergeOutput:
-    """Merge every wave of groups on `device`, keeping only the (small) results on the host."""
+    """Merge every wave of groups on `device`, keeping only the (small) results on the host. `module_ranks` gives
+    the requested rank of each module where it is not settings.rank (the modules of a group share theirs)."""
     tensors: dict[str, torch.Tensor] = {}
     stats: list[ModuleStats] = []
     settings = replace(settings, weights=settings.weights.to(device))
@@ -347,7 +362,11 @@ def merge_modules(
         for wave, raws in zip(waves, stream, strict=True):
             started = time.perf_counter()
             factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
-            each = [replace(settings, rank=method.output_rank(settings.rank, group[0].ranks)) for group in wave]
+            requested = [settings.rank if module_ranks is None else module_ranks[group[0].name] for group in wave]
+            each = [
+                replace(settings, rank=method.output_rank(rank, group[0].ranks))
+                for rank, group in zip(requested, wave, strict=True)
+            ]
             with single_threaded(device):  # bit-identical whatever the grouping and thread count
                 results = _merge_wave(method, factors, each, wave)
             outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]

@@ -49,6 +49,10 @@ def loading_class(config: dict[str, Any]) -> LoadingClass:
     return LoadingClass("transformers", "AutoModel")
 
 
+# What the card calls the merged adapter, by output style (--format).
+_STYLE_NAMES = {"peft": "PEFT LoRA adapter", "kohya": "kohya-style LoRA file", "diffusers": "diffusers-style LoRA file"}
+
+
 def _cell(value: Any) -> str:
     return printable(str(value)).replace("|", "\\|")
 
@@ -56,7 +60,10 @@ def _cell(value: Any) -> str:
 def _front_matter(report: dict[str, Any]) -> str:
     base = report["settings"].get("base_model")
     data: dict[str, Any] = {"base_model": base} if base and _MODEL_ID.match(base) else {}
-    data.update(library_name="peft", tags=TAGS)
+    if report["settings"].get("format", "peft") == "peft":
+        data.update(library_name="peft", tags=TAGS)
+    else:  # a kohya or diffusers file: no PEFT library to load it with
+        data["tags"] = [*TAGS, "lora"]
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -71,7 +78,8 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
     lines = [
         f"# {model_id}",
         "",
-        f"A rank-{settings['written_rank']} PEFT LoRA adapter of `{base}`, merged from {len(report['inputs'])} "
+        f"A rank-{settings['written_rank']} {_STYLE_NAMES[settings.get('format', 'peft')]} of `{base}`, merged from "
+        f"{len(report['inputs'])} "
         f"adapters by ctm {report['ctm_version']} (method `{settings['method']}`, rule `{settings['rule']}`).",
         "",
         "## Inputs",
@@ -96,10 +104,7 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
     ]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
-    lines += [
-        "",
-        "## Usage",
-        "",
+    usage = [
         "```python",
         "from peft import PeftModel",
         f"from {model_class.module} import {model_class.name}",
@@ -107,6 +112,14 @@ def render_model_card(report: dict[str, Any], model_id: str, model_class: Loadin
         f"base = {model_class.name}.from_pretrained({base!r})",
         f"model = PeftModel.from_pretrained(base, {model_id!r})",
         "```",
+    ]
+    if settings.get("format", "peft") != "peft":
+        usage = [f"The `.safetensors` file here loads like any {settings['format']}-style LoRA (alpha = r: scale 1)."]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        *usage,
         "",
         "## Reproduce",
         "",

@@ -16,18 +16,22 @@ import torch
 
 from ctm_cli import __version__
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
+from ctm_cli.auto_rank import RankChoice, check_auto_rank, choose_ranks
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.engine import merge_modules, resolve_device
+from ctm_cli.diagnosis import GroupDiagnosis, diagnose_groups, diagnosis_data, full_rank_energies, merge_curves
+from ctm_cli.engine import merge_modules, read_groups, resolve_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
+from ctm_cli.formats import adapter_files, align_names, output_style
 from ctm_cli.interrupts import output_written
 from ctm_cli.methods import METHODS, MergeSettings, Method, get_method, resolve_settings
 from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.module_weights import apply_module_weights
 from ctm_cli.params import Params
 from ctm_cli.plan import CoreNumbers, default_max_memory, describe_plan, method_core_numbers, plan_waves
 from ctm_cli.publish import check_push_target, push_folder
-from ctm_cli.recipe import DEFAULTS, AdapterEntry, Recipe, dump_recipe, recipe_data
+from ctm_cli.recipe import DEFAULT_KEEP, DEFAULTS, RANK_AUTO, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
 from ctm_cli.rules import Rule, get_rule
 from ctm_cli.sources import ResolvedSource, locate_source
@@ -75,11 +79,15 @@ class PreparedMerge:
     base_model: BaseModel
     task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
     warnings: list[str]
+    output_style: str  # what --format writes: peft, kohya or diffusers (ctm_cli/formats)
+    module_weights: dict[str, Any]  # each module_weights pattern: its weights and how many modules it weighted
     started: float  # time.perf_counter() when preparing began: the report's `seconds` count from there
+    diagnosis: list[GroupDiagnosis] | None = None  # the inputs' diagnosis, once made (`diagnose_inputs`)
+    rank_choice: RankChoice | None = None  # with --rank auto, once the ranks are chosen (`choose_auto_ranks`)
 
     @property
-    def requested_rank(self) -> int:
-        """The rank asked for (`--rank`, the recipe's `rank`)."""
+    def requested_rank(self) -> int | str:
+        """The rank asked for (`--rank`, the recipe's `rank`: a number or `auto`)."""
         return self.request.recipe.rank
 
     @property
@@ -88,8 +96,13 @@ class PreparedMerge:
         return [entry.weight for entry in self.request.recipe.adapters]
 
     def written_ranks(self) -> dict[str, int]:
-        """The rank each module is written with: the requested one, or the method's own (cat: R, ...)."""
-        return {spec.name: self.method.output_rank(self.requested_rank, spec.ranks) for spec in self.specs}
+        """The rank each module is written with: the requested (or with --rank auto, chosen) one, or the method's
+        own (cat: R, ...)."""
+        chosen = self.rank_choice.ranks if self.rank_choice is not None else {}
+        return {
+            spec.name: self.method.output_rank(chosen[spec.name] if chosen else int(self.requested_rank), spec.ranks)
+            for spec in self.specs
+        }
 
     def settings(self) -> dict[str, Any]:
         """The resolved settings as the report and the plan show them."""
@@ -108,6 +121,8 @@ class PreparedMerge:
             "dtype": str(self.output_dtype).removeprefix("torch."),
             "base_model": self.base_model.name,
             "base_model_overridden": self.base_model.overridden,
+            "format": self.output_style,
+            "module_weights": self.module_weights,
         }
 
     def recipe(self) -> Recipe:
@@ -243,12 +258,19 @@ def prepare(request: MergeRequest) -> PreparedMerge:
     sources = [locate_source(entry.source, entry.revision) for entry in recipe.adapters]
     check_apart(output, [(source.source, source.folder) for source in sources])
     adapters = [Adapter(source.folder, source.source) for source in sources]
+    align_names(adapters)
+    style = output_style(recipe.format, adapters)
+    module_weights = apply_module_weights(adapters, recipe.module_weights)
     base_model = resolve_base_model(adapters, recipe.base_model)
     specs = check_compatible(adapters, recipe.allow_missing)
     kept = keep_extra_tensors(adapters, recipe.modules_to_save)
     task_type, task_warnings = _task_type(adapters, kept)
-    method.check_rank(specs, recipe.rank, rule)
-    core_numbers = method_core_numbers(method, recipe.rank, method_params)
+    if recipe.rank == RANK_AUTO:
+        check_auto_rank(method, rule, method_params)
+    else:
+        method.check_rank(specs, int(recipe.rank), rule)
+    planned_rank = int(recipe.rank) if recipe.rank != RANK_AUTO else max(spec.total_rank for spec in specs)
+    core_numbers = method_core_numbers(method, planned_rank, method_params)
     budget = default_max_memory(device) if request.max_memory_mib is None else request.max_memory_mib * 1024**2
     return PreparedMerge(
         request=request,
@@ -268,12 +290,50 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         base_model=base_model,
         task_type=task_type,
         warnings=[*base_model.warnings, *task_warnings],
+        output_style=style,
+        module_weights=module_weights,
         started=started,
     )
 
 
+def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
+    """The merge with the inputs' diagnosis (its rule, weights, β and frame; seeded by the recipe), read from the
+    inputs a group at a time on the merge's device."""
+    if prepared.diagnosis is not None:
+        return prepared
+    recipe = prepared.request.recipe
+    curves = merge_curves(prepared.method, prepared.rule, prepared.rule_params, prepared.method_params)
+    frame_rank = int(dict(prepared.method_params).get("frame_rank", 0))
+    if frame_rank and recipe.rank != RANK_AUTO:
+        frame_rank = max(int(recipe.rank), frame_rank)  # ctm's frame: r' clamped to at least r
+    groups = read_groups(prepared.adapters, prepared.waves, prepared.device)
+    weights = torch.tensor(prepared.weights, dtype=torch.float64)
+    diagnosis = diagnose_groups(groups, curves, weights, frame_rank, recipe.beta, recipe.seed)
+    return replace(prepared, diagnosis=diagnosis)
+
+
+def choose_auto_ranks(prepared: PreparedMerge) -> PreparedMerge:
+    """With --rank auto: the merge with its ranks chosen from the diagnosis (each no larger than its module
+    allows) and its modules planned again, in groups of one rank; otherwise the merge as it is."""
+    recipe = prepared.request.recipe
+    if recipe.rank != RANK_AUTO or prepared.rank_choice is not None:
+        return prepared
+    prepared = diagnose_inputs(prepared)
+    assert prepared.diagnosis is not None
+    choice = choose_ranks(prepared.diagnosis, recipe.keep or DEFAULT_KEEP, recipe.rank_per_module)
+    limit = prepared.method.rank_limit.function
+    limits = {s.name: limit(s.total_rank, s.out_features, s.in_features, prepared.rule) for s in prepared.specs}
+    choice = replace(choice, ranks={name: min(rank, limits[name]) for name, rank in choice.ranks.items()})
+    budget = prepared.request.max_memory_mib
+    memory = default_max_memory(prepared.device) if budget is None else budget * 1024**2
+    waves = plan_waves(prepared.specs, memory, prepared.core_numbers, choice.ranks)
+    return replace(prepared, rank_choice=choice, waves=waves)
+
+
 def plan_merge(prepared: PreparedMerge) -> dict:
-    """What `run_merge` would do, for --dry-run: every check has run, nothing is merged or written."""
+    """What `run_merge` would do, for --dry-run: every check has run, nothing is merged or written (with --rank
+    auto, the inputs are read to choose the ranks)."""
+    prepared = choose_auto_ranks(prepared)
     plan = describe_plan(
         prepared.adapters,
         prepared.specs,
@@ -290,6 +350,7 @@ def plan_merge(prepared: PreparedMerge) -> dict:
         "inputs": prepared.inputs(),
         "recipe": recipe_data(prepared.recipe()),
         "warnings": prepared.warnings,
+        **({"rank_choice": prepared.rank_choice.report()} if prepared.rank_choice is not None else {}),
         **plan,
     }
 
@@ -321,9 +382,12 @@ def run_merge(
     prepared: PreparedMerge, on_start: Callable[[int], None], on_progress: Callable[[int], None]
 ) -> dict:
     """Carry out a prepared merge and return its report; nothing is written unless it all succeeds."""
+    prepared = diagnose_inputs(choose_auto_ranks(prepared))
+    assert prepared.diagnosis is not None
     request, recipe = prepared.request, prepared.request.recipe
+    choice = prepared.rank_choice
     settings = MergeSettings(
-        rank=recipe.rank,
+        rank=0 if recipe.rank == RANK_AUTO else int(recipe.rank),
         rule=prepared.rule,
         rule_params=prepared.rule_params,
         method_params=prepared.method_params,
@@ -341,6 +405,7 @@ def run_merge(
         prepared.device,
         prepared.output_dtype,
         on_progress,
+        choice.ranks if choice is not None else None,
     )
     ranks = {s.name: s.written_rank for s in merged.stats}
     decided = {"base_model_name_or_path": prepared.base_model.name, "task_type": prepared.task_type}
@@ -348,10 +413,18 @@ def run_merge(
     report_settings = prepared.settings()
     inputs = hashed_inputs()
     repeat = prepared.recipe()
-    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - prepared.started)
+    energies = full_rank_energies(prepared.diagnosis)
+    report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - prepared.started, energies)
     report["recipe"] = recipe_data(repeat)
     report["extra_tensors"] = prepared.kept.report
     report["warnings"] = prepared.warnings
+    report["diagnosis"] = diagnosis_data(
+        prepared.diagnosis,
+        merge_curves(prepared.method, prepared.rule, prepared.rule_params, prepared.method_params),
+        [source.name for source in prepared.sources],
+    )
+    if choice is not None:
+        report["rank_choice"] = choice.report()
     metadata = {
         "format": "pt",
         "ctm_version": __version__,
@@ -359,11 +432,11 @@ def run_merge(
         "ctm_inputs": json.dumps([{"source": i["source"], "sha256": i["sha256"]} for i in inputs]),
     }
     model_id = request.push_to_hub or prepared.output.absolute().name
+    tensors = merged.tensors | prepared.kept.tensors
+    stem = prepared.output.absolute().name
     write_adapter(
         prepared.output,
-        merged.tensors | prepared.kept.tensors,
-        config,
-        metadata,
+        adapter_files(prepared.output_style, tensors, config, metadata, prepared.adapters, stem),
         {
             "merge_report.json": json.dumps(report, indent=2) + "\n",
             "merge_report.md": render_markdown(report),

@@ -70,12 +70,16 @@ def wave_bytes(wave: list[list[ModuleSpec]], core_numbers: CoreNumbers = dense_c
 
 
 def plan_groups(
-    specs: list[ModuleSpec], max_memory: int, core_numbers: CoreNumbers = dense_core_numbers
+    specs: list[ModuleSpec],
+    max_memory: int,
+    core_numbers: CoreNumbers = dense_core_numbers,
+    module_ranks: dict[str, int] | None = None,
 ) -> list[list[ModuleSpec]]:
-    """Modules of equal shapes and ranks, chunked so that one group fits the memory budget."""
+    """Modules of equal shapes and ranks (and requested output ranks, where `module_ranks` gives them per module),
+    chunked so that one group fits the memory budget."""
 
     def shape_key(spec: ModuleSpec) -> tuple:
-        return (spec.out_features, spec.in_features, spec.ranks)
+        return (spec.out_features, spec.in_features, spec.ranks, (module_ranks or {}).get(spec.name, 0))
 
     groups: list[list[ModuleSpec]] = []
     for _, same_shape in groupby(sorted(specs, key=shape_key), key=shape_key):
@@ -86,13 +90,16 @@ def plan_groups(
 
 
 def plan_waves(
-    specs: list[ModuleSpec], max_memory: int, core_numbers: CoreNumbers = dense_core_numbers
+    specs: list[ModuleSpec],
+    max_memory: int,
+    core_numbers: CoreNumbers = dense_core_numbers,
+    module_ranks: dict[str, int] | None = None,
 ) -> list[list[list[ModuleSpec]]]:
     """The groups of `plan_groups` packed in order into waves that fit the budget together: a wave is read
     and merged at once, so a method that merges groups together (ctm's one HOOI) sweeps once per wave."""
     waves: list[list[list[ModuleSpec]]] = []
     used = 0
-    for group in plan_groups(specs, max_memory, core_numbers):
+    for group in plan_groups(specs, max_memory, core_numbers, module_ranks):
         size = group_bytes(group, core_numbers)
         if waves and used + size <= max_memory:
             waves[-1].append(group)

@@ -23,6 +23,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ctm_cli import __version__
 from ctm_cli.errors import UsageError
+from ctm_cli.patterns import pattern_problem
 from ctm_cli.untrusted import TooLargeError, read_limited
 
 ADAPTER_KEYS = ("source", "weight", "revision")
@@ -38,6 +39,9 @@ RECIPE_LIMIT = 16 * 1024**2  # bytes read of a recipe at most: a recipe is small
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype writes
 EXTRA_TENSOR_POLICIES = ("drop", "first", "mean")  # what --modules-to-save does with non-LoRA tensors
+OUTPUT_FORMATS = ("auto", "peft", "kohya", "diffusers")  # what --format writes (ctm_cli/formats)
+RANK_AUTO = "auto"  # --rank auto: the smallest rank keeping --keep of the full-rank merge
+DEFAULT_KEEP = 0.95  # what --rank auto keeps unless --keep says
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Setting:
     metavar: str | None = None
     choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None
+    parser: Callable[[str], Any] | None = None  # the option's value from its text, for a type typer cannot read
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value`, or None."""
@@ -66,8 +71,27 @@ def setting(default: Any, help: str, *flags: str, **options: Any) -> Any:
     return dataclasses.field(default=default, metadata={"setting": Setting(help, flags, **options)})
 
 
-def _rank_problem(rank: int) -> str | None:
-    return None if rank >= 0 else f"must be 0 (full rank: core, knots) or positive, got {rank}"
+def _rank_problem(rank: int | str) -> str | None:
+    if rank == RANK_AUTO or (isinstance(rank, int) and rank >= 0):
+        return None
+    return f"must be 0 (full rank: core, knots) or positive (or {RANK_AUTO}), got {rank}"
+
+
+def parse_rank(text: str | int) -> int | str:
+    """`--rank` as typed: an integer, or `auto` (anything else raises ValueError, which the parser reports; the
+    default arrives as a number)."""
+    if isinstance(text, int):
+        return text
+    if text.strip() == RANK_AUTO:
+        return RANK_AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer or {RANK_AUTO}, got {text!r}") from None
+
+
+def _keep_problem(keep: float) -> str | None:
+    return None if 0.0 < keep <= 1.0 else f"must be a share in (0, 1], got {keep}"
 
 
 def _beta_problem(beta: float) -> str | None:
@@ -100,12 +124,25 @@ class Recipe:
     rule: str | None = setting(
         None, "Merging rule (see `ctm methods`; default: the method's own, tsv for ctm).", "--rule", metavar="NAME"
     )
-    rank: int = setting(
+    rank: int | str = setting(
         16,
-        "Requested rank of the merged adapter (0 = full rank R: core, knots; cat and robustmerge set their own).",
+        "Requested rank of the merged adapter (0 = full rank R: core, knots; cat and robustmerge set their own; "
+        "auto: the smallest keeping --keep of the full-rank merge).",
         "--rank",
         "-r",
+        metavar="N|auto",
         check=_rank_problem,
+        parser=parse_rank,
+    )
+    keep: float | None = setting(
+        None,
+        f"With --rank auto: the share of the full-rank merge's energy to keep (default {DEFAULT_KEEP}).",
+        "--keep",
+        metavar="SHARE",
+        check=_keep_problem,
+    )
+    rank_per_module: bool = setting(
+        False, "With --rank auto: choose the rank of each module (written as PEFT's rank_pattern).", "--rank-per-module"
     )
     params: dict[str, float] = dataclasses.field(
         default_factory=dict, metadata={"setting": Setting("rule and method parameters: --param NAME=X, --lambda X")}
@@ -134,6 +171,16 @@ class Recipe:
         metavar="NAME",
         check=_name_problem,
     )
+    format: str = setting(
+        "auto",
+        "Output style: auto (the inputs'), peft, kohya or diffusers (kohya and diffusers: one .safetensors file).",
+        "--format",
+        choices=OUTPUT_FORMATS,
+    )
+    module_weights: dict[str, list[float]] = dataclasses.field(
+        default_factory=dict,
+        metadata={"setting": Setting("per-module weights: a regex of module names -> one weight per adapter")},
+    )
 
     def check(self) -> None:
         """Refuse a value no merge can use, naming its flag (the YAML reader names file, line and key instead)."""
@@ -144,6 +191,9 @@ class Recipe:
         bad = [entry.weight for entry in self.adapters if not math.isfinite(entry.weight)]
         if bad:
             raise UsageError(f"--weights must be finite numbers, got {bad[0]}")
+        if self.rank != RANK_AUTO and (self.keep is not None or self.rank_per_module):
+            given = "--keep" if self.keep is not None else "--rank-per-module"
+            raise UsageError(f"{given} applies only with --rank auto (got --rank {self.rank})")
 
 
 # Every field: (its type, its Setting), in the schema's order.
@@ -210,12 +260,37 @@ class _Reader:
             self.fail(node, key, f"expected an integer, got {_describe(node)}")
         return value
 
+    def optional_number(self, node: Node, key: str) -> float | None:
+        """A finite number, or None for `null`."""
+        return None if isinstance(node, ScalarNode) and node.tag == _NULL_TAG else self.number(node, key)
+
+    def rank(self, node: Node, key: str) -> int | str:
+        """An integer, or the word `auto`."""
+        if isinstance(node, ScalarNode) and node.tag == _STRING_TAG and node.value == RANK_AUTO:
+            return RANK_AUTO
+        value = self._scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(node, key, f"expected an integer, got {_describe(node)}")
+        return value
+
     def boolean(self, node: Node, key: str) -> bool:
         """A YAML boolean (true/false)."""
         value = self._scalar(node)
         if not isinstance(value, bool):
             self.fail(node, key, f"expected true or false, got {_describe(node)}")
         return value
+
+    def weight_map(self, node: Node, key: str) -> dict[str, list[float]]:
+        """A mapping of regular expressions (checked by `patterns.pattern_problem`) to lists of finite numbers."""
+        weights = {}
+        for pattern, value in self.mapping(node, key, None).items():
+            problem = pattern_problem(pattern)
+            if problem:
+                self.fail(value, f"{key}.{pattern}", f"pattern refused: {problem}")
+            if not isinstance(value, SequenceNode):
+                self.fail(value, f"{key}.{pattern}", f"expected one weight per adapter, got {_describe(value)}")
+            weights[pattern] = [self.number(item, f"{key}.{pattern}") for item in value.value]
+        return weights
 
     def _scalar(self, node: Node) -> Any:
         """The scalar's value, or None for anything that is not a well-formed scalar (`!!int abc`)."""
@@ -276,9 +351,12 @@ def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
 _READERS: dict[Any, Callable[[_Reader, Node, str], Any]] = {
     str: _Reader.text,
     str | None: _Reader.optional_text,
+    float | None: _Reader.optional_number,
+    int | str: _Reader.rank,
     int: _Reader.integer,
     float: _Reader.number,
     bool: _Reader.boolean,
+    dict[str, list[float]]: _Reader.weight_map,
 }
 
 

@@ -45,15 +45,30 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def total_loss(stats: list[ModuleStats], energies: dict[str, float]) -> float | None:
+    """The modules' full_rank_loss pooled: weighted by `energies` (each module's full-rank merge energy), or the
+    plain mean where they are all zero or missing; None if a module has no loss."""
+    losses = [s.full_rank_loss for s in stats]
+    if not stats or any(loss is None for loss in losses):
+        return None
+    weights = [energies.get(s.name, 0.0) for s in stats]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(stats)
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True) if loss is not None) / sum(weights)
+
+
 def build_report(
     inputs: list[dict[str, Any]],
     settings: dict[str, Any],
     stats: list[ModuleStats],
     seconds: float,
+    full_rank_energies: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report: inputs, settings, per-module statistics and their totals."""
+    """The JSON report: inputs, settings, per-module statistics and their totals (the loss against the full-rank
+    merge pooled over modules by `full_rank_energies`, each module's ‖F‖², where given)."""
     errors = [s.relative_error for s in stats if s.relative_error is not None]
     losses = [s.truncation_loss for s in stats if s.truncation_loss is not None]
+    full_rank_losses = [s.full_rank_loss for s in stats if s.full_rank_loss is not None]
     per_adapter = [_mean([s.kept_energy[t] for s in stats]) for t in range(len(inputs))]
     return {
         "ctm_version": __version__,
@@ -67,6 +82,8 @@ def build_report(
             "max_relative_error": max(errors) if errors else None,
             "mean_truncation_loss": _mean(losses),
             "max_truncation_loss": max(losses) if losses else None,
+            "total_full_rank_loss": total_loss(stats, full_rank_energies or {}),
+            "max_full_rank_loss": max(full_rank_losses) if full_rank_losses else None,
             "seconds": seconds,
         },
         "modules": [asdict(s) for s in stats],
@@ -83,16 +100,21 @@ def _requested(settings: dict[str, Any]) -> str:
     return f" (requested {requested})" if requested != settings["written_rank"] else ""
 
 
-def _error_line(settings: dict[str, Any], summary: dict[str, Any]) -> str:
-    if summary["mean_relative_error"] is None:
-        return (
-            f"- relative error: not computed ({settings['rule']} is nonlinear and {settings['method']} "
-            "never forms its full-space result)"
+def _error_lines(settings: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """What the output loses against the same rule at full rank, and its relative error where known."""
+    lines = []
+    if summary.get("total_full_rank_loss") is not None:
+        lines.append(
+            f"- energy lost against the full-rank {settings['rule']} merge ({settings['method']} without the cut to "
+            f"rank r): {_percent(summary['total_full_rank_loss'])} in total, worst module "
+            f"{_percent(summary['max_full_rank_loss'])}"
         )
-    return (
-        f"- relative error against the full-rank {settings['rule']} merge: mean "
-        f"{_percent(summary['mean_relative_error'])}, worst {_percent(summary['max_relative_error'])}"
-    )
+    if summary["mean_relative_error"] is not None:
+        lines.append(
+            f"- relative error against the full-rank {settings['rule']} merge: mean "
+            f"{_percent(summary['mean_relative_error'])}, worst {_percent(summary['max_relative_error'])}"
+        )
+    return lines
 
 
 def _truncation_lines(summary: dict[str, Any]) -> list[str]:
@@ -101,6 +123,52 @@ def _truncation_lines(summary: dict[str, Any]) -> list[str]:
     return [
         f"- energy lost by the final truncation: mean {_percent(summary['mean_truncation_loss'])}, "
         f"worst {_percent(summary['max_truncation_loss'])}"
+    ]
+
+
+def _rank_choice_lines(choice: dict[str, Any] | None) -> list[str]:
+    """With --rank auto: which rank the modules got, and why."""
+    if choice is None:
+        return []
+    keep = _percent(choice["keep"])
+    if choice["global_rank"] is not None:
+        below = choice["total_kept_one_rank_lower"]
+        lower = f"; rank {choice['global_rank'] - 1} keeps {_percent(below)}" if below is not None else ""
+        return [
+            f"- --rank auto: rank {choice['global_rank']} for every module, the smallest keeping {keep} of the "
+            f"full-rank merge's energy (it keeps {_percent(choice['total_kept'])}{lower})"
+        ]
+    ranks = sorted({m["rank"] for m in choice["modules"]})
+    return [
+        f"- --rank auto --rank-per-module: each module the smallest rank keeping {keep} of its full-rank merge's "
+        f"energy: ranks {ranks[0]}–{ranks[-1]} (rank_pattern), {_percent(choice['total_kept'])} kept in total; "
+        "per module in merge_report.json's rank_choice"
+    ]
+
+
+def _diagnosis_lines(diagnosis: dict[str, Any] | None, sources: list[str]) -> list[str]:
+    """The inputs' diagnosis in a few lines: overlap, dominance, conflict, ranks for 90 / 95 / 99%."""
+    if diagnosis is None:
+        return []
+    total = diagnosis["total"]
+    tasks = len(sources)
+
+    def pairs_mean(matrix: list[list[float]]) -> float:
+        return (sum(map(sum, matrix)) - sum(matrix[t][t] for t in range(tasks))) / max(tasks * (tasks - 1), 1)
+
+    ranks = "; ".join(
+        f"{label} {' / '.join(str(r) for r in keeps.values())}" for label, keeps in total["ranks_for_keep"].items()
+    )
+    dominance = ", ".join(f"{source} {value:.2f}" for source, value in zip(sources, total["dominance"], strict=True))
+    return [
+        "",
+        "Diagnosis of the inputs (all figures: merge_report.json's `diagnosis`):",
+        "",
+        f"- overlap (mean cos² of principal angles, pairs of adapters, mean over modules): column spaces "
+        f"{pairs_mean(total['column_overlap']):.3f}, row spaces {pairs_mean(total['row_overlap']):.3f}",
+        f"- dominance (‖ΔW_t‖ / mean): {dominance}",
+        f"- sign conflict: {_percent(total['conflict'])} of the energy",
+        f"- one rank for every module keeping 90 / 95 / 99% of the full-rank merge: {ranks}",
     ]
 
 
@@ -132,7 +200,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"rank **{summary['written_rank']}**{_requested(settings)}, β = {settings['beta']}",
         f"- {summary['modules']} modules merged in {summary['seconds']:.2f} s on {settings['device']} "
         f"(ctm {report['ctm_version']})",
-        _error_line(settings, summary),
+        *_error_lines(settings, summary),
+        *_rank_choice_lines(report.get("rank_choice")),
         *_truncation_lines(summary),
         "",
         "| input | r | alpha | weight | energy kept (mean over modules) |",
@@ -141,20 +210,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     for item, kept in zip(report["inputs"], summary["mean_kept_energy_per_input"], strict=True):
         lines.append(f"| {item['source']} | {item['r']} | {item['lora_alpha']} | {item['weight']} | {_percent(kept)} |")
     modules = report["modules"]
-    worst = sorted(modules, key=lambda m: -(m["relative_error"] or 0.0))[:WORST_SHOWN]
-    if worst and worst[0]["relative_error"] is not None:
+    worst = sorted(modules, key=lambda m: -(m.get("full_rank_loss") or 0.0))[:WORST_SHOWN]
+    if worst and worst[0].get("full_rank_loss") is not None:
         lines += [
             "",
-            f"Worst {len(worst)} modules by relative error:",
+            f"Worst {len(worst)} modules by energy lost against the full-rank merge:",
             "",
-            "| module | shape | error | least energy kept |",
-            "|---|---|---|---|",
+            "| module | shape | rank | lost | relative error | least energy kept |",
+            "|---|---|---|---|---|---|",
         ]
         for m in worst:
             lines.append(
-                f"| {m['name']} | {m['out_features']}×{m['in_features']} | {_percent(m['relative_error'])} "
+                f"| {m['name']} | {m['out_features']}×{m['in_features']} | {m['written_rank']} "
+                f"| {_percent(m['full_rank_loss'])} | {_percent(m['relative_error'])} "
                 f"| {_percent(min(m['kept_energy']))} |"
             )
+    lines += _diagnosis_lines(report.get("diagnosis"), [item["source"] for item in report["inputs"]])
     lines += _quirk_lines(report)
     lines += ["", "Per-module figures are in merge_report.json.", ""]
     return "\n".join(printable(line) for line in lines)

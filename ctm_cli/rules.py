@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from ctm_cli.core_space import FactoredCores, SvdForm, polar
+from ctm_cli.core_space import FactoredCores, SvdForm, numerical_rank_mask, polar
 from ctm_cli.errors import UsageError
 from ctm_cli.fixed_order import matmul
 from ctm_cli.params import Param, Params, param
@@ -254,13 +254,6 @@ def _drop_and_rescale(stack: torch.Tensor, drop_rate: float, generator: torch.Ge
     return stack * keep / (1.0 - drop_rate)
 
 
-def _numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tensor:
-    """Singular values above max(m, n)·eps·σ_max (as matrix_rank counts them); `size` is max(m, n)."""
-    eps = torch.finfo(singular_values.dtype).eps
-    largest = singular_values[..., :1]
-    return singular_values > size * eps * largest
-
-
 @register("ta", "task arithmetic: λ · Σ w_t X_t", linear=True, parameters=Scaled)
 def task_arithmetic(
     stack: torch.Tensor, weights: torch.Tensor, params: Scaled, generator: torch.Generator | None
@@ -345,7 +338,7 @@ def _orthogonalised_triplets(tasks: SvdForm, size: int, scale: float) -> SvdForm
     count, m, n = tasks.u.shape[-3], tasks.u.shape[-2], tasks.v.shape[-2]
     keep = max(1, min(m, n) // count)
     u, s, v = tasks.u[..., :keep], tasks.s[..., :keep], tasks.v[..., :keep]
-    s = s * _numerical_rank_mask(s, size)
+    s = s * numerical_rank_mask(s, size)
     present = (s > 0).to(s.dtype).unsqueeze(-2)
     u_cat = (u * present).transpose(-3, -2).reshape(*u.shape[:-3], m, count * keep)
     v_cat = (v * present).transpose(-3, -2).reshape(*v.shape[:-3], n, count * keep)
@@ -377,7 +370,7 @@ def task_singular_vectors(
 
 def isotropic_spectrum(singular_values: torch.Tensor, scale: float, size: int) -> torch.Tensor:
     """Iso-C's spectrum: the numerically nonzero singular values replaced by their mean, times `scale`."""
-    present = _numerical_rank_mask(singular_values, size).to(singular_values.dtype)
+    present = numerical_rank_mask(singular_values, size).to(singular_values.dtype)
     mean = (singular_values * present).sum(dim=-1, keepdim=True) / present.sum(dim=-1, keepdim=True).clamp_min(1)
     return scale * mean * present
 

@@ -58,6 +58,10 @@ class SafetensorsFile:
         """A stored tensor's dtype, or None for one ctm does not read (integers, float8...)."""
         return DTYPES.get(self._slices[key].get_dtype())
 
+    def metadata(self) -> dict[str, str]:
+        """The file's `__metadata__` map (empty when it has none)."""
+        return dict(self._file.metadata() or {})
+
     def get(self, key: str) -> torch.Tensor:
         """A stored tensor, read now."""
         try:

@@ -11,6 +11,7 @@ import torch
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
 from ctm_cli.core_space import core_space
 from ctm_cli.errors import InputError
+from ctm_cli.formats import describe_style
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -62,6 +63,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     extra_parameters = sum(math.prod(adapter.shape(key)) for key in adapter.extra_keys)
     return {
         "path": str(adapter.folder),
+        **describe_style(adapter),  # style, kinds, blocks (ctm_cli/formats)
         "base_model": adapter.base_model,
         "peft_type": config.get("peft_type"),
         "r": config["r"],

@@ -3,19 +3,18 @@ output that would be unusable or would change an input."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, TypeAlias
 
 from ctm_cli import staging
-from ctm_cli.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from ctm_cli.errors import OutputError
 from ctm_cli.safetensors_format import encode
 from ctm_cli.sources import ADAPTER_FILES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -76,17 +75,15 @@ def _identities(paths: list[Path]) -> set[tuple[int, int]]:
     return {identity for identity in map(_identity, paths) if identity is not None}
 
 
-def write_adapter(
-    path: Path,
-    tensors: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    metadata: dict[str, str],
-    text_files: dict[str, str],
-    force: bool,
-) -> None:
-    """Write the adapter and its companion files to `path` atomically (staging.py): on failure, or an interrupt
-    before the final swap, nothing changes. What killed runs left beside it is cleaned up first, and the output
-    checked again after (an output that a kill had left aside is back, and is replaced only with --force)."""
+# A file of the written adapter: text (its config), or the tensors and metadata of a safetensors file.
+WeightFile: TypeAlias = "str | tuple[dict[str, torch.Tensor], dict[str, str]]"
+
+
+def write_adapter(path: Path, weight_files: dict[str, WeightFile], text_files: dict[str, str], force: bool) -> None:
+    """Write the adapter (`weight_files`: its config and weights, from ctm_cli/formats) and its companion files to
+    `path` atomically (staging.py): on failure, or an interrupt before the final swap, nothing changes. What killed
+    runs left beside it is cleaned up first, and the output checked again after (an output that a kill had left
+    aside is back, and is replaced only with --force)."""
     target = staging.output_location(path)
     staging.remove_stale(target.parent)
     check_output(path, force)
@@ -95,8 +92,11 @@ def write_adapter(
     except OSError as exc:
         raise OutputError(f"{target.parent}: cannot create a temporary folder ({exc.strerror or exc})") from exc
     try:
-        (stage.folder / SAFETENSORS_NAME).write_bytes(encode(tensors, metadata))
-        (stage.folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, content in weight_files.items():
+            if isinstance(content, str):
+                (stage.folder / name).write_text(content)
+            else:
+                (stage.folder / name).write_bytes(encode(*content))
         for name, text in text_files.items():
             (stage.folder / name).write_text(text, encoding="utf-8")
         staging.install(stage)

@@ -32,15 +32,43 @@ def result(
     sweeps: torch.Tensor | None = None,
     frame_energy: torch.Tensor | None = None,
     truncation_loss: torch.Tensor | None = None,
+    full_rank_loss: torch.Tensor | None = None,
 ) -> MergeResult:
     """A MergeResult; the figures not given take their defaults (registry module doc): the energy inside the
-    output spaces, and with a linear rule the error against the exact merge."""
+    output spaces, with a linear rule the error against the exact merge, and the loss against the full-rank merge
+    from the relative error, else from the truncation loss (right where the output is a cut of that merge)."""
     if kept_energy is None:
         kept_energy = cs.energy_in_output_spaces(lora_b, lora_a, group.b_cat, group.a_cat, group.ranks)
     if relative_error is None and settings.rule.linear:
         scaled = group.b_cat.to(torch.float64) * column_coefficients(group, settings).to(group.b_cat.device)
         relative_error = cs.lowrank_relative_error(lora_b, lora_a, scaled, group.a_cat)
-    return MergeResult(lora_b, lora_a, kept_energy, relative_error, sweeps, frame_energy, truncation_loss)
+    if full_rank_loss is None:
+        full_rank_loss = relative_error.square() if relative_error is not None else truncation_loss
+    return MergeResult(
+        lora_b, lora_a, kept_energy, relative_error, sweeps, frame_energy, truncation_loss, full_rank_loss
+    )
+
+
+def rule_at_full_rank(stack: torch.Tensor, settings: MergeSettings) -> torch.Tensor:
+    """The rule's full-rank merge of a stack, as a reference: a random rule draws from a copy of the settings'
+    generator, so the merge itself sees the same draws with or without the reference."""
+    generator = settings.generator
+    if generator is not None:
+        generator = torch.Generator(generator.device).set_state(generator.get_state())
+    return settings.rule.function(stack, settings.weights, settings.rule_params, generator)
+
+
+def loss_against_full_rank(
+    cut: cs.Truncation, full: torch.Tensor, u: torch.Tensor | None = None, v: torch.Tensor | None = None
+) -> torch.Tensor:
+    """‖X − F‖² / ‖F‖² (...,) for the cut's rank-k matrix X (mapped to F's coordinates by the orthonormal frame
+    u, v where given) and a full-rank merge F; 0 where F is zero."""
+    written = matmul(cut.left_basis * cut.values.unsqueeze(-2), cut.right_basis.mT)
+    if u is not None and v is not None:
+        written = matmul(matmul(u, written), v.mT)
+    total = full.square().sum(dim=(-2, -1))
+    lost = (written - full).square().sum(dim=(-2, -1))
+    return torch.where(total > 0, lost / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
 
 
 def from_core_maps(group: FactorGroup, to_b: torch.Tensor, to_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

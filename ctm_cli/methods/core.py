@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ctm_cli import core_space as cs
-from ctm_cli.methods.common import from_core_maps, merge_and_cut, result
+from ctm_cli.methods.common import from_core_maps, loss_against_full_rank, merge_and_cut, result, rule_at_full_rank
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
 
 
@@ -17,4 +17,6 @@ def core_space_merge(group: FactorGroup, settings: MergeSettings) -> MergeResult
     space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
     cut = merge_and_cut(space.cores, settings, space.left, space.right)
     lora_b, lora_a = from_core_maps(group, cut.to_b, cut.to_a)
-    return result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy)
+    spectral = settings.rule.spectral  # else the output is the cut of the full-rank merge: its truncation loss
+    full_rank_loss = loss_against_full_rank(cut, rule_at_full_rank(space.cores, settings)) if spectral else None
+    return result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy, full_rank_loss=full_rank_loss)

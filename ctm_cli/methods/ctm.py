@@ -8,7 +8,14 @@ import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.fixed_order import matmul
-from ctm_cli.methods.common import from_core_maps, merge_and_cut, merge_and_cut_factored, result
+from ctm_cli.methods.common import (
+    from_core_maps,
+    loss_against_full_rank,
+    merge_and_cut,
+    merge_and_cut_factored,
+    result,
+    rule_at_full_rank,
+)
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
 from ctm_cli.params import Params, param
 
@@ -79,7 +86,8 @@ def _ctm_output(
     """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r. In
     the whole core space (r' = R) the coordinates are the cores themselves, which the rule takes from their factors
     where it can (`merge_and_cut_factored`)."""
-    if frame.u.shape[-1] == space.cores.b.shape[-1]:  # the whole core space: u = v = I
+    whole_frame = frame.u.shape[-1] == space.cores.b.shape[-1]
+    if whole_frame:  # the whole core space: u = v = I, the coordinates are the cores
         cut = merge_and_cut_factored(space.cores, settings, space.left, space.right, isotropic)
         inside = space.cores.project(cut.left_basis, cut.right_basis)
     else:
@@ -91,6 +99,10 @@ def _ctm_output(
     # inside: each task's core in the output's column and row spaces, in the frame's orthonormal coordinates.
     whole = space.cores.norms()
     kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
+    full_rank_loss = None  # the truncation loss: the output is the cut of the rule's full-rank merge
+    if not whole_frame or isotropic or settings.rule.spectral:
+        full = rule_at_full_rank(space.cores.dense(), settings)
+        full_rank_loss = loss_against_full_rank(cut, full, *((None, None) if whole_frame else (frame.u, frame.v)))
     return result(
         group,
         settings,
@@ -100,16 +112,19 @@ def _ctm_output(
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
         truncation_loss=cut.lost_energy,
+        full_rank_loss=full_rank_loss,
     )
 
 
 def _core_numbers(total_rank: int, tasks: int, rank: int, params: CtmParams) -> int:
     """Float64 core-space numbers of one module: the factored cores and frames, the T r' × r' coordinates and,
     when HOOI runs (r' < R), its extrapolation history (results and residuals of ANDERSON_WINDOW sweeps, each a
-    pair of R × r' bases)."""
+    pair of R × r' bases) and the T R × R cores the full-rank reference of the report merges."""
     wide = frame_rank(rank, total_rank, params)
-    history = 2 * cs.ANDERSON_WINDOW * 2 * total_rank * wide if wide < total_rank else 0
-    return 10 * total_rank**2 + 4 * tasks * wide**2 + history
+    if wide == total_rank:
+        return 10 * total_rank**2 + 4 * tasks * wide**2
+    history = 2 * cs.ANDERSON_WINDOW * 2 * total_rank * wide
+    return 10 * total_rank**2 + 4 * tasks * wide**2 + history + 2 * tasks * total_rank**2
 
 
 @register(

@@ -6,7 +6,7 @@ import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.fixed_order import matmul
-from ctm_cli.methods.common import merge_and_cut, result
+from ctm_cli.methods.common import loss_against_full_rank, merge_and_cut, result, rule_at_full_rank
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
 
 
@@ -32,4 +32,6 @@ def knots(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     cut = merge_and_cut(right_factors, settings, left_map=matmul(space.left, u))
     dtype = group.b_cat.dtype
     lora_b, lora_a = matmul(group.b_cat, cut.to_b.to(dtype)), cut.to_a.to(dtype)
-    return result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy)
+    spectral = settings.rule.spectral  # else the output is the cut of the full-rank merge: its truncation loss
+    full_rank_loss = loss_against_full_rank(cut, rule_at_full_rank(right_factors, settings)) if spectral else None
+    return result(group, settings, lora_b, lora_a, truncation_loss=cut.lost_energy, full_rank_loss=full_rank_loss)

@@ -14,6 +14,10 @@ What the report's figures mean, for every method:
   error against it; the others report None, as forming that reference would cost what they avoid.
 - truncation_loss (ctm, mtc, core, knots): Σ_{i>r} σ_i² / Σ σ_i² of the merged matrix cut to rank r (for
   a spectral rule, of the weighted sum it cuts before remapping the spectrum).
+- full_rank_loss (every method and rule): ‖ΔW_out − F‖² / ‖F‖², what the rank-r output loses against F, the
+  same method and rule at full rank (ctm: the rule on the whole core space; a linear rule: the exact Σ c_t ΔW_t).
+  It is relative_error² where that is known, the truncation loss where the output is a cut of F itself, and
+  computed in core space otherwise (ctm in a HOOI frame, spectral rules, whose rank-r form remaps the kept values).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class MergeResult:
     sweeps: torch.Tensor | None = None  # (G,): HOOI sweeps (ctm)
     frame_energy: torch.Tensor | None = None  # (G,): share of (balanced) energy the frame captures (ctm)
     truncation_loss: torch.Tensor | None = None  # (G,): energy share dropped by the final cut (ctm, mtc, core, knots)
+    full_rank_loss: torch.Tensor | None = None  # (G,): ‖ΔW_out − F‖² / ‖F‖², F the same rule's full-rank merge
 
 
 MethodFunction = Callable[[FactorGroup, MergeSettings], MergeResult]
