@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -23,13 +23,26 @@ GRAM_RELATIVE_TOLERANCE = 1e-12
 # The block (2r, at most 32, at least r) keeps the Rayleigh–Ritz eigh batched on CUDA (cuSOLVER batches
 # eigh up to 32 × 32 and loops one matrix at a time above).
 DIRECT_EIGH_MAX_SIZE = 32
+# A refinement step multiplies by M + ε·I, ε this share of trace(M): the same eigenvectors as M, and a product
+# whose columns stay independent whatever M's rank (condition ≤ 1 / POWER_SHIFT for an orthonormal block).
+POWER_SHIFT = 1e-6
 # A Cholesky-QR basis further than this from orthonormal (max |QᵀQ − I|, NaN included) is refused.
 ORTHONORMAL_TOLERANCE = 1e-10
-# HOOI's stopping rule (DESIGN §1): a sweep that raises the captured energy by less than this share, or the cap.
+# HOOI's stopping rule (DESIGN §1): a sweep that raises the captured energy by less than this share (and, so that
+# it has settled, moves the subspaces by less than this: root sum of squared sines), or the cap.
 HOOI_TOLERANCE = 1e-10
 HOOI_MAX_SWEEPS = 500
 # HOOI drops the modules that stopped from its batch once at most this fraction of the batch still sweeps.
 COMPACTION_FRACTION = 0.75
+# HOOI asks whether any module still sweeps (a host sync) once per this many sweeps on CUDA, on the CPU every sweep
+# (no sync to save there, and stopped modules leave the batch sooner); a module that stopped keeps its result.
+CUDA_CHECK_INTERVAL = 8
+CPU_CHECK_INTERVAL = 1
+# Sweeps whose results Anderson's extrapolation combines, and the regularisation of its least squares (relative).
+ANDERSON_WINDOW = 8
+ANDERSON_REGULARIZATION = 1e-10
+# Largest multiple of the last sweep that the fallback line search steps beyond it.
+LINE_SEARCH_MAX_REACH = 64.0
 
 
 @dataclass(frozen=True)
@@ -133,22 +146,20 @@ def refine_eigenvectors(columns: torch.Tensor, block: torch.Tensor) -> torch.Ten
 
     HOOI repeats this from the previous sweep's block instead of solving each half-sweep exactly: its
     fixed points are the same (a block invariant under M whose Ritz vectors are M's top eigenvectors),
-    and a step costs a few batched products instead of an eigh of R × R. Small matrices (R ≤ 2p or
-    ≤ DIRECT_EIGH_MAX_SIZE) and blocks that M maps to a rank-deficient set get eigh's exact answer.
+    and a step costs a few batched products instead of an eigh of R × R. The step multiplies by M + ε·I
+    (ε = POWER_SHIFT · trace(M): the same eigenvectors), whose product with the block has independent columns
+    whatever M's rank, so no module needs another path (and no host sync decides which). Small matrices
+    (R ≤ 2p or ≤ DIRECT_EIGH_MAX_SIZE) get eigh's exact answer.
     """
     size, width = block.shape[-2:]
     if size <= max(DIRECT_EIGH_MAX_SIZE, 2 * width):
         return _top_eigenvectors(matmul(columns, columns.mT), width)
-    basis, full_rank = _orthonormalize(matmul(columns, matmul(columns.mT, block)))
-    basis = torch.where(full_rank.view(-1, 1, 1), basis, block)  # no NaN into eigh; replaced below
+    shift = POWER_SHIFT * columns.square().sum(dim=(-2, -1))
+    basis, usable = _orthonormalize(matmul(columns, matmul(columns.mT, block)) + shift.view(-1, 1, 1) * block)
+    basis = torch.where(usable.view(-1, 1, 1), basis, block)  # non-finite input: nothing to mend
     images = matmul(columns.mT, basis)
     _, rotation = torch.linalg.eigh(matmul(images.mT, images))
-    ritz = matmul(basis, rotation.flip(-1))
-    deficient = ~full_rank
-    if bool(deficient.any()):
-        exact = columns[deficient]
-        ritz[deficient] = _top_eigenvectors(matmul(exact, exact.mT), width)
-    return ritz
+    return matmul(basis, rotation.flip(-1))
 
 
 def _task_columns(blocks: torch.Tensor) -> torch.Tensor:
@@ -161,40 +172,184 @@ def _frame_energy(left_images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return matmul(left_images.mT, v.unsqueeze(-3)).square().sum(dim=(-3, -2, -1))
 
 
+def _sweep(cores: FactoredCores, blocks: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One HOOI sweep from the blocks (G, 2, R, p) of u and v: u refined against C_t v, then v against C_tᵀ u;
+    the new blocks and their energy."""
+    u = refine_eigenvectors(_task_columns(cores.times_right(blocks[:, 1, :, :rank])), blocks[:, 0])
+    left_images = cores.times_left(u[..., :rank])
+    v = refine_eigenvectors(_task_columns(left_images), blocks[:, 1])
+    return torch.stack([u, v], dim=1), _frame_energy(left_images, v[..., :rank])
+
+
+def _subspace_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Σ sin² of the principal angles between the spans of orthonormal old and new (G, 2, R, r), the larger of
+    the two factors': ‖old − new newᵀ old‖²."""
+    return (old - matmul(new, matmul(new.mT, old))).square().sum(dim=(-2, -1)).amax(dim=-1)
+
+
+def _chart(anchor: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates W (AᵀW)⁻¹ − A of span(W) around span(A) (both orthonormal, (..., R, r)), and whether they are
+    usable. They depend on the subspace only (W → WQ leaves them unchanged) and span(A + coordinates) = span(W)."""
+    inverse, info = torch.linalg.inv_ex(matmul(anchor.mT, frames))
+    coordinates = matmul(frames, inverse) - anchor
+    usable = (info == 0) & torch.isfinite(coordinates).all(dim=(-2, -1))
+    return torch.where(usable.unsqueeze(-1).unsqueeze(-1), coordinates, torch.zeros_like(coordinates)), usable
+
+
+def _anderson_weights(residuals: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Weights α (G, m), Σα = 1, minimising ‖Σ α_i g_i‖ over the valid residuals g_i (G, m, ...) (Anderson
+    mixing; lightly regularised, invalid entries weigh 0)."""
+    flat = residuals.flatten(2)
+    mask = valid.to(flat.dtype)
+    gram = matmul(flat, flat.mT) * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+    scale = gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1).clamp_min(torch.finfo(flat.dtype).tiny)
+    eye = torch.eye(mask.shape[-1], dtype=flat.dtype, device=flat.device)
+    system = gram + (ANDERSON_REGULARIZATION * scale).view(-1, 1, 1) * eye + torch.diag_embed(1 - mask)
+    solution, _ = torch.linalg.solve_ex(system, mask.unsqueeze(-1))
+    solution = solution.squeeze(-1)
+    return solution / solution.sum(dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class _Extrapolation:
+    """What the accelerated HOOI remembers of each module's last sweeps, in the coordinates of a chart around an
+    anchor (G, 2, R, r) (see `_chart`): where the next sweep starts (G, 2, R, r), the sweeps' results
+    (G, m, 2, R, r) and their residuals (result − start), which entries are valid (G, m), whether the next
+    candidate is the line search's rather than Anderson's (G,), and the line search's reach (G,)."""
+
+    anchor: torch.Tensor
+    position: torch.Tensor
+    results: torch.Tensor
+    residuals: torch.Tensor
+    valid: torch.Tensor
+    searching: torch.Tensor
+    reach: torch.Tensor
+
+    @staticmethod
+    def start(frames: torch.Tensor) -> _Extrapolation:
+        """An empty history anchored at the start frames (G, 2, R, r)."""
+        history = frames.new_zeros((frames.shape[0], ANDERSON_WINDOW, *frames.shape[1:]))
+        valid = torch.zeros(history.shape[:2], dtype=torch.bool, device=frames.device)
+        reach = torch.ones_like(frames[:, 0, 0, 0])
+        return _Extrapolation(frames, torch.zeros_like(frames), history, history.clone(), valid, valid[:, 0], reach)
+
+    def select(self, index: torch.Tensor) -> _Extrapolation:
+        """The modules `index` picks."""
+        return _Extrapolation(*(getattr(self, item.name)[index] for item in fields(self)))
+
+
+def _completed(frames: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (..., R, p) that start with an orthonormal basis of the frames (..., R, r) and go on with the blocks'
+    own other columns (they only seed the next refinement, which needs them independent, not orthonormal), and
+    whether that worked (where not: the blocks themselves)."""
+    rank = frames.shape[-1]
+    basis, usable = _orthonormalize(frames)
+    usable = usable.all(dim=-1)  # both factors
+    completed = torch.cat([basis, blocks[..., rank:]], dim=-1)
+    return torch.where(usable.view(-1, 1, 1, 1), completed, blocks), usable
+
+
+def _extrapolate(
+    cores: FactoredCores,
+    memory: _Extrapolation,
+    swept: torch.Tensor,
+    swept_energy: torch.Tensor,
+    sweep: int,
+) -> tuple[_Extrapolation, torch.Tensor, torch.Tensor]:
+    """After a sweep from memory.position to `swept` (blocks (G, 2, R, p)), the next point: one candidate, taken
+    only if it keeps at least the swept energy, else the swept blocks. The candidate is Anderson's extrapolation
+    over the last sweeps; once that was refused, a step `reach` times the last sweep's beyond it (a line search,
+    its reach doubled while it gains), until that too is refused: then the history restarts at the swept point.
+    Returns the new memory, the next blocks and their energy (never below `swept_energy`)."""
+    rank, slot = memory.anchor.shape[-1], sweep % ANDERSON_WINDOW
+    swept_coordinates, usable = _chart(memory.anchor, swept[..., :rank])
+    memory.results[:, slot] = swept_coordinates  # the window's oldest entry makes way
+    memory.residuals[:, slot] = swept_coordinates - memory.position
+    memory.valid[:, slot] = usable.all(dim=-1)
+    weights = _anderson_weights(memory.residuals, memory.valid)
+    mixed = torch.einsum("gm,gm...->g...", weights, memory.results)
+    beyond = swept_coordinates + memory.reach.view(-1, 1, 1, 1) * memory.residuals[:, slot]
+    searching = memory.searching
+    coordinates = torch.where(searching.view(-1, 1, 1, 1), beyond, mixed)
+    candidate, usable = _completed(memory.anchor + coordinates, swept)
+    candidate_energy = cores.energy(candidate[:, 0, :, :rank], candidate[:, 1, :, :rank])
+    gains = torch.where(searching, candidate_energy > swept_energy, candidate_energy >= swept_energy)  # NaN: no
+    taken = usable & gains
+    restart = searching & ~taken
+    # where the next sweep starts: span(anchor + c) has coordinates c (Aᵀc = 0 for all coordinates); 0 at a restart
+    position = torch.where(taken.view(-1, 1, 1, 1), coordinates, swept_coordinates)
+    reach = torch.where(searching & taken, 2 * memory.reach, memory.reach / 2).clamp(1, LINE_SEARCH_MAX_REACH)
+    memory = _Extrapolation(
+        anchor=torch.where(restart.view(-1, 1, 1, 1), swept[..., :rank], memory.anchor),
+        position=torch.where(restart.view(-1, 1, 1, 1), torch.zeros_like(position), position),
+        results=memory.results,
+        residuals=memory.residuals,
+        valid=memory.valid & ~restart.unsqueeze(-1),
+        searching=searching == taken,  # Anderson refused: search; the search gains: go on searching
+        reach=reach,
+    )
+    chosen = torch.where(taken.view(-1, 1, 1, 1), candidate, swept)
+    return memory, chosen, torch.where(taken, candidate_energy, swept_energy)
+
+
+def _canonical_frames(cores: FactoredCores, frames: torch.Tensor) -> torch.Tensor:
+    """The frames (G, 2, R, r) rotated inside their spans to HOOI's bases: u the left singular vectors of
+    [C_1 v … C_T v] within span(u) and v those of [C_1ᵀ u … C_Tᵀ u] within span(v), by decreasing singular
+    value; i.e. the eigenvectors of Σ_t M_t M_tᵀ and Σ_t M_tᵀ M_t, M_t = uᵀ C_t v (the coordinates a rule sees
+    depend on these bases, not only on the spans)."""
+    coordinates = cores.project(frames[:, 0], frames[:, 1])
+    left = _top_eigenvectors(matmul(coordinates, coordinates.mT).sum(dim=-3), coordinates.shape[-1])
+    right = _top_eigenvectors(matmul(coordinates.mT, coordinates).sum(dim=-3), coordinates.shape[-1])
+    return torch.stack([matmul(frames[:, 0], left), matmul(frames[:, 1], right)], dim=1)
+
+
 def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) -> SharedFrame:
-    """HOOI on a flat batch of factored cores (G, ...), started from the HOSVD: the top-r eigenvectors of
-    the Gram matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is carried as a block of up to 2r leading
-    eigenvectors that every half-sweep refines (`refine_eigenvectors`). A module stops once a sweep raises
-    its energy by less than `tolerance` (relative); stopped modules leave the batch (compaction), so a
-    sweep costs what the modules still sweeping cost."""
+    """HOOI on a flat batch of factored cores (G, ...), started from the HOSVD: the top-r eigenvectors of the Gram
+    matrices (Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t). Each factor is carried as a block of up to 2r leading eigenvectors that
+    every half-sweep refines (`refine_eigenvectors`).
+
+    Sweeps are accelerated (`_extrapolate`): after each sweep the next one starts from an extrapolation of the
+    last sweeps when that keeps at least the sweep's energy, so the energy never falls and the fixed points are
+    HOOI's. A module stops once a plain sweep from where it stands raises its energy by less than `tolerance`
+    (relative, DESIGN's rule) and moves each subspace by at most `tolerance` (the root sum of squares of the sines
+    of its principal angles): an energy gain alone can be tiny far from the fixed point where the energy is flat.
+    Stopped modules leave the batch (compaction), so a sweep costs what the modules still sweeping cost. The
+    frames' bases are HOOI's (`_canonical_frames`)."""
     grams = cores.grams()
-    block = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
-    u_block, v_block = (_top_eigenvectors(gram, block) for gram in grams)
-    energy = _frame_energy(cores.times_left(u_block[..., :rank]), v_block[..., :rank])
+    width = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
+    blocks = torch.stack([_top_eigenvectors(gram, width) for gram in grams], dim=1)
+    energy = cores.energy(blocks[:, 0, :, :rank], blocks[:, 1, :, :rank])
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
     running = torch.ones(members.shape, dtype=torch.bool, device=energy.device)
-    for sweep in range(1, max_sweeps + 1):
-        old_u, old_v, old_energy = u_block[members], v_block[members], energy[members]
-        new_u = refine_eigenvectors(_task_columns(batch.times_right(old_v[..., :rank])), old_u)
-        left_images = batch.times_left(new_u[..., :rank])
-        new_v = refine_eigenvectors(_task_columns(left_images), old_v)
-        new_energy = _frame_energy(left_images, new_v[..., :rank])
+    memory = _Extrapolation.start(blocks[..., :rank])
+    check_interval = CUDA_CHECK_INTERVAL if energy.device.type == "cuda" else CPU_CHECK_INTERVAL
+    for sweep in range(max_sweeps):
+        old_blocks, old_energy = blocks[members], energy[members]
+        new_blocks, new_energy = _sweep(batch, old_blocks, rank)
         gain = (new_energy - old_energy) / old_energy.clamp_min(torch.finfo(energy.dtype).tiny)
-        keep = running.view(-1, 1, 1)  # index_copy_ with torch.where: no host sync, unlike boolean indexing
-        u_block.index_copy_(0, members, torch.where(keep, new_u, old_u))
-        v_block.index_copy_(0, members, torch.where(keep, new_v, old_v))
-        energy.index_copy_(0, members, torch.where(running, new_energy, old_energy))
+        moved = _subspace_change(old_blocks[..., :rank], new_blocks[..., :rank])
+        settled = ~(gain >= tolerance) & ~(moved > tolerance**2)  # NaN settles: no sweep can mend it
+        memory, next_blocks, next_energy = _extrapolate(batch, memory, new_blocks, new_energy, sweep)
+        next_blocks = torch.where(settled.view(-1, 1, 1, 1), new_blocks, next_blocks)
+        next_energy = torch.where(settled, new_energy, next_energy)
+        keep = running.view(-1, 1, 1, 1)  # index_copy_ with torch.where: no host sync, unlike boolean indexing
+        blocks.index_copy_(0, members, torch.where(keep, next_blocks, old_blocks))
+        energy.index_copy_(0, members, torch.where(running, next_energy, old_energy))
         sweeps.index_add_(0, members, running.to(torch.int64))
-        running = running & (gain >= tolerance)
+        running = running & ~settled
+        if (sweep + 1) % check_interval:
+            continue
         still = int(running.sum())
-        progress.emit("HOOI", sweep, None, "sweeps", f"{still} of {energy.shape[0]} modules still iterating")
+        progress.emit("HOOI", sweep + 1, None, "sweeps", f"{still} of {energy.shape[0]} modules still iterating")
         if still == 0:
             break
         if still <= COMPACTION_FRACTION * members.numel():
-            members, batch, running = members[running], batch.select(running), running[running]
+            members, batch, memory = members[running], batch.select(running), memory.select(running)
+            running = running[running]
+    frames = _canonical_frames(cores, blocks[..., :rank])
     total = cores.norms().square().sum(dim=-1)
-    return SharedFrame(u_block[..., :rank], v_block[..., :rank], sweeps, energy, total)
+    return SharedFrame(frames[:, 0], frames[:, 1], sweeps, energy, total)
 
 
 def per_task_products(left: torch.Tensor, right: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -235,20 +390,28 @@ class FactoredCores:
         """The modules `index` picks from a flat batch (indices or a boolean mask)."""
         return replace(self, b=self.b[index], a=self.a[index], scales=self.scales[index])
 
-    def _scaled(self, blocks: torch.Tensor) -> torch.Tensor:
-        return blocks * self.scales.unsqueeze(-1).unsqueeze(-1)
+    def _scaled_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (..., R, k) with each task's rows I_t times its scale: the scales applied on the small side of
+        a per-task product (built on the device: no host copy, so no host sync, inside HOOI's sweeps)."""
+        batch = self.scales.shape[:-1]
+        columns = [self.scales[..., t : t + 1].expand(*batch, rank) for t, rank in enumerate(self.ranks)]
+        return rows * torch.cat(columns, dim=-1).unsqueeze(-1)
 
     def times_right(self, v: torch.Tensor) -> torch.Tensor:
         """[C_t v]_t (..., T, R, r) for v (..., R, r)."""
-        return self._scaled(per_task_products(self.b, matmul(self.a.mT, v), self.ranks))
+        return per_task_products(self.b, self._scaled_rows(matmul(self.a.mT, v)), self.ranks)
 
     def times_left(self, u: torch.Tensor) -> torch.Tensor:
         """[C_tᵀ u]_t (..., T, R, r) for u (..., R, r)."""
-        return self._scaled(per_task_products(self.a, matmul(self.b.mT, u), self.ranks))
+        return per_task_products(self.a, self._scaled_rows(matmul(self.b.mT, u)), self.ranks)
 
     def project(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Coordinates M_t = uᵀ C_t v (..., T, r, r) of every task's core in the frame (u, v)."""
-        return self._scaled(per_task_products(matmul(u.mT, self.b), matmul(self.a.mT, v), self.ranks))
+        """Coordinates M_t = uᵀ C_t v (..., T, r, r), as `project` gives them for dense cores."""
+        return per_task_products(matmul(u.mT, self.b), self._scaled_rows(matmul(self.a.mT, v)), self.ranks)
+
+    def energy(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Σ_t ‖uᵀ C_t v‖² (...,): the energy a frame (u, v) captures."""
+        return self.project(u, v).square().sum(dim=(-3, -2, -1))
 
     def norms(self) -> torch.Tensor:
         """‖C_t‖ (..., T) from the r_t × r_t blocks of bᵀb and aᵀa: ‖B A‖² = Σ (BᵀB) ⊙ (AᵀA)."""
@@ -258,7 +421,33 @@ class FactoredCores:
 
     def dense(self) -> torch.Tensor:
         """The cores themselves (..., T, R, R), as `core_space` gives them."""
-        return self._scaled(per_task_products(self.b, self.a.mT, self.ranks))
+        return per_task_products(self.b, self._scaled_rows(self.a.mT), self.ranks)
+
+    def combined(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Σ_t c_t C_t (..., R, R) for coefficients (T,) or (..., T): one product b · diag(c_t s_t on I_t) · aᵀ,
+        without the T cores."""
+        weighted = replace(self, scales=self.scales * coefficients.to(self.scales))
+        return matmul(self.b, weighted._scaled_rows(self.a.mT))
+
+    def task_svds(self) -> SvdForm:
+        """Every core's thin SVD from its factors, C_t = U_t diag(σ_t) V_tᵀ: U_t, V_t (..., T, R, ρ), σ_t (..., T, ρ)
+        decreasing, with ρ = max r_t (σ = 0 past a task's rank). A QR of each task's R × r_t factors and an SVD of
+        r_t × r_t: R·r_t² work per task instead of an R × R SVD of the core."""
+        q_b, r_b = torch.linalg.qr(self._task_columns(self.b))
+        q_a, r_a = torch.linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
+        p, s, qh = torch.linalg.svd(matmul(r_b, r_a.mT))
+        return SvdForm(matmul(q_b, p), s, matmul(q_a, qh.mT))
+
+    def _task_columns(self, factor: torch.Tensor) -> torch.Tensor:
+        """(..., R, R) → (..., T, R, ρ): each task's columns I_t, padded with zero columns to ρ = max r_t."""
+        tasks, width = len(self.ranks), max(self.ranks)
+        if len(set(self.ranks)) == 1:
+            return factor.unflatten(-1, (tasks, width)).movedim(-2, -3)
+        padded = [
+            torch.nn.functional.pad(factor[..., :, cols], (0, width - (cols.stop - cols.start)))
+            for cols in column_slices(self.ranks)
+        ]
+        return torch.stack(padded, dim=-3)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_t C_t C_tᵀ, Σ_t C_tᵀ C_t), HOOI's HOSVD start, as b·D_a·bᵀ and a·D_b·aᵀ with D block-diagonal."""
@@ -298,8 +487,9 @@ def shared_frame_factored(
     cores: FactoredCores, rank: int, tolerance: float = HOOI_TOLERANCE, max_sweeps: int = HOOI_MAX_SWEEPS
 ) -> SharedFrame:
     """Rank-(r, r) partial Tucker of the cores over their first two modes by HOOI (DESIGN §1), each C_t v taken
-    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates until the captured energy
-    rises by less than `tolerance` (relative) or `max_sweeps` is reached."""
+    as b_t (a_tᵀ v): started from the HOSVD, alternating the two factor updates (accelerated, see `_hooi`) until a
+    sweep raises the captured energy by less than `tolerance` (relative) and moves the subspaces by less than it,
+    or `max_sweeps` is reached."""
     return shared_frames_factored([cores], [rank], tolerance, max_sweeps)[0]
 
 
@@ -354,6 +544,16 @@ def _unflatten(frame: SharedFrame, part: slice, batch: torch.Size) -> SharedFram
 
 
 @dataclass(frozen=True)
+class SvdForm:
+    """A matrix (or a stack of them) as u·diag(s)·vᵀ, u and v with orthonormal columns, s in any order and of
+    any sign: a rule's result that needs no SVD to be cut (`truncate_svd_form`)."""
+
+    u: torch.Tensor  # (..., m, k)
+    s: torch.Tensor  # (..., k)
+    v: torch.Tensor  # (..., n, k)
+
+
+@dataclass(frozen=True)
 class Truncation:
     """A merged matrix split into LoRA maps at rank k, and the share of its energy the cut dropped."""
 
@@ -382,10 +582,42 @@ def truncate(
     so that they span the output's column and row spaces, never more.
     """
     p, s, qh = torch.linalg.svd(merged, full_matrices=False)
+    return _cut(p[..., :rank], s, qh[..., :rank, :].mT, rank, left_map, right_map, spectrum)
+
+
+def truncate_svd_form(
+    form: SvdForm,
+    rank: int,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+    spectrum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Truncation:
+    """`truncate` of the matrix u·diag(s)·vᵀ given in SVD form (one column per value, at least `rank` of them):
+    its singular values are |s|, so the cut only orders them; no SVD."""
+    order = form.s.abs().argsort(dim=-1, descending=True, stable=True)
+    s = form.s.gather(-1, order)
+    top = order[..., :rank].unsqueeze(-2)
+    signs = torch.where(s[..., :rank] < 0, -1.0, 1.0).to(s).unsqueeze(-2)
+    u = form.u.gather(-1, top.expand(*form.u.shape[:-1], rank)) * signs
+    v = form.v.gather(-1, top.expand(*form.v.shape[:-1], rank))
+    return _cut(u, s.abs(), v, rank, left_map, right_map, spectrum)
+
+
+def _cut(
+    p: torch.Tensor,
+    s: torch.Tensor,
+    q: torch.Tensor,
+    rank: int,
+    left_map: torch.Tensor | None,
+    right_map: torch.Tensor | None,
+    spectrum: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Truncation:
+    """The Truncation of P·diag(s)·Qᵀ from its top `rank` singular vectors p, q (..., m or n, k) and all its
+    singular values s (decreasing), as `truncate` documents it."""
     kept = s[..., :rank] if spectrum is None else spectrum(s[..., :rank])
     root = kept.abs().sqrt()
-    to_b = p[..., :rank] * (kept.sign() * root).unsqueeze(-2)
-    to_a = qh[..., :rank, :] * root.unsqueeze(-1)
+    to_b = p * (kept.sign() * root).unsqueeze(-2)
+    to_a = q.mT * root.unsqueeze(-1)
     if left_map is not None:
         to_b = matmul(left_map, to_b)
     if right_map is not None:
@@ -394,8 +626,8 @@ def truncate(
     total = energy.sum(dim=-1)
     lost = energy[..., rank:].sum(dim=-1) / total.clamp_min(torch.finfo(total.dtype).tiny)
     lost = torch.where(total > 0, lost, torch.zeros_like(total))
-    present = numerical_rank_mask(s[..., :rank], max(merged.shape[-2:])).to(s.dtype).unsqueeze(-2)
-    return Truncation(to_b, to_a, lost, p[..., :rank] * present, qh[..., :rank, :].mT * present, kept)
+    present = numerical_rank_mask(s[..., :rank], max(p.shape[-2], q.shape[-2])).to(s.dtype).unsqueeze(-2)
+    return Truncation(to_b, to_a, lost, p * present, q * present, kept)
 
 
 def numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tensor:

@@ -403,8 +403,9 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
 def run_merge(prepared: PreparedMerge) -> dict:
     """Carry out a prepared merge and return its report; nothing is written unless it all succeeds. Its stages
     are told to `progress`'s listeners."""
-    prepared = diagnose_inputs(choose_auto_ranks(prepared))
-    assert prepared.diagnosis is not None
+    prepared = choose_auto_ranks(prepared)
+    if prepared.request.recipe.diagnose:
+        prepared = diagnose_inputs(prepared)
     request, recipe = prepared.request, prepared.request.recipe
     choice = prepared.rank_choice
     settings = MergeSettings(
@@ -432,16 +433,17 @@ def run_merge(prepared: PreparedMerge) -> dict:
     report_settings = prepared.settings()
     inputs = hashed_inputs()
     repeat = prepared.recipe()
-    energies = full_rank_energies(prepared.diagnosis)
+    energies = full_rank_energies(prepared.diagnosis) if prepared.diagnosis is not None else {}
     report = build_report(inputs, report_settings, merged.stats, time.perf_counter() - prepared.started, energies)
     report["recipe"] = recipe_data(repeat)
     report["extra_tensors"] = prepared.kept.report
     report["warnings"] = prepared.warnings
-    report["diagnosis"] = diagnosis_data(
-        prepared.diagnosis,
-        merge_curves(prepared.method, prepared.rule, prepared.rule_params, prepared.method_params),
-        [source.name for source in prepared.sources],
-    )
+    if prepared.diagnosis is not None:
+        report["diagnosis"] = diagnosis_data(
+            prepared.diagnosis,
+            merge_curves(prepared.method, prepared.rule, prepared.rule_params, prepared.method_params),
+            [source.name for source in prepared.sources],
+        )
     if choice is not None:
         report["rank_choice"] = choice.report()
     metadata = {

@@ -144,6 +144,12 @@ class Recipe:
     rank_per_module: bool = setting(
         False, "With --rank auto: choose the rank of each module (written as PEFT's rank_pattern).", "--rank-per-module"
     )
+    diagnose: bool = setting(
+        False,
+        "Also diagnose the inputs in the report (overlap, dominance, conflict, energy kept by rank: as `ctm inspect "
+        "A B ...`); reads them a second time. Always on with --rank auto.",
+        "--diagnose",
+    )
     params: dict[str, float] = dataclasses.field(
         default_factory=dict, metadata={"setting": Setting("rule and method parameters: --param NAME=X, --lambda X")}
     )

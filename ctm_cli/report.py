@@ -84,6 +84,7 @@ def build_report(
             "mean_truncation_loss": _mean(losses),
             "max_truncation_loss": max(losses) if losses else None,
             "total_full_rank_loss": total_loss(stats, full_rank_energies or {}),
+            "total_full_rank_loss_pooling": "energy" if full_rank_energies else "mean",
             "max_full_rank_loss": max(full_rank_losses) if full_rank_losses else None,
             "seconds": seconds,
         },
@@ -107,7 +108,9 @@ def _error_lines(settings: dict[str, Any], summary: dict[str, Any]) -> list[str]
     if summary.get("total_full_rank_loss") is not None:
         lines.append(
             f"- energy lost against the full-rank {settings['rule']} merge ({settings['method']} without the cut to "
-            f"rank r): {_percent(summary['total_full_rank_loss'])} in total, worst module "
+            f"rank r): {_percent(summary['total_full_rank_loss'])} in total"
+            f"{'' if summary.get('total_full_rank_loss_pooling') == 'energy' else ' (mean over modules)'}, "
+            "worst module "
             f"{_percent(summary['max_full_rank_loss'])}"
         )
     if summary["mean_relative_error"] is not None:

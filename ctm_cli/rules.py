@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import torch
 
-from ctm_cli.core_space import numerical_rank_mask, polar
+from ctm_cli.core_space import FactoredCores, SvdForm, numerical_rank_mask, polar
 from ctm_cli.errors import UsageError
 from ctm_cli.fixed_order import matmul
 from ctm_cli.params import Param, Params, param
@@ -26,6 +26,8 @@ P = TypeVar("P", bound=Params)
 RuleFunction = Callable[["torch.Tensor", "torch.Tensor", P, "torch.Generator | None"], "torch.Tensor"]
 # Of a spectral rule: (singular values (..., k) in decreasing order, parameters, max(m, n)) -> new values.
 SpectrumMap = Callable[["torch.Tensor", P, int], "torch.Tensor"]
+# Of a rule with a factored form: (cores, weights, parameters) -> the merged R × R matrix in SVD form.
+FactoredRule = Callable[["FactoredCores", "torch.Tensor", P], "SvdForm"]
 
 
 class RuleError(ValueError):
@@ -43,6 +45,8 @@ class Rule(Generic[P]):
     it commutes with orthonormal changes of basis (it runs exactly in core space), and its rank-k form
     is the map applied to the top k triplets of the sum.
     `parameters`: the rule's `Params` dataclass.
+    `factored` (optional): the same rule on the cores of a core space given by their factors (FactoredCores), with
+    its result in SVD form: a faster route to the same result that never forms the T dense cores.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Rule(Generic[P]):
     linear: bool
     parameters: type[P]
     spectrum: SpectrumMap[P] | None = None
+    factored: FactoredRule[P] | None = None
 
     @property
     def spectral(self) -> bool:
@@ -149,12 +154,17 @@ class PruneParams(Params):
 
 
 def register(
-    name: str, doc: str, linear: bool, parameters: type[P], spectrum: SpectrumMap[P] | None = None
+    name: str,
+    doc: str,
+    linear: bool,
+    parameters: type[P],
+    spectrum: SpectrumMap[P] | None = None,
+    factored: FactoredRule[P] | None = None,
 ) -> Callable[[RuleFunction[P]], RuleFunction[P]]:
     """Decorator adding a rule function to the registry under `name`, with its parameters' dataclass."""
 
     def add(function: RuleFunction[P]) -> RuleFunction[P]:
-        RULES[name] = Rule(name, function, doc, linear, parameters, spectrum)
+        RULES[name] = Rule(name, function, doc, linear, parameters, spectrum, factored)
         return function
 
     return add
@@ -314,11 +324,35 @@ def dare_ties(
     return params.lambda_ * _ties(dropped, weights, params)
 
 
+def _tsv_factored(cores: FactoredCores, weights: torch.Tensor, params: Scaled) -> SvdForm:
+    """TSV of the cores C_t (R × R), as `task_singular_vectors` on cores.dense(), from their factors: each task's
+    SVD by QR of its R × r_t factors (no R × R SVD per task), and the result left in SVD form (the cut to rank r
+    takes its top singular values, no SVD of the result)."""
+    weighted = replace(cores, scales=cores.scales * weights.to(cores.scales))
+    return _orthogonalised_triplets(weighted.task_svds(), cores.b.shape[-1], params.lambda_)
+
+
+def _orthogonalised_triplets(tasks: SvdForm, size: int, scale: float) -> SvdForm:
+    """TSV's step after the tasks' SVDs (U_t, σ_t, V_t: (..., T, m or n, ≥ k), σ decreasing; `size` = max(m, n)):
+    each task's top k = max(1, ⌊min(m, n)/T⌋) triplets (numerically zero ones left out), the U's and V's
+    concatenated and replaced by their polar factors; the result is U⊥ · diag(scale · σ) · V⊥ᵀ, in SVD form."""
+    count, m, n = tasks.u.shape[-3], tasks.u.shape[-2], tasks.v.shape[-2]
+    keep = max(1, min(m, n) // count)
+    u, s, v = tasks.u[..., :keep], tasks.s[..., :keep], tasks.v[..., :keep]
+    s = s * numerical_rank_mask(s, size)
+    present = (s > 0).to(s.dtype).unsqueeze(-2)
+    u_cat = (u * present).transpose(-3, -2).reshape(*u.shape[:-3], m, count * keep)
+    v_cat = (v * present).transpose(-3, -2).reshape(*v.shape[:-3], n, count * keep)
+    sigma = s.reshape(*s.shape[:-2], count * keep)
+    return SvdForm(polar(u_cat), scale * sigma, polar(v_cat))
+
+
 @register(
     "tsv",
     "task singular vectors: each w_t X_t's top 1/T singular triplets, U's and V's orthogonalised, summed; × λ",
     linear=False,
     parameters=Scaled,
+    factored=_tsv_factored,
 )
 def task_singular_vectors(
     stack: torch.Tensor, weights: torch.Tensor, params: Scaled, generator: torch.Generator | None
@@ -330,16 +364,9 @@ def task_singular_vectors(
     V's are concatenated and each replaced by its polar factor (U → PQᵀ from U = PΣQᵀ); the result is
     U⊥ · diag(σ) · V⊥ᵀ, times λ.
     """
-    tasks, m, n = stack.shape[-3:]
-    keep = max(1, min(m, n) // tasks)
     u, s, vh = torch.linalg.svd(stack * _task_weights(stack, weights), full_matrices=False)
-    u, s, vh = u[..., :keep], s[..., :keep], vh[..., :keep, :]
-    s = s * numerical_rank_mask(s, max(m, n))
-    present = (s > 0).to(stack.dtype)
-    u_cat = (u * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], m, tasks * keep)
-    v_cat = (vh.mT * present.unsqueeze(-2)).transpose(-3, -2).reshape(*stack.shape[:-3], n, tasks * keep)
-    sigma = s.reshape(*stack.shape[:-3], tasks * keep)
-    return matmul(params.lambda_ * (polar(u_cat) * sigma.unsqueeze(-2)), polar(v_cat).mT)
+    merged = _orthogonalised_triplets(SvdForm(u, s, vh.mT), max(stack.shape[-2:]), params.lambda_)
+    return matmul(merged.u * merged.s.unsqueeze(-2), merged.v.mT)
 
 
 def isotropic_spectrum(singular_values: torch.Tensor, scale: float, size: int) -> torch.Tensor:

@@ -167,11 +167,19 @@ def io_floor(files: list[Path], output_bytes: int, device: torch.device, scratch
 
 
 def ctm_subprocess(
-    folders: list[Path], output: Path, rank: int, device: str, max_memory: int | None, params: dict[str, float]
+    folders: list[Path],
+    output: Path,
+    rank: int,
+    device: str,
+    max_memory: int | None,
+    params: dict[str, float],
+    rule: str | None,
 ) -> dict:
     """`ctm merge` as a user runs it: wall time (process start included) and the child's peak RSS."""
     command = [sys.executable, "-m", "ctm_cli", "merge", *map(str, folders), "-o", str(output)]
     command += ["--rank", str(rank), "--device", device, "--force", "--quiet"]
+    if rule is not None:
+        command += ["--rule", rule]
     for name, value in params.items():
         command += ["--param", f"{name}={value:g}"]
     if max_memory is not None:
@@ -188,6 +196,7 @@ def ctm_subprocess(
     sweeps = [m["sweeps"] for m in report["modules"] if m.get("sweeps") is not None]
     return {
         "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,  # all its threads: steadier than wall time on a busy host
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
         "report_seconds": report["summary"]["seconds"],
         "hooi_sweeps_median": statistics.median(sweeps) if sweeps else None,
@@ -212,6 +221,7 @@ def ctm_in_process(
     device: torch.device,
     max_memory: int | None,
     params: dict[str, float],
+    rule: str | None,
     profile: Path | None,
 ) -> dict:
     """The merge alone (`prepare` and `run_merge`, as `ctm merge` runs them) in this process, the device's peak
@@ -221,17 +231,19 @@ def ctm_in_process(
     from ctm_cli.recipe import build_recipe
 
     given = {"sources": [str(f) for f in folders], "output": str(output), "rank": rank, "device": str(device)}
+    if rule is not None:
+        given["rule"] = rule
     recipe = build_recipe(None, {**given, "params": params})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = cProfile.Profile() if profile else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     prepared = prepare(MergeRequest(recipe, max_memory_mib=max_memory, force=True))
     run_merge(prepared)
     synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if profiler:
         profiler.disable()
         listing = io.StringIO()
@@ -239,6 +251,7 @@ def ctm_in_process(
         profile.write_text(listing.getvalue())
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "groups": sum(len(wave) for wave in prepared.waves),
         "waves": len(prepared.waves),
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -330,6 +343,7 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
     files = [folder / "adapter_model.safetensors" for folder in folders]
     output_bytes = shapes.output_bytes()
     rows: dict = {
+        "load_average": os.getloadavg()[0],  # other work on the host (the CPU figures move with it)
         "adapters": len(folders),
         "modules": len(shapes.modules()),
         "input_bytes": sum(f.stat().st_size for f in files),
@@ -341,14 +355,17 @@ def measure(args: argparse.Namespace, shapes: Shapes, folders: list[Path], devic
         drop_from_page_cache(files)
     output = scratch / f"merged-{len(folders)}"
     params = parse_params(args.param)  # ctm's own parser: the same checks as `ctm merge --param`
-    rows["ctm_end_to_end"] = ctm_subprocess(folders, output, shapes.rank, args.device, args.max_memory, params)
+    rows["ctm_end_to_end"] = ctm_subprocess(
+        folders, output, shapes.rank, args.device, args.max_memory, params, args.rule
+    )
     runs = []
     for repeat in range(args.repeats):
         if args.cold:
             drop_from_page_cache(files)
         profile = Path(f"{args.profile}-T{len(folders)}.txt") if args.profile and repeat == 0 else None
-        runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, params, profile))
+        runs.append(ctm_in_process(folders, output, shapes.rank, device, args.max_memory, params, args.rule, profile))
     rows["ctm_merge_seconds"] = [run["seconds"] for run in runs]
+    rows["ctm_merge_cpu_seconds"] = [run["cpu_seconds"] for run in runs]
     rows["groups"], rows["waves"] = runs[0]["groups"], runs[0]["waves"]
     rows["peak_device_bytes"] = max((run["peak_device_bytes"] or 0) for run in runs) or None
     rows["estimated_device_bytes"] = runs[0]["estimated_device_bytes"]
@@ -360,11 +377,20 @@ def print_summary(rows: dict, peft: dict | None) -> None:
     floor, merge = rows["floor_seconds"], min(rows["ctm_merge_seconds"])
     e2e = rows["ctm_end_to_end"]
     sweeps = f"HOOI sweeps median {e2e['hooi_sweeps_median']}, max {e2e['hooi_sweeps_max']}"
-    print(f"T={rows['adapters']}: {rows['modules']} modules, inputs {gib(rows['input_bytes'])}")
+    print(
+        f"T={rows['adapters']}: {rows['modules']} modules, inputs {gib(rows['input_bytes'])};"
+        f" host load average {rows['load_average']:.1f} at the start"
+    )
     print(f"  I/O floor (read inputs to device + write output): {floor:.3f} s")
-    runs = len(rows["ctm_merge_seconds"])
-    print(f"  ctm merge alone (in-process, best of {runs}): {merge:.3f} s = {merge / floor:.1f}× floor")
-    print(f"  ctm merge end to end (subprocess): {e2e['seconds']:.3f} s = {e2e['seconds'] / floor:.1f}× floor")
+    runs, cpu = len(rows["ctm_merge_seconds"]), min(rows["ctm_merge_cpu_seconds"])
+    print(
+        f"  ctm merge alone (in-process, best of {runs}): {merge:.3f} s = {merge / floor:.1f}× floor;"
+        f" CPU time {cpu:.3f} s"
+    )
+    print(
+        f"  ctm merge end to end (subprocess): {e2e['seconds']:.3f} s = {e2e['seconds'] / floor:.1f}× floor;"
+        f" CPU time {e2e['cpu_seconds']:.3f} s"
+    )
     print(f"  ctm peak RSS (subprocess) {gib(e2e['peak_rss_bytes'])}; {sweeps}")
     print(
         f"  peak device memory (in-process merge): {gib(rows['peak_device_bytes'])};"
@@ -397,6 +423,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--max-memory", type=int, default=None, help="ctm --max-memory, MiB")
     parser.add_argument("--param", action="append", default=[], help="ctm --param NAME=X (repeatable)")
+    parser.add_argument("--rule", default=None, help="ctm --rule (default: the method's default rule)")
     parser.add_argument("--peft-layers", type=int, default=1, help="layers PEFT merges (0: skip PEFT)")
     parser.add_argument("--repeats", type=int, default=2, help="in-process merges to time (best is shown)")
     parser.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before each run")
@@ -448,6 +475,7 @@ def main() -> None:
                 "shapes": asdict(shapes),
                 "shared": args.shared,
                 "params": parse_params(args.param),
+                "rule": args.rule,
                 "device": str(device),
                 "results": results,
             }

@@ -179,3 +179,100 @@ def test_balance_formula(beta: float) -> None:
     balanced = cs.balance_factored(cores, beta)
     expected = norms * beta + (1 - beta) * norms.mean(dim=1, keepdim=True)
     assert torch.allclose(torch.linalg.matrix_norm(balanced.dense()), expected)
+
+
+def _random_factored_cores(seed: int, ranks: list[int], modules: int = 3) -> cs.FactoredCores:
+    """Factored cores of `modules` modules with Gaussian factors of mixed scales and per-task scales of both signs;
+    out and in exceed R, so the core space has no absent direction (where TSV's polar factors are not unique)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(ranks)
+    b = torch.randn(modules, total + 8, total, generator=generator, dtype=torch.float64)
+    a = torch.randn(modules, total, total + 4, generator=generator, dtype=torch.float64)
+    b = b * torch.rand(modules, 1, total, generator=generator, dtype=torch.float64).add(0.2)
+    cores = cs.factored_core_space(b.to(DEVICE), a.to(DEVICE), ranks).cores
+    signs = torch.tensor([(-1.0) ** t for t in range(len(ranks))], dtype=torch.float64, device=DEVICE)
+    return replace(cores, scales=cores.scales * signs * torch.linspace(0.5, 2.0, len(ranks), device=DEVICE))
+
+
+def _dense_of(form: cs.SvdForm) -> torch.Tensor:
+    return (form.u * form.s.unsqueeze(-2)) @ form.v.mT
+
+
+RANK_SETS = [[4, 4, 4], [6, 1, 3, 2], [12, 12, 12, 12], [16] * 8, [2, 9, 5]]
+
+
+@pytest.mark.parametrize("ranks", RANK_SETS)
+def test_task_svds_are_the_cores_svds(ranks: list[int]) -> None:
+    """task_svds from the factors: orthonormal U_t and V_t, decreasing σ_t, U_t diag(σ_t) V_tᵀ = C_t, and σ_t the
+    core's singular values (float64, to 1e-12)."""
+    cores = _random_factored_cores(1, ranks)
+    tasks = cores.task_svds()
+    dense = cores.dense()
+    assert torch.allclose(_dense_of(tasks), dense, atol=1e-12 * float(dense.abs().max()))
+    eye = torch.eye(max(ranks), dtype=torch.float64, device=DEVICE)
+    for basis in (tasks.u, tasks.v):  # a task of rank r_t < ρ may leave columns past r_t arbitrary but unit
+        assert torch.allclose(basis.mT @ basis, eye.expand_as(basis.mT @ basis), atol=1e-12)
+    assert (tasks.s[..., :-1] >= tasks.s[..., 1:]).all()
+    exact = torch.linalg.svdvals(dense)[..., : max(ranks)]
+    assert torch.allclose(tasks.s, exact, atol=1e-12 * float(exact.max()))
+
+
+@pytest.mark.parametrize("ranks", RANK_SETS)
+@pytest.mark.parametrize("scale", [0.9, -1.3])
+def test_factored_tsv_equals_tsv_of_the_dense_cores(ranks: list[int], scale: float) -> None:
+    """TSV from the factors (left in SVD form) is TSV of the dense cores (float64, relative 1e-10), with weights and
+    λ of both signs; its u and v have orthonormal columns, so its singular values are |s|."""
+    cores = _random_factored_cores(2, ranks)
+    rule = get_rule("tsv")
+    weights = torch.linspace(0.5, 1.5, len(ranks), dtype=torch.float64, device=DEVICE)
+    params = rule.resolve({"lambda": scale})
+    form = rule.factored(cores, weights, params)
+    want = rule.function(cores.dense(), weights, params, None)
+    assert torch.linalg.matrix_norm(_dense_of(form) - want).max() <= 1e-10 * torch.linalg.matrix_norm(want).min()
+    for basis in (form.u, form.v):
+        eye = torch.eye(basis.shape[-1], dtype=torch.float64, device=DEVICE)
+        assert torch.allclose(basis.mT @ basis, eye.expand_as(basis.mT @ basis), atol=1e-12)
+    exact = torch.linalg.svdvals(want)[..., : form.s.shape[-1]]
+    assert torch.allclose(form.s.abs().sort(dim=-1, descending=True).values, exact, atol=1e-10 * float(exact.max()))
+
+
+@pytest.mark.parametrize("rank", [1, 5, 12])
+def test_truncate_svd_form_is_truncate_of_the_matrix(rank: int) -> None:
+    """Cutting u·diag(s)·vᵀ (s unsorted, signed) from its SVD form gives truncate's ΔW, lost energy and bases (up to
+    the sign of each pair of vectors), with maps on both sides and with a spectrum that flips a sign."""
+    generator = torch.Generator().manual_seed(rank)
+    u = torch.linalg.qr(torch.randn(2, 20, 12, generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(2, 16, 12, generator=generator, dtype=torch.float64))[0]
+    s = torch.randn(2, 12, generator=generator, dtype=torch.float64) * 3
+    left, right = (torch.randn(2, size, size, generator=generator, dtype=torch.float64) for size in (20, 16))
+    form = cs.SvdForm(u, s, v)
+    for spectrum in (None, lambda kept: -0.5 * kept):
+        fast = cs.truncate_svd_form(form, rank, left, right, spectrum)
+        slow = cs.truncate(_dense_of(form), rank, left, right, spectrum)
+        assert torch.allclose(fast.to_b @ fast.to_a, slow.to_b @ slow.to_a, atol=1e-12)
+        assert torch.allclose(fast.lost_energy, slow.lost_energy, atol=1e-14)
+        for found, want in ((fast.left_basis, slow.left_basis), (fast.right_basis, slow.right_basis)):
+            assert torch.allclose((found * want).sum(dim=-2).abs(), torch.ones(2, rank, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rule", ["tsv", "ta", "mean", "iso_c", "ties", "magnitude_prune"])
+@pytest.mark.parametrize("isotropic", [False, True])
+def test_merge_and_cut_factored_is_merge_and_cut_of_the_dense_cores(rule: str, isotropic: bool) -> None:
+    """The factored route (tsv's SVD form, Σ c_t C_t for linear and spectral rules, the dense stack for the others)
+    gives merge_and_cut's result on the dense cores: the same ΔW in float64 (relative 1e-10) and lost energy."""
+    from ctm_cli.methods.common import merge_and_cut, merge_and_cut_factored
+
+    cores = _random_factored_cores(3, [6, 1, 3, 2])
+    left = torch.linalg.qr(torch.randn(3, 40, 12, dtype=torch.float64, device=DEVICE))[0]  # a map to out = 40
+    spec = get_rule(rule)
+    settings_ = MergeSettings(
+        rank=4,
+        rule=spec,
+        rule_params=spec.resolve({}),
+        weights=torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64, device=DEVICE),
+    )
+    fast = merge_and_cut_factored(cores, settings_, left, None, isotropic)
+    slow = merge_and_cut(cores.dense(), settings_, left, None, isotropic)
+    want = slow.to_b @ slow.to_a
+    assert torch.linalg.matrix_norm(fast.to_b @ fast.to_a - want).max() <= 1e-10 * torch.linalg.matrix_norm(want).min()
+    assert torch.allclose(fast.lost_energy, slow.lost_energy, atol=1e-12)

@@ -5,6 +5,7 @@ subspace-iteration eigenvectors against eigh. CTM_TEST_DEVICE=cuda runs the math
 from __future__ import annotations
 
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import merge_reference as ref
@@ -264,8 +265,8 @@ def _psd_columns(generator: torch.Generator, size: int, width: int, gap: float) 
 @pytest.mark.parametrize("width", [6, 12])
 def test_repeated_refinement_gives_eighs_eigenvectors(gap: float, width: int) -> None:
     """From a perturbed start of `width` vectors, repeated refinement steps reach eigh's top-6 eigenvectors
-    (up to sign) whether the eigengap is large (0.05) or small (0.9), and a block that M maps to a rank-6
-    set (0.0, with 12 vectors) gets eigh's answer at once."""
+    (up to sign) whether the eigengap is large (0.05) or small (0.9), and also when M maps the block to a
+    rank-6 set (0.0, with 12 vectors: the shifted product stays of full rank)."""
     generator = torch.Generator().manual_seed(int(gap * 100) + width)
     columns = _psd_columns(generator, 48, 20, gap).to(DEVICE)
     _, eigenvectors = torch.linalg.eigh(columns @ columns.mT)
@@ -286,11 +287,11 @@ def test_repeated_refinement_gives_eighs_eigenvectors(gap: float, width: int) ->
         assert torch.allclose(top @ top.mT, exact @ exact.mT, atol=1e-9)
 
 
-def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch() -> None:
+def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch(monkeypatch) -> None:
     """R = 48 > 2 × the 8-vector block: every half-sweep is one refinement step. Modules that converge at
-    different speeds (shared structure from strong to none) reach the numpy reference HOOI's energy, and
-    each module's frame, energy and sweep count are those it gets alone: dropping the modules that stopped
-    from the batch (compaction) changes nothing."""
+    different speeds (shared structure from strong to none) reach the numpy reference HOOI's energy and
+    subspaces, and each module's frame, energy and sweep count are those it gets alone: dropping the modules
+    that stopped from the batch (compaction), or checking which stopped only every 8 sweeps, changes nothing."""
     generator = torch.Generator().manual_seed(3)
     ranks, modules = [8] * 6, 5
     common = torch.randn(modules, 60, 4, generator=generator, dtype=torch.float64)
@@ -301,6 +302,10 @@ def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch() -> Non
     cores = cs.factored_core_space(b.to(DEVICE), a.to(DEVICE), ranks).cores
     frame = cs.shared_frame_factored(cores, 4)
     assert len(set(frame.sweeps.tolist())) > 1
+    monkeypatch.setattr(cs, "CPU_CHECK_INTERVAL", 8)  # asking the device less often (CUDA's way): the same results
+    rarely = cs.shared_frame_factored(cores, 4)
+    assert torch.equal(rarely.sweeps, frame.sweeps)
+    assert torch.equal(rarely.u, frame.u) and torch.equal(rarely.v, frame.v)
     for module in range(modules):
         alone = cs.shared_frame_factored(cores.select(torch.tensor([module], device=DEVICE)), 4)
         assert int(alone.sweeps[0]) == int(frame.sweeps[module])
@@ -308,6 +313,62 @@ def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch() -> Non
         assert torch.allclose(alone.u[0] @ alone.u[0].mT, frame.u[module] @ frame.u[module].mT, atol=1e-9)
         expected = hooi(list(cores.select(torch.tensor([module], device=DEVICE)).dense()[0].cpu().numpy()), 4)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * expected.energy
+        assert _largest_sine(frame.u[module], expected.u) <= 1e-6
+        assert _largest_sine(frame.v[module], expected.v) <= 1e-6
+
+
+def _largest_sine(first: torch.Tensor, second: np.ndarray) -> float:
+    """Sine of the largest principal angle between the span of `first` (torch) and of `second` (numpy)."""
+    first = first.cpu().numpy()
+    return float(np.linalg.norm(first - second @ (second.T @ first), 2))
+
+
+def _random_cores(seed: int, ranks: list[int], out: int = 24, inp: int = 20) -> cs.FactoredCores:
+    """Factored cores of one module with Gaussian factors (no shared structure: HOOI converges slowly)."""
+    generator = torch.Generator().manual_seed(seed)
+    b = torch.randn(1, out, sum(ranks), generator=generator, dtype=torch.float64)
+    a = torch.randn(1, sum(ranks), inp, generator=generator, dtype=torch.float64)
+    return cs.factored_core_space(b.to(DEVICE), a.to(DEVICE), ranks).cores
+
+
+# Seeds whose cores (both sets of ranks below) have a flat energy near HOOI's fixed point: plain HOOI stopped by
+# the energy rule alone (gain < 1e-10) lands 7e-5 to 2.7e-4 away from it (sine of the largest principal angle)
+# after 40–130 sweeps; plain HOOI needs 136–416 sweeps to reach it.
+FLAT_SEEDS = [4, 23, 24]
+
+
+@pytest.mark.parametrize("seed", FLAT_SEEDS)
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [12, 12, 12, 12]])
+def test_accelerated_hooi_lands_on_the_fixed_point(seed: int, ranks: list[int]) -> None:
+    """With 12 (direct eigh) and 48 (refinement) core-space columns, the accelerated HOOI stops at the float64
+    reference's fixed point, however flat the energy: the same energy to 1e-12 (relative), the same subspaces to
+    a sine of 1e-7 and the same bases, in far fewer sweeps than plain HOOI needs to get there."""
+    cores = _random_cores(seed, ranks, out=60, inp=50)
+    frame = cs.shared_frame_factored(cores, 4)
+    expected = hooi(list(cores.dense()[0].cpu().numpy()), 4)
+    assert abs(float(frame.energy[0]) - expected.energy) <= 1e-12 * expected.energy
+    assert _largest_sine(frame.u[0], expected.u) <= 1e-7
+    assert _largest_sine(frame.v[0], expected.v) <= 1e-7
+    # the bases too (up to sign), not only the spans: the coordinates a rule sees depend on them
+    for found, reference in ((frame.u[0], expected.u), (frame.v[0], expected.v)):
+        cosines = np.abs(np.sum(found.cpu().numpy() * reference, axis=0))
+        assert np.allclose(cosines, 1.0, atol=1e-6)
+    assert int(frame.sweeps[0]) <= expected.sweeps / 2
+
+
+@pytest.mark.parametrize("seed", FLAT_SEEDS[:2])
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [12, 12, 12, 12]])
+def test_accelerated_hooi_never_lowers_the_energy(seed: int, ranks: list[int]) -> None:
+    """The energy after k sweeps never falls as k grows (an extrapolation is taken only when it keeps at least
+    the energy of the plain sweep it replaces), from the HOSVD start up to the stop (up to the rounding of the
+    energy's sum, ~1e-15 relative, once at the fixed point)."""
+    cores = _random_cores(seed, ranks, out=60, inp=50)
+    final = cs.shared_frame_factored(cores, 4)
+    energies = [float(cs.shared_frame_factored(cores, 4, max_sweeps=0).energy[0])]  # the HOSVD start
+    for sweeps in range(1, int(final.sweeps[0]) + 1):
+        energies.append(float(cs.shared_frame_factored(cores, 4, max_sweeps=sweeps).energy[0]))
+    assert all(later >= earlier * (1 - 1e-13) for earlier, later in pairwise(energies))
+    assert energies[-1] == float(final.energy[0])
 
 
 def test_ctm_with_large_core_spaces_matches_the_reference() -> None:

@@ -471,3 +471,31 @@ def test_methods_command_lists_the_registries() -> None:
     assert table.exit_code == 0
     for name in [*METHODS, *RULES]:
         assert name in table.stdout
+
+
+def _with_weights(case: Case, weights: list[float]) -> Case:
+    return Case(case.bs, case.as_, weights, case.rank)
+
+
+LARGER = {
+    "T8": _with_weights(make_case((4,) * 8, 48, 40, 6, seed=11), [1.0, 0.5, 2.0, 1.5, 0.8, 1.2, 0.6, 1.1]),
+    "mixed": make_case((6, 2, 5, 3), 30, 26, 5, seed=12),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LARGER))
+@pytest.mark.parametrize("rule", ["tsv", "ta", "iso_c", "ties"])
+def test_default_ctm_on_larger_core_spaces_matches_the_reference(rule: str, case: str) -> None:
+    """ctm's default (the whole core space, no HOOI) on core spaces of R = 32 and mixed ranks (TSV keeping fewer
+    triplets than some tasks have), two modules in one batch: each module within 1e-5 of the float64 reference,
+    and on the CPU bit for bit what it gets alone (the factored rules run on one thread per matrix)."""
+    data = LARGER[case]
+    other = make_case(tuple(data.ranks), data.bs[0].shape[0], data.as_[0].shape[1], data.rank, seed=21)
+    other = _with_weights(other, data.weights)
+    deltas, result = merge("ctm", rule, [data, other])
+    for delta, module in zip(deltas, (data, other), strict=True):
+        assert relative(delta, expected("ctm", rule, module)[0]) < 1e-5
+    assert (result.sweeps == 0).all()
+    if DEVICE.type == "cpu":
+        [alone], _ = merge("ctm", rule, other)
+        assert np.array_equal(alone, deltas[1])

@@ -44,7 +44,7 @@ def core_reference(folders: list[Path], rule: str, params: dict) -> dict[str, np
 )
 def test_loss_against_the_full_rank_merge(two, tmp_path, args: tuple[str, ...], rule: str, params: dict) -> None:
     out = tmp_path / "out"
-    report = merge(two, out, *args)
+    report = merge(two, out, *args, "--diagnose")  # the diagnosis gives each module's ‖F‖² to pool the losses by
     written, full = written_deltas(out), core_reference(two, rule, params)
     lost = {name: np.sum((written[name] - f) ** 2) for name, f in full.items()}
     for module in report["modules"]:
@@ -64,7 +64,7 @@ def test_loss_against_the_full_rank_merge(two, tmp_path, args: tuple[str, ...], 
 
 
 def test_report_holds_the_diagnosis(two, tmp_path) -> None:
-    report = merge(two, tmp_path / "out", "--weights", "1,0.5")
+    report = merge(two, tmp_path / "out", "--weights", "1,0.5", "--diagnose")
     diagnosis = report["diagnosis"]
     assert set(diagnosis) >= {"adapters", "curves", "total", "worst_modules", "modules"}
     assert [c["label"] for c in diagnosis["curves"]] == ["ctm+tsv", "mtc+ta"]
@@ -75,3 +75,17 @@ def test_report_holds_the_diagnosis(two, tmp_path) -> None:
     assert total["curves"]["ctm+tsv"][3] == pytest.approx(1 - report["summary"]["total_full_rank_loss"], abs=1e-5)
     markdown = (tmp_path / "out" / "merge_report.md").read_text()
     assert "Diagnosis of the inputs" in markdown and "one rank for every module keeping 90 / 95 / 99%" in markdown
+
+
+def test_without_diagnose_the_report_pools_the_loss_by_the_plain_mean(two, tmp_path) -> None:
+    """The diagnosis reads the inputs a second time, so it is opt-in: without it the report has no `diagnosis`,
+    and the total loss is the modules' plain mean, said so in the JSON and the Markdown."""
+    out = tmp_path / "out"
+    report = merge(two, out)
+    assert "diagnosis" not in report
+    summary = report["summary"]
+    losses = [module["full_rank_loss"] for module in report["modules"]]
+    assert summary["total_full_rank_loss_pooling"] == "mean"
+    assert summary["total_full_rank_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-12)
+    markdown = (out / "merge_report.md").read_text()
+    assert "in total (mean over modules)" in markdown and "Diagnosis of the inputs" not in markdown

@@ -3,6 +3,7 @@ the output factors from core-space maps, and a MergeResult with the report's def
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -95,15 +96,43 @@ def merge_and_cut(
     for it the weighted sum is cut first and its top r singular values are remapped: the rule's
     rank-r form. Its lost_energy is then that of the weighted sum.
     """
-    spectrum = settings.rule.spectrum
-    size = max(stack.shape[-2:])
-    if spectrum is None:
-        flat = partial(isotropic_spectrum, scale=1.0, size=size) if isotropic else None
-        return cs.truncate(apply_rule(stack, settings), settings.rank, left_map, right_map, spectrum=flat)
-    total = weighted_sum(stack, settings.weights)
-    rule_params = settings.rule_params
+    spectrum = _kept_spectrum(settings, max(stack.shape[-2:]), isotropic)
+    if settings.rule.spectral:
+        return cs.truncate(weighted_sum(stack, settings.weights), settings.rank, left_map, right_map, spectrum)
+    return cs.truncate(apply_rule(stack, settings), settings.rank, left_map, right_map, spectrum=spectrum)
 
-    def remap(kept: torch.Tensor) -> torch.Tensor:
-        return spectrum(kept, rule_params, size)
 
-    return cs.truncate(total, settings.rank, left_map, right_map, spectrum=remap)
+def merge_and_cut_factored(
+    cores: cs.FactoredCores,
+    settings: MergeSettings,
+    left_map: torch.Tensor | None = None,
+    right_map: torch.Tensor | None = None,
+    isotropic: bool = False,
+) -> cs.Truncation:
+    """`merge_and_cut` of the cores `cores.dense()`, without the T × R × R stack where the rule allows: a rule's
+    factored form (tsv: its result already in SVD form, no SVD to cut it), Σ c_t C_t for a linear rule and
+    Σ w_t C_t for a spectral one (one R × R product); rules that act entry by entry get the dense stack."""
+    rule, rank = settings.rule, settings.rank
+    spectrum = _kept_spectrum(settings, cores.b.shape[-1], isotropic)
+    if rule.factored is not None:
+        form = rule.factored(cores, settings.weights, settings.rule_params)
+        if form.s.shape[-1] >= rank:
+            return cs.truncate_svd_form(form, rank, left_map, right_map, spectrum)
+        return cs.truncate(matmul(form.u * form.s.unsqueeze(-2), form.v.mT), rank, left_map, right_map, spectrum)
+    if rule.spectral:
+        return cs.truncate(cores.combined(settings.weights), rank, left_map, right_map, spectrum)
+    if rule.linear:
+        coefficients = linear_coefficients(rule, settings.weights, settings.rule_params, settings.generator)
+        return cs.truncate(cores.combined(coefficients), rank, left_map, right_map, spectrum)
+    return merge_and_cut(cores.dense(), settings, left_map, right_map, isotropic)
+
+
+def _kept_spectrum(
+    settings: MergeSettings, size: int, isotropic: bool
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the cut does to the kept singular values: a spectral rule's map, Iso-C's flat spectrum with
+    `isotropic`, else nothing (`size` = max(m, n) of the merged matrix)."""
+    spectrum, rule_params = settings.rule.spectrum, settings.rule_params
+    if spectrum is not None:
+        return lambda kept: spectrum(kept, rule_params, size)
+    return partial(isotropic_spectrum, scale=1.0, size=size) if isotropic else None

@@ -8,7 +8,14 @@ import torch
 
 from ctm_cli import core_space as cs
 from ctm_cli.fixed_order import matmul
-from ctm_cli.methods.common import from_core_maps, loss_against_full_rank, merge_and_cut, result, rule_at_full_rank
+from ctm_cli.methods.common import (
+    from_core_maps,
+    loss_against_full_rank,
+    merge_and_cut,
+    merge_and_cut_factored,
+    result,
+    rule_at_full_rank,
+)
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
 from ctm_cli.params import Params, param
 
@@ -25,7 +32,7 @@ class CtmParams(Params):
         cs.HOOI_TOLERANCE,
         0.0,
         1.0,
-        "HOOI stops once a sweep raises the captured energy by less than this share",
+        "HOOI stops once a sweep raises the captured energy and moves the subspaces by less than this",
         open_low=True,
     )
     max_sweeps: int = param(cs.HOOI_MAX_SWEEPS, 1, 100_000, "most HOOI sweeps per module")
@@ -76,18 +83,25 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
 def _ctm_output(
     group: FactorGroup, settings: MergeSettings, space: cs.FactoredCoreSpace, frame: cs.SharedFrame, isotropic: bool
 ) -> MergeResult:
-    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r."""
-    coordinates = space.cores.project(frame.u, frame.v)
-    cut = merge_and_cut(coordinates, settings, matmul(space.left, frame.u), matmul(space.right, frame.v), isotropic)
+    """CtM's output for one group once its frame is known: the rule on the r' × r' coordinates, cut to rank r. In
+    the whole core space (r' = R) the coordinates are the cores themselves, which the rule takes from their factors
+    where it can (`merge_and_cut_factored`)."""
+    whole_frame = frame.u.shape[-1] == space.cores.b.shape[-1]
+    if whole_frame:  # the whole core space: u = v = I, the coordinates are the cores
+        cut = merge_and_cut_factored(space.cores, settings, space.left, space.right, isotropic)
+        inside = space.cores.project(cut.left_basis, cut.right_basis)
+    else:
+        coordinates = space.cores.project(frame.u, frame.v)
+        left_map, right_map = matmul(space.left, frame.u), matmul(space.right, frame.v)
+        cut = merge_and_cut(coordinates, settings, left_map, right_map, isotropic)
+        inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
     lora_b, lora_a = from_core_maps(group, cut.to_b, cut.to_a)
-    # Each task's energy inside the output's column and row spaces, read in the frame's orthonormal coordinates.
-    inside = matmul(matmul(cut.left_basis.mT.unsqueeze(-3), coordinates), cut.right_basis.unsqueeze(-3))
+    # inside: each task's core in the output's column and row spaces, in the frame's orthonormal coordinates.
     whole = space.cores.norms()
     kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
-    whole_frame = frame.u.shape[-1] == space.cores.b.shape[-1]
     full_rank_loss = None  # the truncation loss: the output is the cut of the rule's full-rank merge
     if not whole_frame or isotropic or settings.rule.spectral:
-        full = rule_at_full_rank(coordinates if whole_frame else space.cores.dense(), settings)
+        full = rule_at_full_rank(space.cores.dense(), settings)
         full_rank_loss = loss_against_full_rank(cut, full, *((None, None) if whole_frame else (frame.u, frame.v)))
     return result(
         group,
@@ -103,11 +117,14 @@ def _ctm_output(
 
 
 def _core_numbers(total_rank: int, tasks: int, rank: int, params: CtmParams) -> int:
-    """Float64 core-space numbers of one module: the factored cores and frames, and the T r' × r' coordinates (with a
-    frame smaller than R, also the T R × R cores the full-rank reference of the report merges)."""
+    """Float64 core-space numbers of one module: the factored cores and frames, the T r' × r' coordinates and,
+    when HOOI runs (r' < R), its extrapolation history (results and residuals of ANDERSON_WINDOW sweeps, each a
+    pair of R × r' bases) and the T R × R cores the full-rank reference of the report merges."""
     wide = frame_rank(rank, total_rank, params)
-    reference = 2 * tasks * total_rank**2 if wide < total_rank else 0
-    return 10 * total_rank**2 + 4 * tasks * wide**2 + reference
+    if wide == total_rank:
+        return 10 * total_rank**2 + 4 * tasks * wide**2
+    history = 2 * cs.ANDERSON_WINDOW * 2 * total_rank * wide
+    return 10 * total_rank**2 + 4 * tasks * wide**2 + history + 2 * tasks * total_rank**2
 
 
 @register(
