@@ -4,40 +4,51 @@ without paying for it."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+import types
 from typing import Any
 
-_LazyModule: Any = importlib.util._LazyModule  # type: ignore[attr-defined]
 
+class _DeferredModule(types.ModuleType):
+    """Stands in sys.modules for a module not run yet. The first attribute it lacks (anything but the spec and the
+    names every module has) runs the real import, with the stand-in taken out of sys.modules first, so the module
+    initialises exactly as a plain `import` would (no lazy loader is active while its code runs); the stand-in then
+    holds the real module's names and forwards the rest to it."""
 
-class _DeferredModule(_LazyModule):  # type: ignore[misc]
-    """importlib's lazy module, except that reading `__spec__` does not run it: an `import` statement reads it (to
-    check that the module is not half-initialised), and should bind the module, not run it."""
-
-    def __getattribute__(self, attr: str) -> Any:
-        if attr == "__spec__":
-            return object.__getattribute__(self, "__dict__")["__spec__"]
-        return super().__getattribute__(attr)
+    def __getattr__(self, attr: str) -> Any:
+        name = self.__name__
+        real = sys.modules.get(name)
+        if real is self or real is None:
+            del sys.modules[name]
+            try:
+                real = importlib.import_module(name)
+            except BaseException:
+                sys.modules.setdefault(name, self)
+                raise
+        self.__dict__.update(real.__dict__)
+        return getattr(real, attr)
 
 
 def defer_import(name: str) -> None:
-    """Register `name` in sys.modules as a module whose code runs on the first use of one of its attributes
-    (importlib's LazyLoader); later `import name` statements bind it at no cost. A module already imported, or one
-    that is not installed, is left alone."""
+    """Register `name` in sys.modules as a stand-in whose module runs on the first use of one of its attributes;
+    later `import name` statements bind the stand-in at no cost. A module already imported, or one that is not
+    installed, is left alone."""
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         return
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    module.__class__ = _DeferredModule
+    stand_in = _DeferredModule(name)
+    stand_in.__spec__ = spec
+    stand_in.__loader__ = spec.loader
+    stand_in.__file__ = spec.origin
+    stand_in.__package__ = name if spec.submodule_search_locations is not None else name.rpartition(".")[0]
+    sys.modules[name] = stand_in
 
 
 def is_loaded(name: str) -> bool:
-    """Whether `name`'s code has run: absent from sys.modules, or still waiting there (deferred), means no."""
-    module = sys.modules.get(name)  # type(), not isinstance(): reading __class__ would run the module
-    return module is not None and not issubclass(type(module), _LazyModule)
+    """Whether `name`'s code has run: absent from sys.modules, or still a stand-in there (deferred), means no."""
+    module = sys.modules.get(name)
+    return module is not None and not isinstance(module, _DeferredModule)

@@ -122,7 +122,7 @@ def ctm_merge(paths: list[Path], output: Path, rank: int, device: str, method: s
         output=str(output),
     )
     started = time.perf_counter()
-    run_merge(prepare(MergeRequest(recipe, force=True)), lambda total: None, lambda done: None)
+    run_merge(prepare(MergeRequest(recipe, force=True)))
     return time.perf_counter() - started
 
 

@@ -140,7 +140,12 @@ def test_merge_does_not_depend_on_the_group_size(make_adapter) -> None:
         )
     assert outputs[0].tensors.keys() == outputs[1].tensors.keys()
     for key, tensor in outputs[0].tensors.items():
-        assert torch.allclose(tensor, outputs[1].tensors[key], rtol=1e-4, atol=1e-6), key
+        if DEVICE.type == "cpu":  # on CUDA a singular pair may come out with the other sign: compared as B·A below
+            assert torch.allclose(tensor, outputs[1].tensors[key], rtol=1e-4, atol=1e-6), key
+        if ".lora_A." in key:
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            updates = [output.tensors[b_key] @ output.tensors[key] for output in outputs]
+            assert torch.allclose(updates[0], updates[1], rtol=1e-4, atol=1e-6), key
 
 
 def test_groups_fit_the_budget() -> None:
@@ -165,7 +170,7 @@ def test_device_memory_stays_within_the_estimate(make_adapter) -> None:
     wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
     adapters = [Adapter(make_adapter(r=16, seed=seed, model_overrides=wider)) for seed in range(4)]
     specs = check_compatible(adapters)
-    numbers = plan.method_core_numbers(get_method("ctm"), 16, {})
+    numbers = plan.method_core_numbers(get_method("ctm"), 16, get_method("ctm").resolve({}))
     waves = plan.plan_waves(specs, 10**10, numbers)
     for _ in range(2):
         torch.cuda.synchronize()
@@ -308,9 +313,12 @@ def test_hooi_by_refinement_matches_the_reference_and_ignores_the_batch(monkeypa
     assert torch.equal(rarely.u, frame.u) and torch.equal(rarely.v, frame.v)
     for module in range(modules):
         alone = cs.shared_frame_factored(cores.select(torch.tensor([module], device=DEVICE)), 4)
-        assert int(alone.sweeps[0]) == int(frame.sweeps[module])
-        assert torch.allclose(alone.energy[0], frame.energy[module], rtol=1e-12)
-        assert torch.allclose(alone.u[0] @ alone.u[0].mT, frame.u[module] @ frame.u[module].mT, atol=1e-9)
+        # on CUDA a batch's kernels may sum in another order than one module's: a sweep more or less at the end
+        assert abs(int(alone.sweeps[0]) - int(frame.sweeps[module])) <= (0 if DEVICE.type == "cpu" else 1)
+        exact = DEVICE.type == "cpu"
+        assert torch.allclose(alone.energy[0], frame.energy[module], rtol=1e-12 if exact else 1e-9)
+        projectors = alone.u[0] @ alone.u[0].mT, frame.u[module] @ frame.u[module].mT
+        assert torch.allclose(*projectors, atol=1e-9 if exact else 1e-6)
         expected = hooi(list(cores.select(torch.tensor([module], device=DEVICE)).dense()[0].cpu().numpy()), 4)
         assert abs(float(frame.energy[module]) - expected.energy) <= 1e-8 * expected.energy
         assert _largest_sine(frame.u[module], expected.u) <= 1e-6
