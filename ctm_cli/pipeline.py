@@ -10,15 +10,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ctm_cli import __version__, progress
 from ctm_cli.adapter import MODEL_PREFIX, Adapter
-from ctm_cli.auto_rank import RankChoice, check_auto_rank, choose_ranks
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.diagnosis import GroupDiagnosis, diagnose_groups, diagnosis_data, full_rank_energies, merge_curves
 from ctm_cli.engine import check_device, merge_modules, read_groups
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
@@ -38,6 +36,10 @@ from ctm_cli.safetensors_format import torch_dtype
 from ctm_cli.sources import ResolvedSource, locate_source
 from ctm_cli.validate import check_compatible, missing_modules, repeated_inputs
 from ctm_cli.writer import check_apart, check_output, write_adapter
+
+if TYPE_CHECKING:  # --rank auto and --diagnose import these when they run: the dry run starts faster
+    from ctm_cli.auto_rank import RankChoice
+    from ctm_cli.diagnosis import GroupDiagnosis
 
 # Config fields that describe one adapter's training and no longer hold for the merge.
 _RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
@@ -283,6 +285,8 @@ def prepare(request: MergeRequest) -> PreparedMerge:
     kept = keep_extra_tensors(adapters, recipe.modules_to_save)
     task_type, task_warnings = _task_type(adapters, kept)
     if recipe.rank == RANK_AUTO:
+        from ctm_cli.auto_rank import check_auto_rank
+
         check_auto_rank(method, rule, method_params)
         rank_caps: dict[str, int] = {}
     else:
@@ -321,6 +325,8 @@ def prepare(request: MergeRequest) -> PreparedMerge:
 def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
     """The merge with the inputs' diagnosis (its rule, weights, β and frame; seeded by the recipe), read from the
     inputs a group at a time on the merge's device."""
+    from ctm_cli.diagnosis import diagnose_groups, merge_curves
+
     if prepared.diagnosis is not None:
         return prepared
     recipe = prepared.request.recipe
@@ -337,6 +343,8 @@ def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
 def choose_auto_ranks(prepared: PreparedMerge) -> PreparedMerge:
     """With --rank auto: the merge with its ranks chosen from the diagnosis (each no larger than its module
     allows) and its modules planned again, in groups of one rank; otherwise the merge as it is."""
+    from ctm_cli.auto_rank import choose_ranks
+
     recipe = prepared.request.recipe
     if recipe.rank != RANK_AUTO or prepared.rank_choice is not None:
         return prepared
@@ -403,6 +411,8 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
 def run_merge(prepared: PreparedMerge) -> dict:
     """Carry out a prepared merge and return its report; nothing is written unless it all succeeds. Its stages
     are told to `progress`'s listeners."""
+    from ctm_cli.diagnosis import diagnosis_data, full_rank_energies, merge_curves
+
     prepared = choose_auto_ranks(prepared)
     if prepared.request.recipe.diagnose:
         prepared = diagnose_inputs(prepared)

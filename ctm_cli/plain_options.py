@@ -26,6 +26,9 @@ def install(command: Any) -> None:
         """A value converted by the Python type itself: `int("8")`, `Path("a/")`, a list item by item."""
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            parser = getattr(self.parameter_info, "parser", None)
+            if parser is not None:  # a setting's own parser (`--rank auto`): its BadParameter names the option
+                return parser(value)
             if get_origin(self.annotation) is list:
                 (item_type,) = get_args(self.annotation)
                 return [_convert(item, item_type, param, ctx) for item in value]
@@ -46,8 +49,8 @@ def _is_plain(descriptor: Any) -> bool:
     of its own)."""
     if descriptor.is_choice or descriptor.is_ranged or descriptor.is_file or descriptor.is_datetime:
         return False
-    if getattr(descriptor.parameter_info, "parser", None) is not None:  # a setting's own parser (--rank auto)
-        return False
+    if getattr(descriptor.parameter_info, "parser", None) is not None:  # a setting's own parser: called as it is
+        return descriptor.annotation is str
     annotation = descriptor.annotation
     if get_origin(annotation) is list:
         return get_args(annotation) == (str,)
