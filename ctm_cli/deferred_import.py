@@ -19,16 +19,16 @@ class _DeferredModule(types.ModuleType):
 
     def __getattr__(self, attr: str) -> Any:
         name = self.__name__
-        real = sys.modules.get(name)
-        if real is self or real is None:
+        if sys.modules.get(name) is self:  # the first use: run the real import, and take its names once
             del sys.modules[name]
             try:
                 real = importlib.import_module(name)
             except BaseException:
                 sys.modules.setdefault(name, self)
                 raise
-        self.__dict__.update(real.__dict__)
-        return getattr(real, attr)
+            self.__dict__.update(real.__dict__)
+            return getattr(real, attr)
+        return getattr(importlib.import_module(name), attr)  # a name the real module gained later, or lacks
 
 
 def defer_import(name: str) -> None:
