@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ctm_cli import __version__, progress
-from ctm_cli.adapter import MODEL_PREFIX, Adapter
+from ctm_cli.adapter import Adapter
 from ctm_cli.base_model import BaseModel, resolve_base_model
 from ctm_cli.engine import check_device, merge_modules, read_groups
 from ctm_cli.errors import UsageError
@@ -27,6 +27,7 @@ from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.module_weights import apply_module_weights
 from ctm_cli.params import Params
+from ctm_cli.peft_layout import MODEL_PREFIX
 from ctm_cli.plan import CoreNumbers, default_max_memory, describe_plan, method_core_numbers, plan_waves
 from ctm_cli.publish import check_push_target, push_folder
 from ctm_cli.recipe import DEFAULT_KEEP, DEFAULTS, RANK_AUTO, AdapterEntry, Recipe, dump_recipe, recipe_data
