@@ -17,7 +17,7 @@ import torch
 from ctm_cli import __version__, progress
 from ctm_cli.adapter import Adapter
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.engine import check_device, merge_modules, read_groups
+from ctm_cli.devices import check_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.formats import adapter_files, align_names, output_style
@@ -327,6 +327,7 @@ def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
     """The merge with the inputs' diagnosis (its rule, weights, β and frame; seeded by the recipe), read from the
     inputs a group at a time on the merge's device."""
     from ctm_cli.diagnosis import diagnose_groups, merge_curves
+    from ctm_cli.engine import read_groups
 
     if prepared.diagnosis is not None:
         return prepared
@@ -344,11 +345,11 @@ def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
 def choose_auto_ranks(prepared: PreparedMerge) -> PreparedMerge:
     """With --rank auto: the merge with its ranks chosen from the diagnosis (each no larger than its module
     allows) and its modules planned again, in groups of one rank; otherwise the merge as it is."""
-    from ctm_cli.auto_rank import choose_ranks
-
     recipe = prepared.request.recipe
     if recipe.rank != RANK_AUTO or prepared.rank_choice is not None:
         return prepared
+    from ctm_cli.auto_rank import choose_ranks
+
     prepared = diagnose_inputs(prepared)
     assert prepared.diagnosis is not None
     choice = choose_ranks(prepared.diagnosis, recipe.keep or DEFAULT_KEEP, recipe.rank_per_module)
@@ -413,6 +414,7 @@ def run_merge(prepared: PreparedMerge) -> dict:
     """Carry out a prepared merge and return its report; nothing is written unless it all succeeds. Its stages
     are told to `progress`'s listeners."""
     from ctm_cli.diagnosis import diagnosis_data, full_rank_energies, merge_curves
+    from ctm_cli.engine import merge_modules
 
     prepared = choose_auto_ranks(prepared)
     if prepared.request.recipe.diagnose:
