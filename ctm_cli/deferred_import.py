@@ -1,6 +1,6 @@
 """Deferred imports: `import torch` binds a module that runs torch's (slow) initialisation only when one of its
 attributes is first used, so the commands that never compute (`--help`, `methods`, `inspect`, `--dry-run`) start
-without paying for it; yaml is bound the same way by the modules that read or write recipes and model cards."""
+without paying for it; yaml is bound the same way by recipe.py, which reads and writes recipes."""
 
 from __future__ import annotations
 

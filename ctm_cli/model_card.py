@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import yaml
 
 from ctm_cli import human
-from ctm_cli.deferred_import import deferred_module
 from ctm_cli.methods import METHODS
 from ctm_cli.untrusted import printable
-
-if TYPE_CHECKING:
-    import yaml
-else:
-    yaml = deferred_module("yaml")  # imported when a card is written, not by `ctm merge --dry-run`
 
 TAGS = ["lora", "merge", "ctm"]
 # What the Hub accepts as `base_model`: a model id (`gpt2`, `org/name`); a local path is left out of the metadata.

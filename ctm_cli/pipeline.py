@@ -23,7 +23,6 @@ from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.formats import adapter_files, align_names, output_style
 from ctm_cli.interrupts import output_written
 from ctm_cli.methods import METHODS, MergeSettings, Method, get_method, resolve_settings
-from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.module_weights import apply_module_weights
 from ctm_cli.params import Params
@@ -415,6 +414,7 @@ def run_merge(prepared: PreparedMerge) -> dict:
     are told to `progress`'s listeners."""
     from ctm_cli.diagnosis import diagnosis_data, full_rank_energies, merge_curves
     from ctm_cli.engine import merge_modules
+    from ctm_cli.model_card import loading_class, render_model_card
 
     prepared = choose_auto_ranks(prepared)
     if prepared.request.recipe.diagnose:
