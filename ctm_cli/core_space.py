@@ -435,8 +435,8 @@ class FactoredCores:
         """Every core's thin SVD from its factors, C_t = U_t diag(σ_t) V_tᵀ: U_t, V_t (..., T, R, ρ), σ_t (..., T, ρ)
         decreasing, with ρ = max r_t (σ = 0 past a task's rank). A QR of each task's R × r_t factors and an SVD of
         r_t × r_t: R·r_t² work per task instead of an R × R SVD of the core."""
-        q_b, r_b = torch.linalg.qr(self._task_columns(self.b))
-        q_a, r_a = torch.linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
+        q_b, r_b = small_linalg.qr(self._task_columns(self.b))
+        q_a, r_a = small_linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
         p, s, qh = small_linalg.svd(matmul(r_b, r_a.mT))
         return SvdForm(matmul(q_b, p), s, matmul(q_a, qh.mT))
 

@@ -10,6 +10,7 @@ holds two waves' stored factors plus the merged output, whatever the number of a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -111,7 +112,7 @@ class _Piece:
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view(self, data: torch.Tensor) -> torch.Tensor:
         """The factor as a tensor viewing `data` (the staging buffer or its copy on the device)."""
