@@ -10,6 +10,7 @@ holds two waves' stored factors plus the merged output, whatever the number of a
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,7 +77,7 @@ class _Piece:
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view(self, data: torch.Tensor) -> torch.Tensor:
         """The factor as a tensor viewing `data` (the staging buffer or its copy on the device)."""

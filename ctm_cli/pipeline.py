@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # --rank auto and --diagnose import these when they run: the 
     from ctm_cli.auto_rank import RankChoice
     from ctm_cli.diagnosis import GroupDiagnosis
 
+# Threads hashing the inputs for the report while the merge runs.
+HASHING_THREADS = 8
 # Config fields that describe one adapter's training and no longer hold for the merge.
 _RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
 # Config fields that narrow down which of the target modules PEFT wraps.
@@ -78,7 +80,7 @@ class PreparedMerge:
     core_numbers: CoreNumbers  # the method's core-space memory per module, for the plan
     rank_caps: dict[str, int]  # with --allow-missing: modules some inputs lack, written at the rank they can hold
     waves: list[list[list[ModuleSpec]]]
-    device: str  # checked by `engine.check_device`: cpu, cuda or cuda:N
+    device: str  # checked by `devices.check_device`: cpu, cuda or cuda:N
     output_dtype: str  # float32, float16, bfloat16, ...
     base_model: BaseModel
     task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
@@ -147,12 +149,14 @@ class PreparedMerge:
         )
 
     def inputs(self) -> list[dict[str, Any]]:
-        """Each input as the report describes it."""
+        """Each input as the report describes it; the files are hashed on several threads (hashlib lets go of
+        the GIL), since one thread hashing them in turn can outlast a GPU merge."""
+        from concurrent.futures import ThreadPoolExecutor  # only merges and reports hash
+
         missing = missing_modules(self.adapters, self.specs)
-        return [
-            {**describe_input(adapter, weight, source.commit), "missing_modules": lacking}
-            for adapter, weight, source, lacking in zip(self.adapters, self.weights, self.sources, missing, strict=True)
-        ]
+        with ThreadPoolExecutor(max_workers=min(HASHING_THREADS, max(1, len(self.adapters)))) as pool:
+            described = pool.map(describe_input, self.adapters, self.weights, [s.commit for s in self.sources])
+            return [{**entry, "missing_modules": lacking} for entry, lacking in zip(described, missing, strict=True)]
 
 
 def adapter_rank(ranks: dict[str, int]) -> int:
