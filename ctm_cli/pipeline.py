@@ -151,7 +151,7 @@ class PreparedMerge:
     def inputs(self) -> list[dict[str, Any]]:
         """Each input as the report describes it; the files are hashed on several threads (hashlib lets go of
         the GIL), since one thread hashing them in turn can outlast a GPU merge."""
-        from concurrent.futures import ThreadPoolExecutor  # only merges and reports hash
+        from concurrent.futures import ThreadPoolExecutor  # imported when the inputs are hashed
 
         missing = missing_modules(self.adapters, self.specs)
         with ThreadPoolExecutor(max_workers=min(HASHING_THREADS, max(1, len(self.adapters)))) as pool:
