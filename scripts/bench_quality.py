@@ -55,6 +55,7 @@ from quality_model import (
     TrainConfig,
     TrainJob,
     architecture,
+    is_saved_adapter,
     label_head,
     load_base_model,
     run_train_job,
@@ -89,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--adapters", type=Path, help="reuse saved adapters: DIR/<task> or DIR/seed<N>/<task>")
     parser.add_argument("--save-adapters", type=Path, help="where trained adapters go (default: in --workdir)")
+    parser.add_argument(
+        "--reuse-saved",
+        action="store_true",
+        help="reuse the adapters an earlier run of the same settings saved in --save-adapters (DIR/seed<N>/<task>) "
+        "and train only the missing ones",
+    )
     parser.add_argument("--ranks", type=int, nargs="+", help="output ranks (default 8 16 32; --quick 16)")
     parser.add_argument("--study-rank", type=int, default=16, help="rank of the β study and leave-one-task-out")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training / merge seeds")
@@ -163,7 +170,7 @@ class Bench:
         self.grid = QUICK_GRID if args.quick else Grid()
         self.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quality-"))
         self.timings: dict[str, float] = {}
-        started = time.perf_counter()
+        self.started = started = time.perf_counter()
         model, tokenizer = load_base_model(args.model, self.device)
         check_base_model(model.config.model_type, args.base_model_id)
         names = read_task_names(args.tasks)
@@ -196,7 +203,8 @@ class Bench:
         self._log(f"setup {self.timings['setup']:.1f} s: {len(self.tasks)} tasks, model on {self.device}")
 
     def _log(self, message: str) -> None:
-        print(f"[bench_quality] {message}", flush=True)
+        """One line on stdout at once, with the seconds since the run started (a run cut off shows where it was)."""
+        print(f"[bench_quality +{time.perf_counter() - self.started:.0f} s] {message}", flush=True)
 
     def _resolve_variant(self, variant):
         """(variant, its method, its rule) from the catalog; an unknown method or rule stops the run."""
@@ -211,7 +219,8 @@ class Bench:
         return [(m, r, None) for m, r in combos(self.catalog)] + [(m, r, v) for v, m, r in self.variants]
 
     def adapters_for(self, seed: int) -> tuple[dict[str, Path], str]:
-        """Each task's adapter folder for `seed`: reused from --adapters, or trained now."""
+        """Each task's adapter folder for `seed`: reused from --adapters, or trained now (with --reuse-saved, only
+        those not saved by an earlier run)."""
         args = self.args
         if args.adapters is not None:
             folders = {}
@@ -224,21 +233,29 @@ class Bench:
             return folders, f"reused from {args.adapters}"
         root = (args.save_adapters or self.workdir / "adapters") / f"seed{seed}"
         config = TrainConfig(epochs=args.epochs)
+        saved = {t.name: root / t.name for t in self.tasks if args.reuse_saved and is_saved_adapter(root / t.name)}
+        missing = [t for t in self.tasks if t.name not in saved]
+        if saved:
+            self._log(f"seed {seed}: reusing the saved adapters of {', '.join(saved)} from {root}")
         started = time.perf_counter()
-        if args.train_jobs > 1:
-            folders = self._train_in_parallel(config, seed, root)
+        if args.train_jobs > 1 and missing:
+            trained = self._train_in_parallel(missing, config, seed, root)
         else:
-            folders = {}
-            for task in self.tasks:
+            trained = {}
+            for task in missing:
                 train = task.splits["train"]
                 head = self.heads[task.name]
-                folders[task.name] = train_adapter(
+                trained[task.name] = train_adapter(
                     self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name, args.base_model_id
                 )
-        self._log(f"trained {len(folders)} adapters (seed {seed}) in {time.perf_counter() - started:.1f} s")
-        return folders, f"trained here ({asdict(config)}), saved in {root}"
+        self._log(f"trained {len(trained)} adapters (seed {seed}) in {time.perf_counter() - started:.1f} s")
+        folders = {**saved, **trained}
+        source = f"trained here ({asdict(config)}), saved in {root}"
+        if saved:
+            source += f" ({', '.join(saved)} by an earlier run, --reuse-saved)"
+        return {t.name: folders[t.name] for t in self.tasks}, source
 
-    def _train_in_parallel(self, config: TrainConfig, seed: int, root: Path) -> dict[str, Path]:
+    def _train_in_parallel(self, tasks: list, config: TrainConfig, seed: int, root: Path) -> dict[str, Path]:
         """Each task's adapter trained in its own process, --train-jobs at a time (the GPU has room for many)."""
         jobs = {
             task.name: TrainJob(
@@ -252,7 +269,7 @@ class Bench:
                 device=str(self.device),
                 base_model_id=self.args.base_model_id,
             )
-            for task in self.tasks
+            for task in tasks
         }
         context = multiprocessing.get_context("spawn")
         started = time.perf_counter()
@@ -262,7 +279,7 @@ class Bench:
             for future in as_completed(futures):
                 folders[futures[future]] = future.result()
                 self._log(f"seed {seed}: adapter {futures[future]} trained ({time.perf_counter() - started:.1f} s in)")
-        return {task.name: folders[task.name] for task in self.tasks}
+        return {task.name: folders[task.name] for task in tasks}
 
     def score_delta(self, delta, scale: float, split: str) -> dict[str, float]:
         """Accuracy on every task's split with W = W_base + scale · ΔW."""

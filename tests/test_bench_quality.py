@@ -309,3 +309,26 @@ def test_runs_of_separate_seeds_combine_into_one_summary():
     other = {"settings": {**_settings([1]), "ranks": [8]}, "seeds": SEEDS[1:]}
     with pytest.raises(ValueError, match="differ in ranks"):
         combine_runs([runs[0], other])
+
+
+def test_pending_merges_give_back_the_finished_ones_first_then_the_rest_as_they_finish(tmp_path):
+    from concurrent.futures import Future
+
+    from quality_merges import PendingMerges
+
+    specs = [MergeSpec("ctm", "tsv", rank) for rank in (8, 16, 32)]
+    futures = [Future() for _ in specs]
+    pending = PendingMerges({f: (s, tmp_path / s.folder_name) for f, s in zip(futures, specs, strict=True)})
+    futures[1].set_result((None, 2.5, 101))
+    assert [(o.spec.rank, o.folder, o.seconds, o.worker) for o in pending.finished()] == [
+        (16, tmp_path / specs[1].folder_name, 2.5, 101)
+    ]
+    assert list(pending.finished()) == [] and len(pending) == 2
+    futures[0].set_result(("exit 2: bad", 0.5, 102))
+    futures[2].set_result((None, 1.0, 101))
+    rest = sorted(pending.rest(), key=lambda o: o.spec.rank)
+    assert [(o.spec.rank, o.folder, o.error) for o in rest] == [
+        (8, None, "exit 2: bad"),  # a failed merge names no folder
+        (32, tmp_path / specs[2].folder_name, None),
+    ]
+    assert len(pending) == 0
