@@ -105,6 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ctm-bench-quality")
     parser.add_argument("--device", default="auto", help="device for training and scoring (auto, cpu, cuda)")
     parser.add_argument("--merge-device", default="cpu", help="--device passed to `ctm merge`")
+    parser.add_argument(
+        "--merge-device-for",
+        nargs="+",
+        default=[],
+        metavar="METHOD=DEVICE",
+        help="another --device for one ctm method's merges, e.g. mtc=cpu (its dense SVDs may run faster on the "
+        "CPU cores than on a GPU shared by the merge processes)",
+    )
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="merges at once")
     parser.add_argument("--max-train", type=int, help="cap on train examples per task (before the val carve)")
     parser.add_argument("--max-test", type=int, help="cap on test examples per task")
@@ -142,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = [parse_variant(text) for text in args.variants]
     except ValueError as exc:
         parser.error(str(exc))
+    devices = [text.partition("=") for text in args.merge_device_for]
+    if any(not method or not sep or not device for method, sep, device in devices):
+        parser.error(f"--merge-device-for: expected METHOD=DEVICE, got {' '.join(args.merge_device_for)!r}")
+    args.merge_device_for = {method: device for method, _, device in devices}
     return args
 
 
@@ -318,9 +330,13 @@ class Bench:
         folder.mkdir(parents=True, exist_ok=True)
         cli = [s for s in specs if s.method != PEFT]
         peft = [s for s in specs if s.method == PEFT]
-        pending = self.merges.submit(cli, sources, folder, self.args.merge_device)
+        devices = {spec: self._merge_device(spec) for spec in cli}
+        pending = self.merges.submit(cli, sources, folder, devices)
+        where = ", ".join(
+            f"{sum(d == device for d in devices.values())} on {device}" for device in dict.fromkeys(devices.values())
+        )
         self._log(
-            f"{len(cli)} ctm merges on {self.args.merge_device} in {self.args.jobs} worker processes, "
+            f"{len(cli)} ctm merges ({where or 'none'}) in {self.args.jobs} worker processes, "
             f"{len(peft)} PEFT merges on {self.device} here"
         )
         for spec in peft:
@@ -331,6 +347,10 @@ class Bench:
             error = merger.merge(spec, path)
             yield MergeOutcome(spec, None if error else path, error, time.perf_counter() - started)
         yield from pending.rest()
+
+    def _merge_device(self, spec: MergeSpec) -> str:
+        """The --device of a ctm merge: --merge-device, or its method's own from --merge-device-for."""
+        return self.args.merge_device_for.get(spec.method, self.args.merge_device)
 
     def _peft_merger(self, sources: list[Path]) -> PeftMerger:
         """PEFT's merger over these task adapters, loaded once per set of sources."""
@@ -349,7 +369,9 @@ class Bench:
     ) -> None:
         """One line per merge, flushed at once: what was merged, where its time went, what it scored."""
         spec = outcome.spec
-        where = "here" if outcome.worker is None else f"worker {outcome.worker}"
+        where = (
+            f"{self.device} here" if outcome.worker is None else f"{self._merge_device(spec)}, worker {outcome.worker}"
+        )
         if outcome.error:
             self._log(
                 f"{stage} {done}/{total} {spec.label}: FAILED after {outcome.seconds:.1f} s ({where}): {outcome.error}"

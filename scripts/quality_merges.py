@@ -386,13 +386,15 @@ class MergePool:
             max_workers=jobs, mp_context=context, initializer=_start_merge_worker, initargs=(env,)
         )
 
-    def submit(self, specs: list[MergeSpec], sources: list[Path], root: Path, device: str) -> PendingMerges:
-        """Start merging every spec into root/<its folder name>, in the order given; take them back from the
-        returned PendingMerges."""
+    def submit(
+        self, specs: list[MergeSpec], sources: list[Path], root: Path, devices: dict[MergeSpec, str]
+    ) -> PendingMerges:
+        """Start merging every spec into root/<its folder name> on its device, in the order given; take them back
+        from the returned PendingMerges."""
         futures = {}
         for spec in specs:
             folder = root / spec.folder_name
-            command = merge_command(spec, sources, folder, device)
+            command = merge_command(spec, sources, folder, devices[spec])
             futures[self._pool.submit(_run_ctm_in_worker, command)] = (spec, folder)
         return PendingMerges(futures)
 

@@ -332,3 +332,16 @@ def test_pending_merges_give_back_the_finished_ones_first_then_the_rest_as_they_
         (32, tmp_path / specs[2].folder_name, None),
     ]
     assert len(pending) == 0
+
+
+def test_merge_device_for_reads_method_device_pairs_and_refuses_others(tmp_path, capsys):
+    from bench_quality import parse_args
+
+    base = ["--tasks", str(tmp_path), "--model", str(tmp_path), "--merge-device", "cuda"]
+    args = parse_args([*base, "--merge-device-for", "mtc=cpu", "iso_cts=cuda:1"])
+    assert args.merge_device_for == {"mtc": "cpu", "iso_cts": "cuda:1"} and args.merge_device == "cuda"
+    assert parse_args(base).merge_device_for == {}
+    for bad in ("mtc", "=cpu", "mtc="):
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--merge-device-for", bad])
+        assert "--merge-device-for: expected METHOD=DEVICE" in capsys.readouterr().err
