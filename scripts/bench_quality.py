@@ -204,6 +204,10 @@ class Bench:
         batch = args.batch_size or (1024 if self.device.type == "cuda" else 128)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for training and scoring alike
+            # This process computes on the GPU; its CPU threads would only contend with the merge workers' (a CPU
+            # merge beside a process at full thread count ran 6-10x slower on a loaded CPU), so it keeps a
+            # worker's share.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
         self.scorer = Scorer(model, self.tasks, self.heads, batch)
         self.catalog = select(discover_catalog(merge_env(1)), args.only)
         self.variants = [self._resolve_variant(variant) for variant in args.variants]
