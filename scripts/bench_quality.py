@@ -471,9 +471,7 @@ class Bench:
         rows go into record["final"] (failures into record["skipped"]) as soon as it is scored, and the record is
         checkpointed, so a run cut off mid-seed keeps what it scored."""
         unique = {spec.label: spec for _, spec in chosen}
-        position = {}
-        for index, (kind, spec) in enumerate(chosen):
-            position.setdefault((kind, spec.label), index)
+        placed = []  # (index in chosen, row): the rows end in the order of `chosen`, whatever order merges finish in
         self._log(f"seed {record['seed']}: {len(unique)} final merges, each scored on val and test")
         folder = self.workdir / f"final-s{record['seed']}"
         for done, outcome in enumerate(self.merge_all(list(unique.values()), sources, folder), start=1):
@@ -491,30 +489,29 @@ class Bench:
             }
             score = time.perf_counter() - started - read
             facts = adapter_facts(outcome.folder)
-            for kind, chosen_spec in chosen:
-                if chosen_spec.label != spec.label or position[(kind, spec.label)] in record["_positions"]:
+            for index, (kind, chosen_spec) in enumerate(chosen):
+                if chosen_spec.label != spec.label:
                     continue
-                record["_positions"].add(position[(kind, spec.label)])
-                record["final"].append(
-                    {
-                        "kind": kind,
-                        "label": spec.label,
-                        "combo": spec.combo,
-                        "rank": spec.rank,
-                        "beta": spec.beta,
-                        "params": dict(spec.params),
-                        "val_gr_estimate": estimates.get(spec.label),
-                        **scores,
-                        "output_rank": facts["rank"],
-                        "relative_size": facts["parameters"] / total["parameters"],
-                        "merge_seconds": outcome.seconds,
-                    }
-                )
+                row = {
+                    "kind": kind,
+                    "label": spec.label,
+                    "combo": spec.combo,
+                    "rank": spec.rank,
+                    "beta": spec.beta,
+                    "params": dict(spec.params),
+                    "val_gr_estimate": estimates.get(spec.label),
+                    **scores,
+                    "output_rank": facts["rank"],
+                    "relative_size": facts["parameters"] / total["parameters"],
+                    "merge_seconds": outcome.seconds,
+                }
+                placed.append((index, row))
+                record["final"].append(row)
             self._log_merge(
                 "final", outcome, done, len(unique), read, score, {s: v["mean"]["gr"] for s, v in scores.items()}
             )
             self.on_progress(record)
-        record["final"].sort(key=lambda row: position[(row["kind"], row["label"])])
+        record["final"][:] = [row for _, row in sorted(placed, key=lambda item: item[0])]
 
     def run_seed(self, seed: int) -> dict:
         """The whole protocol for one seed; its record is handed to on_progress after each final merge."""
@@ -546,7 +543,6 @@ class Bench:
             "final": [],
             "leave_one_task_out": None,
             "timings": timings,
-            "_positions": set(),  # the selections scored so far (not written)
         }
         started = time.perf_counter()
         estimates = {row["label"]: row["val"]["mean"]["gr"] for row in rows}
@@ -556,7 +552,6 @@ class Bench:
         per_task = {r["label"]: {t: v["gr"] for t, v in r["val"]["tasks"].items()} for r in study}
         record["leave_one_task_out"] = leave_one_task_out(per_task) if per_task else None
         record["complete"] = True
-        del record["_positions"]
         self._log(f"seed {seed} done: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
         return record
 
@@ -637,8 +632,7 @@ def main(argv: list[str] | None = None) -> None:
         """Both reports from the seeds so far (the last one possibly partial), each file replaced whole."""
         settings["seeds_done"] = [s["seed"] for s in records if s["complete"]]
         settings["seconds"] = {**bench.timings, "seeds": time.perf_counter() - started}
-        shown = [{k: v for k, v in record.items() if not k.startswith("_")} for record in records]
-        results = {"settings": settings, "seeds": shown, "summary": aggregate(shown)}
+        results = {"settings": settings, "seeds": records, "summary": aggregate(records)}
         for path, text in (
             (args.out, json.dumps(results, indent=1, default=str) + "\n"),
             (args.markdown, render_markdown(results)),
