@@ -6,7 +6,7 @@ import merge_reference as ref
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ctm_cli.errors import UsageError
@@ -46,6 +46,31 @@ def run_rule(name: str, stack: np.ndarray, weights, params: dict, seed: int = 0,
     return merged.double().numpy()
 
 
+# TSV's float32 result is asked to match within 1e-5 only where its sensitivity (below) is at most this: over 800
+# random draws of these shapes the float32 error was at most 1.7e-7 × the sensitivity (5 draws were above 1e-5, all
+# of sensitivity > 200), so 50 keeps the bound with room; about half the draws qualify.
+TSV_SENSITIVITY_BOUND = 50.0
+
+
+def tsv_sensitivity(stack: np.ndarray, weights: list[float]) -> float:
+    """How much TSV amplifies a relative perturbation of its inputs, to first order: each task's kept singular
+    vectors move by 1/(relative gap to the next singular value), and the polar factors of the concatenated vectors
+    by 1/σ_min of them. A draw with a near-tie at a task's cut, or nearly parallel kept vectors, is ill-conditioned
+    for any float32 computation."""
+    tasks, m, n = stack.shape
+    keep = max(1, min(m, n) // tasks)
+    lefts, rights, vector_gain = [], [], 1.0
+    for task, weight in zip(stack, weights, strict=True):
+        u, s, vh = np.linalg.svd(weight * task)
+        lefts.append(u[:, :keep])
+        rights.append(vh[:keep].T)
+        if keep < len(s):
+            vector_gain = max(vector_gain, s[keep - 1] / max(s[keep - 1] - s[keep], 1e-300))
+    smallest = [np.linalg.svd(np.hstack(side), compute_uv=False).min() for side in (lefts, rights)]
+    polar_gain = sum(1 / max(value, 1e-300) for value in smallest)
+    return vector_gain * polar_gain
+
+
 def relative(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-300))
 
@@ -70,6 +95,9 @@ def test_rule_matches_reference(case: str, data) -> None:
         weights[0] += 1.0
     uniform = ref.draws(stack.shape, seed=5) if name in RANDOM_RULES else None
     expected = ref.apply_rule(name, list(stack), weights, params, uniform)
+    if name == "tsv":  # float64 on every draw; float32 where the rule itself is well-conditioned
+        assert relative(run_rule(name, stack, weights, params, dtype=torch.float64), expected) < 1e-10
+        assume(tsv_sensitivity(stack, weights) <= TSV_SENSITIVITY_BOUND)
     got = run_rule(name, stack, weights, params, seed=5)
     assert np.linalg.norm(got - expected) <= 1e-5 * max(np.linalg.norm(expected), 1e-30)
 
