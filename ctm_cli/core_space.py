@@ -652,10 +652,13 @@ def _frobenius_squared(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def lowrank_relative_error(
     b_out: torch.Tensor, a_out: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor
 ) -> torch.Tensor:
-    """‖B_o A_o − B_r A_r‖ / ‖B_r A_r‖ in float64 from the factors alone (O((out+in)·k²) work)."""
-    b = torch.cat([b_out, -b_ref], dim=-1).to(torch.float64)
-    a = torch.cat([a_out, a_ref], dim=-2).to(torch.float64)
-    reference = _frobenius_squared(b_ref.to(torch.float64), a_ref.to(torch.float64))
+    """‖B_o A_o − B_r A_r‖ / ‖B_r A_r‖ in float64 from the factors alone (O((out+in)·k²) work); each factor is
+    converted to float64 once."""
+    b_ref, a_ref = b_ref.to(torch.float64), a_ref.to(torch.float64)
+    b = torch.cat([b_out.to(torch.float64), b_ref], dim=-1)
+    b[..., b_out.shape[-1] :].neg_()
+    a = torch.cat([a_out.to(torch.float64), a_ref], dim=-2)
+    reference = _frobenius_squared(b_ref, a_ref)
     return (_frobenius_squared(b, a) / reference.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
 
 

@@ -24,6 +24,7 @@ import torch
 
 from ctm_cli import progress
 from ctm_cli.adapter import Adapter, output_keys
+from ctm_cli.core_space import column_slices
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
@@ -299,9 +300,24 @@ def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], raw: _R
 
 
 def _load_group(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup) -> FactorGroup:
-    """The group's concatenated scaled factors on the device, from its raw stored factors."""
-    parts = [_task_factors(raw, task) for task in range(len(adapters)) if raw.pieces[task] is not None]
-    a_cat, b_cat = torch.cat([a for a, _ in parts], dim=-2), torch.cat([b for _, b in parts], dim=-1)
+    """The group's concatenated scaled factors on the device, from its raw stored factors, each converted once
+    into its place in one float32 buffer per side (no stacked or concatenated copy of the group): A a task at a
+    time (its rows of every module), B a module at a time (every task's scaled columns side by side; a strided
+    write of a few columns per row converts several times slower)."""
+    present = [task for task, rows in enumerate(raw.pieces) if rows is not None]
+    pieces = [raw.pieces[task] or [] for task in present]
+    ranks = [rows[0][0].shape[0] for rows in pieces]
+    (a_first, b_first), dtype, device = pieces[0][0], torch_dtype(COMPUTE_DTYPE), raw.data.device
+    a_cat = torch.empty(len(group), sum(ranks), a_first.shape[1], dtype=dtype, device=device)
+    b_cat = torch.empty(len(group), b_first.shape[0], sum(ranks), dtype=dtype, device=device)
+    for rows, columns in zip(pieces, column_slices(ranks), strict=True):
+        torch.stack([a_piece.view(raw.data) for a_piece, _ in rows], out=a_cat[:, columns])
+    for index in range(len(group)):
+        scaled = [
+            rows[index][1].view(raw.data).to(dtype, copy=True).mul_(raw.scales[task, index])
+            for task, rows in zip(present, pieces, strict=True)
+        ]
+        torch.cat(scaled, dim=-1, out=b_cat[index])
     if not _finite(b_cat, a_cat):
         _refuse_non_finite(adapters, group, raw)
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
