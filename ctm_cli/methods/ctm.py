@@ -127,9 +127,9 @@ def _core_numbers(ranks: tuple[int, ...], rank: int, rule: Rule[Any], params: Ct
     (r' < R), which sweeps the whole wave at once, its copies of the factors and Gram matrices, its products with
     the T tasks and its extrapolation history, and the frames. Working while the module's group takes its output:
     in the whole core space, TSV from the tasks' thin SVDs (T·R·ρ per basis) and its two polar factors, a linear or
-    spectral rule one R × R merge and its SVD (and the rule on the T dense cores for the full-rank reference of a
-    spectral rule or an isotropic cut), a rule that acts entry by entry the T dense cores and its copies of them;
-    in a HOOI frame the rule on the T r' × r' coordinates and the full-rank reference on the T dense cores."""
+    spectral rule one R × R merge and its SVD, a rule that acts entry by entry the T dense cores and its copies of
+    them, and the rule on the T dense cores for the report's full-rank reference of a spectral rule or an isotropic
+    cut; in a HOOI frame the rule on the T r' × r' coordinates and the full-rank reference on the T dense cores."""
     total, tasks, widest = sum(ranks), len(ranks), max(ranks)
     wide = frame_rank(rank, total, params)
     dense_rule = (1 + _dense_rule_copies(rule)) * tasks * total**2  # the T cores and the rule's copies
@@ -137,10 +137,11 @@ def _core_numbers(ranks: tuple[int, ...], rank: int, rule: Rule[Any], params: Ct
         if rule.factored is not None:
             route = 6 * tasks * total * widest + 2 * tasks * widest**2 + 8 * total**2
         elif rule.linear or rule.spectral:
-            route = 12 * total**2 + (dense_rule if rule.spectral or params.isotropic else 0)
+            route = 12 * total**2
         else:
             route = dense_rule + 12 * total**2
-        return CoreMemory(kept=4 * total**2, working=route + 4 * total**2 + 2 * tasks * rank**2)
+        reference = dense_rule if rule.spectral or params.isotropic else 0  # the report's full-rank merge
+        return CoreMemory(kept=4 * total**2, working=route + reference + 4 * total**2 + 2 * tasks * rank**2)
     block = 2 * wide  # HOOI's blocks: up to 2r' columns
     hooi = 6 * total**2 + 4 * tasks * total * wide + (4 * cs.ANDERSON_WINDOW + 32) * total * block
     coordinates = (1 + _dense_rule_copies(rule)) * tasks * wide**2
