@@ -187,8 +187,8 @@ MEMORY_ROUTES = [
     ("ctm", "iso_c", {}),  # a spectral rule: its full-rank reference on the dense cores
     ("ctm", "ties", {}),  # a rule that acts entry by entry: the dense cores
     ("ctm", "tsv", {"isotropic": 1}),
-    ("ctm", "ta", {"frame_rank": 16}),  # HOOI, batched over the wave
-    ("ctm", "ties", {"frame_rank": 16}),
+    ("ctm", "ta", {"frame_rank": 16, "max_sweeps": 20}),  # HOOI, batched over the wave (a few sweeps: the same memory)
+    ("ctm", "ties", {"frame_rank": 16, "max_sweeps": 20}),
     ("core", "ta", {}),
     ("cat", "ta", {}),
 ]
@@ -199,10 +199,10 @@ MEMORY_ROUTES = [
 def test_peak_memory_stays_within_the_estimate(
     make_adapter, method_name: str, rule_name: str, given: dict, several_waves: bool
 ) -> None:
-    """The memory a merge allocates (after a warm-up that creates the library workspaces) stays within the plan's
-    estimate of its largest wave, for each route a merge can take (plus a few MiB of solver workspace on CUDA):
-    the whole model in one wave, and in waves of a few groups (the next wave read ahead); for the default merge the
-    estimate is within 3× of it (the plan does not count memory the merge no longer allocates)."""
+    """The memory a merge allocates (on CUDA after a warm-up that creates the library workspaces) stays within the
+    plan's estimate of its largest wave, for each route a merge can take (plus a few MiB of solver workspace on
+    CUDA): the whole model in one wave, and in waves of a few groups (the next wave read ahead); for the default
+    merge the estimate is within 3× of it (the plan does not count memory the merge no longer allocates)."""
     wider = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
     adapters = [Adapter(make_adapter(r=16, seed=seed, model_overrides=wider)) for seed in range(4)]
     specs = check_compatible(adapters)
@@ -224,7 +224,8 @@ def test_peak_memory_stays_within_the_estimate(
     def merge() -> None:
         engine.merge_modules(adapters, waves, method, settings, DEVICE, torch.bfloat16)
 
-    merge()
+    if DEVICE.type == "cuda":  # a first merge creates cuBLAS's and cuSOLVER's workspaces
+        merge()
     peak, estimate = _peak_bytes(merge), max(plan.wave_bytes(wave, numbers) for wave in waves)
     assert peak <= estimate + (4 * 2**20 if DEVICE.type == "cuda" else 0), (peak, estimate)
     if (method_name, rule_name, given) == MEMORY_ROUTES[0]:  # the default merge: the plan follows what it allocates
