@@ -55,9 +55,15 @@ WIDEST_STORED_ITEMSIZE = 8
 
 
 def stored_itemsize(adapters: list[Adapter]) -> int:
-    """Bytes of the widest stored factor element of the inputs (what the engine's staging buffers hold)."""
-    names = {name for adapter in adapters for name in adapter.dtypes()} or {"float32"}
-    return max(ITEM_SIZES[FORMAT_NAMES[name]] for name in names)
+    """Bytes of the widest stored factor element of the inputs (what the engine's staging buffers hold: a factor
+    of no stored dtype is staged as float32)."""
+    names = {
+        adapter.dtype(key) or "float32"
+        for adapter in adapters
+        for module in adapter.modules.values()
+        for key in (module.a_key, module.b_key)
+    }
+    return max((ITEM_SIZES[FORMAT_NAMES[name]] for name in names), default=ITEM_SIZES["F32"])
 
 
 def dense_core_numbers(spec: ModuleSpec, stored: int = WIDEST_STORED_ITEMSIZE) -> ModuleMemory:
