@@ -92,15 +92,15 @@ def module_memory(spec: ModuleSpec, written_rank: int, core: CoreMemory, stored:
     Kept for the wave, per column of the (out + in) × R factors: the stored factors of this wave and of the one
     read ahead (2 × `stored` bytes, each factor padded to the staging buffers' alignment) and the float32 factors
     (4); per column of the (out + in) × r output: the float32 output and its cast (8). Working while the group
-    merges, per factor column: two float64 copies (16: the core space's Gram step; the report's float64 factors,
-    B scaled for a linear rule's error), and per output column the report's float64 copies of the output and of
-    its concatenation with the factors (16)."""
+    merges, per factor column: the method's float64 copies of the factors (8 each, `core.factor_copies`: the core
+    space's Gram step; the report's float64 factors, B scaled for a linear rule's error), and per output column the
+    report's float64 copies of the output and of its concatenation with the factors (16)."""
     columns = (spec.out_features + spec.in_features) * spec.total_rank
     output_columns = (spec.out_features + spec.in_features) * written_rank
     padding = 2 * 2 * len(spec.ranks) * ALIGNMENT if stored else 0  # two waves' A and B of every input
     return ModuleMemory(
         kept=columns * (2 * stored + 4) + padding + output_columns * 8 + core.kept * 8,
-        working=columns * 16 + output_columns * 16 + core.working * 8,
+        working=columns * 8 * core.factor_copies + output_columns * 16 + core.working * 8,
     )
 
 

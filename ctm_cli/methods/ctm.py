@@ -141,11 +141,20 @@ def _core_numbers(ranks: tuple[int, ...], rank: int, rule: Rule[Any], params: Ct
         else:
             route = dense_rule + 12 * total**2
         reference = dense_rule if rule.spectral or params.isotropic else 0  # the report's full-rank merge
-        return CoreMemory(kept=4 * total**2, working=route + reference + 4 * total**2 + 2 * tasks * rank**2)
+        working = route + reference + 4 * total**2 + 2 * tasks * rank**2
+        return CoreMemory(kept=4 * total**2, working=working, factor_copies=_factor_copies(rule))
     block = 2 * wide  # HOOI's blocks: up to 2r' columns
     hooi = 6 * total**2 + 4 * tasks * total * wide + (4 * cs.ANDERSON_WINDOW + 32) * total * block
     coordinates = (1 + _dense_rule_copies(rule)) * tasks * wide**2
-    return CoreMemory(kept=4 * total**2 + hooi, working=coordinates + dense_rule + 8 * total**2)
+    working = coordinates + dense_rule + 8 * total**2
+    return CoreMemory(kept=4 * total**2 + hooi, working=working, factor_copies=_factor_copies(rule))
+
+
+def _factor_copies(rule: Rule[Any]) -> int:
+    """Float64 copies of a group's factors ctm holds at once: the core space's Gram step (on CUDA; on the CPU a
+    module at a time), and with a linear rule the report's error against the exact merge (ctm gives the kept
+    energy itself)."""
+    return 2 if rule.linear else 1
 
 
 def _dense_rule_copies(rule: Rule[Any]) -> int:

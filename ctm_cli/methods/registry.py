@@ -89,10 +89,12 @@ GroupsFunction = Callable[[list[FactorGroup], list[MergeSettings]], list[MergeRe
 class CoreMemory:
     """Float64 numbers of one module's core-space arrays at their peak: those `kept` while its whole wave merges
     (a method that merges the groups of a wave together, as ctm's batched HOOI) and those `working` only while its
-    own group merges (groups are merged one after another)."""
+    own group merges (groups are merged one after another); and how many float64 copies of the group's factors its
+    steps hold at once (the core space's Gram step one, the report's kept energy or linear error another)."""
 
     kept: int
     working: int
+    factor_copies: int = 2
 
 
 # A module's CoreMemory from (each input's rank, the output rank, the rule, the method's parameters).
