@@ -7,44 +7,22 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ctm_cli.errors import IncompatibleError, InputError, first_line, unreadable
+from ctm_cli.formats.single_file import SingleFile, open_single_file
 from ctm_cli.patterns import MAX_NAME_LENGTH, pattern_problem
-from ctm_cli.safetensors_format import FLOAT_NAMES, FORMAT_NAMES, ITEM_SIZES, SafetensorsFile, dtype_name
+from ctm_cli.peft_layout import CONFIG_NAME, FLOAT_DTYPES, LEGACY_NAME, MODEL_PREFIX, SAFETENSORS_NAME, LoraModule
+from ctm_cli.safetensors_format import FORMAT_NAMES, ITEM_SIZES, SafetensorsFile, dtype_name
 from ctm_cli.untrusted import TooLargeError, read_limited
-
-if TYPE_CHECKING:
-    from ctm_cli.formats import SingleFile
-
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-LEGACY_NAME = "adapter_model.bin"
-MODEL_PREFIX = "base_model.model."
 
 # (module name, factor) from a weight key; PEFT drops the adapter name when saving.
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 _UNPICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # what torch's weights-only unpickler names as refused
 CONFIG_LIMIT = 64 * 1024**2  # bytes read of an adapter_config.json at most
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One LoRA-adapted module of an adapter: where its factors live and how they scale."""
-
-    name: str
-    a_key: str
-    b_key: str
-    rank: int
-    alpha: float
-    scale: float
-    out_features: int
-    in_features: int
-    embedding: bool
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -198,9 +176,6 @@ class _BinReader:
         return self._tensors[key]
 
 
-FLOAT_DTYPES = frozenset(FLOAT_NAMES.values())  # by name: float32, ...
-
-
 def output_keys(adapters: list[Adapter], name: str) -> tuple[str, str]:
     """The (A, B) weight keys a merged module is written under: as the first adapter that has it spells them."""
     module = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
@@ -213,9 +188,7 @@ class Adapter:
     def __init__(self, folder: Path, source: str | None = None):
         self.folder = Path(folder)
         self.source = source or str(folder)
-        from ctm_cli.formats import open_single_file  # kohya / diffusers / LyCORIS files (ctm_cli/formats)
-
-        self.single_file = open_single_file(self.folder)
+        self.single_file = open_single_file(self.folder)  # kohya / diffusers / LyCORIS files (ctm_cli/formats)
         if self.single_file is not None:
             self.config, self.weights_path = self.single_file.config, self.single_file.path
             self._reader: SafetensorsFile | _BinReader | SingleFile = self.single_file

@@ -10,14 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from inspect import Parameter, signature
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 from typer.core import TyperGroup
 
 from ctm_cli import __version__, human, plain_options, progress
@@ -27,17 +23,31 @@ from ctm_cli.interrupts import interruption, sigterm_as_interrupt
 from ctm_cli.recipe import DEFAULTS, SCHEMA, parse_params, parse_weights
 from ctm_cli.untrusted import printable
 
+if TYPE_CHECKING:  # rich's console, tables and progress display are imported where something is printed
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+    from rich.text import Text
+
 # The command-line library's own error classes (typer >= 0.2x ships its own copy of click, so they are taken
 # from typer's exported BadParameter rather than imported from click).
 _CLICK_ERROR: Any = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
-stderr = Console(stderr=True)
+
+
+@functools.cache
+def _stderr() -> Console:
+    """The console on stderr (made at its first use: rich's console takes a while to import)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _print_line(prefix: str, message: str, style: str = "red") -> None:
     """One line on stderr: `prefix`, then `message` with its lines joined and control characters escaped
     (never read as rich markup or emoji codes: file names are shown as they are)."""
+    from rich.text import Text
+
     line = printable(" ".join(part.strip() for part in message.splitlines() if part.strip()))
-    stderr.print(Text.assemble((prefix, style), " ", line), highlight=False, soft_wrap=True, emoji=False)
+    _stderr().print(Text.assemble((prefix, style), " ", line), highlight=False, soft_wrap=True, emoji=False)
 
 
 def _print_parse_error(error: Exception, command_path: str) -> None:
@@ -74,7 +84,7 @@ class _Commands(TyperGroup):
                 _print_parse_error(error, f"ctm {command}" if command else "ctm")
             sys.exit(error.exit_code)
         except typer.Abort:
-            stderr.print("ctm: interrupted; nothing was written", highlight=False)
+            _stderr().print("ctm: interrupted; nothing was written", highlight=False)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -127,20 +137,7 @@ class _Stages:
     line when the display stops). A `progress` listener, called from the reading threads too (rich locks)."""
 
     def __init__(self, quiet: bool):
-        self._progress = (
-            None
-            if quiet or not stderr.is_interactive
-            else Progress(
-                TextColumn("{task.description:<8}"),
-                BarColumn(bar_width=20),
-                TextColumn("{task.fields[amount]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[detail]}"),
-                console=stderr,
-                transient=True,
-            )
-        )
+        self._progress = None if quiet or not _stderr().is_interactive else _stage_display()
         self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> _Stages:
@@ -166,6 +163,22 @@ class _Stages:
             self._progress.update(
                 task, completed=event.done, total=event.total, amount=_amount(event), detail=printable(event.detail)
             )
+
+
+def _stage_display() -> Progress:
+    """rich's display of the stages: a line each, with a bar, how far, elapsed and time left, and what it does."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description:<8}"),
+        BarColumn(bar_width=20),
+        TextColumn("{task.fields[amount]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=_stderr(),
+        transient=True,
+    )
 
 
 def _amount(event: progress.Event) -> str:
@@ -353,6 +366,8 @@ def merge(
 
 def _cell(value: Any) -> Text:
     """A value shown in a table or a line: plain text (never rich markup), control characters escaped."""
+    from rich.text import Text
+
     return Text(printable(str(value)))
 
 
@@ -365,16 +380,19 @@ def _print_merged(report: dict) -> None:
     summary = report["summary"]
     worst = summary["max_relative_error"]
     _say(
-        stderr,
+        _stderr(),
         f"merged {len(report['inputs'])} adapters → {report['recipe']['output']} ",
         f"(rank {summary['written_rank']}, {summary['modules']} modules, {summary['seconds']:.2f} s",
         f", worst relative error {worst:.3%})" if worst is not None else ")",
     )
     if "pushed_to" in report:
-        _say(stderr, f"pushed to {report['pushed_to']}")
+        _say(_stderr(), f"pushed to {report['pushed_to']}")
 
 
 def _print_plan(plan: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     settings = plan["settings"]
     inputs, output = len(plan["inputs"]), plan["output"]
@@ -498,6 +516,9 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
     if as_json:
         print(json.dumps(listing, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     for kind, extra in (("methods", "rank"), ("rules", "linear")):
         table = Table(title=kind)
@@ -513,6 +534,9 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
 def _print_summary(info: dict, spectra: int) -> None:
     """inspect's view: the adapter's facts, one per line, then its modules (their shared name prefix said once,
     sorted by layer number), with their spectra when asked."""
+    from rich.console import Console
+    from rich.table import Table
+
     from ctm_cli.summary import common_prefix
 
     console = Console()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from ctm_cli import progress
+from ctm_cli import progress, small_linalg
 from ctm_cli.fixed_order import matmul
 
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
@@ -75,7 +75,7 @@ def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Q is X's left singular basis, its columns in decreasing order of singular value (numerically
     absent directions give zero columns, at the end).
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues, eigenvectors = small_linalg.eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
     largest = eigenvalues[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
     kept = eigenvalues > GRAM_RELATIVE_TOLERANCE * largest
@@ -133,8 +133,10 @@ def _balancing_factors(norms: torch.Tensor, beta: float) -> torch.Tensor:
     )
 
 
-def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    _, eigenvectors = torch.linalg.eigh(gram)
+def _top_eigenvectors(gram: torch.Tensor, rank: int, solver: small_linalg.Solver | None = None) -> torch.Tensor:
+    """The `rank` leading eigenvectors of a symmetric matrix, largest first. Inside HOOI's sweeps the device's own
+    eigh (the default: no host round trip); once per merge `small_linalg.eigh`."""
+    _, eigenvectors = (solver or torch.linalg.eigh)(gram)
     return eigenvectors[..., -rank:].flip(-1)
 
 
@@ -313,8 +315,8 @@ def _canonical_frames(cores: FactoredCores, frames: torch.Tensor) -> torch.Tenso
     value; i.e. the eigenvectors of Σ_t M_t M_tᵀ and Σ_t M_tᵀ M_t, M_t = uᵀ C_t v (the coordinates a rule sees
     depend on these bases, not only on the spans)."""
     coordinates = cores.project(frames[:, 0], frames[:, 1])
-    left = _top_eigenvectors(matmul(coordinates, coordinates.mT).sum(dim=-3), coordinates.shape[-1])
-    right = _top_eigenvectors(matmul(coordinates.mT, coordinates).sum(dim=-3), coordinates.shape[-1])
+    left = _top_eigenvectors(matmul(coordinates, coordinates.mT).sum(dim=-3), coordinates.shape[-1], small_linalg.eigh)
+    right = _top_eigenvectors(matmul(coordinates.mT, coordinates).sum(dim=-3), coordinates.shape[-1], small_linalg.eigh)
     return torch.stack([matmul(frames[:, 0], left), matmul(frames[:, 1], right)], dim=1)
 
 
@@ -332,7 +334,7 @@ def _hooi(cores: FactoredCores, rank: int, tolerance: float, max_sweeps: int) ->
     frames' bases are HOOI's (`_canonical_frames`)."""
     grams = cores.grams()
     width = min(grams[0].shape[-1], max(rank, min(2 * rank, DIRECT_EIGH_MAX_SIZE)))
-    blocks = torch.stack([_top_eigenvectors(gram, width) for gram in grams], dim=1)
+    blocks = torch.stack([_top_eigenvectors(gram, width, small_linalg.eigh) for gram in grams], dim=1)
     energy = cores.energy(blocks[:, 0, :, :rank], blocks[:, 1, :, :rank])
     sweeps = torch.zeros(energy.shape, dtype=torch.int64, device=energy.device)
     members, batch = torch.arange(energy.shape[0], device=energy.device), cores
@@ -448,9 +450,9 @@ class FactoredCores:
         """Every core's thin SVD from its factors, C_t = U_t diag(σ_t) V_tᵀ: U_t, V_t (..., T, R, ρ), σ_t (..., T, ρ)
         decreasing, with ρ = max r_t (σ = 0 past a task's rank). A QR of each task's R × r_t factors and an SVD of
         r_t × r_t: R·r_t² work per task instead of an R × R SVD of the core."""
-        q_b, r_b = torch.linalg.qr(self._task_columns(self.b))
-        q_a, r_a = torch.linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
-        p, s, qh = torch.linalg.svd(matmul(r_b, r_a.mT))
+        q_b, r_b = small_linalg.qr(self._task_columns(self.b))
+        q_a, r_a = small_linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
+        p, s, qh = small_linalg.svd(matmul(r_b, r_a.mT))
         return SvdForm(matmul(q_b, p), s, matmul(q_a, qh.mT))
 
     def _task_columns(self, factor: torch.Tensor) -> torch.Tensor:
@@ -595,7 +597,7 @@ def truncate(
     the numerically nonzero values only (zero columns for σ ≤ max(m, n)·eps·σ_max, whose vectors are arbitrary),
     so that they span the output's column and row spaces, never more.
     """
-    p, s, qh = torch.linalg.svd(merged, full_matrices=False)
+    p, s, qh = small_linalg.svd(merged)
     return _cut(p[..., :rank], s, qh[..., :rank, :].mT, rank, left_map, right_map, spectrum)
 
 
@@ -654,7 +656,7 @@ def numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tenso
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns: P Qᵀ from the SVD P Σ Qᵀ (Procrustes)."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    p, _, qh = small_linalg.svd(matrix)
     return matmul(p, qh)
 
 

@@ -1,6 +1,6 @@
 """Deferred imports: `import torch` binds a module that runs torch's (slow) initialisation only when one of its
 attributes is first used, so the commands that never compute (`--help`, `methods`, `inspect`, `--dry-run`) start
-without paying for it."""
+without paying for it; yaml is bound the same way by recipe.py, which reads and writes recipes."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def defer_import(name: str) -> None:
     stand_in.__file__ = spec.origin
     stand_in.__package__ = name if spec.submodule_search_locations is not None else name.rpartition(".")[0]
     sys.modules[name] = stand_in
+
+
+def deferred_module(name: str) -> types.ModuleType:
+    """Module `name` for one importer's own use, imported at the first use of one of its attributes; sys.modules
+    is left alone (elsewhere, `import name` runs the real import as usual), so no entry point has to register it
+    before the importer is itself imported."""
+    return _DeferredModule(name)
 
 
 def is_loaded(name: str) -> bool:

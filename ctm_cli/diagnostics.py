@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ctm_cli import core_space as cs
+from ctm_cli import small_linalg
 from ctm_cli.fixed_order import matmul
 from ctm_cli.params import Params
 from ctm_cli.rules import Rule, weighted_sum
@@ -160,11 +161,11 @@ def merge_spectrum(
     arbitrary: they are zeroed, so a merge at a rank past F's numerical rank keeps what F keeps.
     """
     if rule.spectrum is not None:
-        left, values, right_h = torch.linalg.svd(weighted_sum(coordinates, weights), full_matrices=False)
+        left, values, right_h = small_linalg.svd(weighted_sum(coordinates, weights))
         values = rule.spectrum(values, params, max(coordinates.shape[-2:]))
     else:
         merged = rule.function(coordinates, weights, params, generator)
-        left, values, right_h = torch.linalg.svd(merged, full_matrices=False)
+        left, values, right_h = small_linalg.svd(merged)
     cut = max(coordinates.shape[-2:]) * torch.finfo(values.dtype).eps * values.abs().amax(dim=-1, keepdim=True)
     present = (values.abs() > cut).to(values)
     return MergeSpectrum(

@@ -10,9 +10,7 @@ holds two waves' stored factors plus the merged output, whatever the number of a
 
 from __future__ import annotations
 
-import os
-import re
-import sys
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,18 +27,14 @@ from ctm_cli.errors import InputError, UsageError
 from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.plan import ALIGNMENT
 from ctm_cli.rules import RuleError
 from ctm_cli.safetensors_format import PlainReads, torch_dtype
 
 COMPUTE_DTYPE = "float32"  # by name (torch_dtype), so that importing the engine does not load torch
-_DEVICE_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
-# Present on Linux wherever a GPU driver torch could use is loaded: NVIDIA's, AMD's (ROCm).
-_GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
 Number = TypeVar("Number", int, float)
 # Input files read at once by the engine's reader.
 READ_THREADS = 8
-# Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
-ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -69,35 +63,6 @@ class MergeOutput:
     stats: list[ModuleStats]
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device of a --device value (see `check_device`)."""
-    return torch.device(check_device(name))
-
-
-def check_device(name: str) -> str:
-    """`auto` picks CUDA when present; otherwise the named device, refused unless it is the CPU or a CUDA
-    device this machine has. Returns the device's name; asks torch (which loads it) only where a GPU driver is."""
-    if name == "auto":
-        return "cuda" if _cuda_available() else "cpu"
-    if _DEVICE_NAME.fullmatch(name) is None:
-        raise UsageError(f"--device {name!r} is not one of: auto, cpu, cuda, cuda:N")
-    if name.startswith("cuda"):
-        if not _cuda_available():
-            raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
-        count, index = torch.cuda.device_count(), torch.device(name).index
-        if index is not None and index >= count:
-            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return name
-
-
-def _cuda_available() -> bool:
-    """Whether torch sees a CUDA (or ROCm) device. On Linux, a machine without an NVIDIA or AMD driver has none,
-    which is known without loading torch."""
-    if sys.platform == "linux" and not any(os.path.exists(path) for path in _GPU_DRIVER_PATHS):
-        return False
-    return torch.cuda.is_available()
-
-
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -112,7 +77,7 @@ class _Piece:
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view(self, data: torch.Tensor) -> torch.Tensor:
         """The factor as a tensor viewing `data` (the staging buffer or its copy on the device)."""

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ctm_cli.adapter import MODEL_PREFIX, Adapter
+from ctm_cli.adapter import Adapter
 from ctm_cli.errors import IncompatibleError, InputError
+from ctm_cli.peft_layout import MODEL_PREFIX
 from ctm_cli.recipe import EXTRA_TENSOR_POLICIES
 
 BASE_LAYER = ".base_layer."

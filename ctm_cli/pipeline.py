@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ctm_cli import __version__, progress
-from ctm_cli.adapter import MODEL_PREFIX, Adapter
+from ctm_cli.adapter import Adapter
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.engine import check_device, merge_modules, read_groups
+from ctm_cli.devices import check_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.formats import adapter_files, align_names, output_style
 from ctm_cli.interrupts import output_written
 from ctm_cli.methods import METHODS, MergeSettings, Method, get_method, resolve_settings
-from ctm_cli.model_card import loading_class, render_model_card
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.module_weights import apply_module_weights
 from ctm_cli.params import Params
+from ctm_cli.peft_layout import MODEL_PREFIX
 from ctm_cli.plan import (
     CoreNumbers,
     default_max_memory,
@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # --rank auto and --diagnose import these when they run: the 
     from ctm_cli.auto_rank import RankChoice
     from ctm_cli.diagnosis import GroupDiagnosis
 
+# Threads hashing the inputs for the report while the merge runs.
+HASHING_THREADS = 8
 # Config fields that describe one adapter's training and no longer hold for the merge.
 _RESET_FIELDS = {"use_rslora": False, "inference_mode": True}
 # Config fields that narrow down which of the target modules PEFT wraps.
@@ -85,7 +87,7 @@ class PreparedMerge:
     core_numbers: CoreNumbers  # the method's core-space memory per module, for the plan
     rank_caps: dict[str, int]  # with --allow-missing: modules some inputs lack, written at the rank they can hold
     waves: list[list[list[ModuleSpec]]]
-    device: str  # checked by `engine.check_device`: cpu, cuda or cuda:N
+    device: str  # checked by `devices.check_device`: cpu, cuda or cuda:N
     output_dtype: str  # float32, float16, bfloat16, ...
     base_model: BaseModel
     task_type: str | None  # what the output config says: the inputs' task, or None where its head was left out
@@ -154,12 +156,14 @@ class PreparedMerge:
         )
 
     def inputs(self) -> list[dict[str, Any]]:
-        """Each input as the report describes it."""
+        """Each input as the report describes it; the files are hashed on several threads (hashlib lets go of
+        the GIL), since one thread hashing them in turn can outlast a GPU merge."""
+        from concurrent.futures import ThreadPoolExecutor  # imported when the inputs are hashed
+
         missing = missing_modules(self.adapters, self.specs)
-        return [
-            {**describe_input(adapter, weight, source.commit), "missing_modules": lacking}
-            for adapter, weight, source, lacking in zip(self.adapters, self.weights, self.sources, missing, strict=True)
-        ]
+        with ThreadPoolExecutor(max_workers=min(HASHING_THREADS, max(1, len(self.adapters)))) as pool:
+            described = pool.map(describe_input, self.adapters, self.weights, [s.commit for s in self.sources])
+            return [{**entry, "missing_modules": lacking} for entry, lacking in zip(described, missing, strict=True)]
 
 
 def adapter_rank(ranks: dict[str, int]) -> int:
@@ -333,6 +337,7 @@ def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
     """The merge with the inputs' diagnosis (its rule, weights, β and frame; seeded by the recipe), read from the
     inputs a group at a time on the merge's device."""
     from ctm_cli.diagnosis import diagnose_groups, merge_curves
+    from ctm_cli.engine import read_groups
 
     if prepared.diagnosis is not None:
         return prepared
@@ -350,11 +355,11 @@ def diagnose_inputs(prepared: PreparedMerge) -> PreparedMerge:
 def choose_auto_ranks(prepared: PreparedMerge) -> PreparedMerge:
     """With --rank auto: the merge with its ranks chosen from the diagnosis (each no larger than its module
     allows) and its modules planned again, in groups of one rank; otherwise the merge as it is."""
-    from ctm_cli.auto_rank import choose_ranks
-
     recipe = prepared.request.recipe
     if recipe.rank != RANK_AUTO or prepared.rank_choice is not None:
         return prepared
+    from ctm_cli.auto_rank import choose_ranks
+
     prepared = diagnose_inputs(prepared)
     assert prepared.diagnosis is not None
     choice = choose_ranks(prepared.diagnosis, recipe.keep or DEFAULT_KEEP, recipe.rank_per_module)
@@ -419,6 +424,8 @@ def run_merge(prepared: PreparedMerge) -> dict:
     """Carry out a prepared merge and return its report; nothing is written unless it all succeeds. Its stages
     are told to `progress`'s listeners."""
     from ctm_cli.diagnosis import diagnosis_data, full_rank_energies, merge_curves
+    from ctm_cli.engine import merge_modules
+    from ctm_cli.model_card import loading_class, render_model_card
 
     prepared = choose_auto_ranks(prepared)
     if prepared.request.recipe.diagnose:

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from ctm_cli.adapter import Adapter, output_keys
-from ctm_cli.engine import ALIGNMENT
 from ctm_cli.methods import CoreMemory, Method
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.params import Params
@@ -24,6 +23,8 @@ CPU_MAX_MEMORY = 2 * 1024**3
 CUDA_MEMORY_FRACTION = 0.25
 # Room for the ctm metadata (settings and input hashes) in the safetensors header; the rest is computed.
 METADATA_ALLOWANCE = 2048
+# Offsets of the factors in the engine's staging buffers are multiples of this (any dtype can be viewed there).
+ALIGNMENT = 64
 
 
 def default_max_memory(device: str) -> int:

@@ -15,16 +15,19 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
-
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ctm_cli import __version__
+from ctm_cli.deferred_import import deferred_module
 from ctm_cli.errors import UsageError
 from ctm_cli.patterns import pattern_problem
 from ctm_cli.untrusted import TooLargeError, read_limited
+
+if TYPE_CHECKING:
+    import yaml
+    from yaml.nodes import Node
+else:
+    yaml = deferred_module("yaml")  # imported when a recipe is read or written, not by `ctm merge` without --config
 
 ADAPTER_KEYS = ("source", "weight", "revision")
 _YAML_TAG = "tag:yaml.org,2002:"
@@ -207,9 +210,9 @@ class Recipe:
 
 
 # Every field: (its type, its Setting), in the schema's order.
+_HINTS = typing.get_type_hints(Recipe)
 SCHEMA: dict[str, tuple[Any, Setting]] = {
-    field.name: (typing.get_type_hints(Recipe)[field.name], field.metadata["setting"])
-    for field in dataclasses.fields(Recipe)
+    field.name: (_HINTS[field.name], field.metadata["setting"]) for field in dataclasses.fields(Recipe)
 }
 RECIPE_KEYS = tuple(SCHEMA)
 DEFAULTS = Recipe()
@@ -220,18 +223,18 @@ class _Reader:
 
     def __init__(self, name: str):
         self.name = name
-        self._constructor = SafeConstructor()
+        self._constructor = yaml.constructor.SafeConstructor()
 
     def fail(self, node: Node, key: str, problem: str) -> NoReturn:
         raise UsageError(f"{self.name}:{node.start_mark.line + 1}: {key}: {problem}")
 
     def mapping(self, node: Node, key: str, allowed: tuple[str, ...] | None) -> dict[str, Node]:
         """The entries of a mapping node by key, refusing unknown and repeated keys."""
-        if not isinstance(node, MappingNode):
+        if not isinstance(node, yaml.MappingNode):
             self.fail(node, key, f"expected a mapping, got {_describe(node)}")
         entries: dict[str, Node] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag != _STRING_TAG:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STRING_TAG:
                 self.fail(key_node, key, f"keys must be names, got {_describe(key_node)}")
             name = key_node.value
             where = f"{key}.{name}" if key else name
@@ -246,7 +249,7 @@ class _Reader:
 
     def text(self, node: Node, key: str) -> str:
         """A scalar as written (so `revision: 2024` is the tag "2024", not a number)."""
-        if not isinstance(node, ScalarNode) or node.tag == _NULL_TAG or node.value == "":
+        if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL_TAG or node.value == "":
             self.fail(node, key, f"expected text, got {_describe(node)}")
         if "\x00" in node.value:  # no path or name holds one; the OS would refuse it later
             self.fail(node, key, "contains a NUL character")
@@ -254,7 +257,7 @@ class _Reader:
 
     def optional_text(self, node: Node, key: str) -> str | None:
         """Text, or None for `null`."""
-        return None if isinstance(node, ScalarNode) and node.tag == _NULL_TAG else self.text(node, key)
+        return None if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG else self.text(node, key)
 
     def number(self, node: Node, key: str) -> float:
         """A finite int or float."""
@@ -272,11 +275,11 @@ class _Reader:
 
     def optional_number(self, node: Node, key: str) -> float | None:
         """A finite number, or None for `null`."""
-        return None if isinstance(node, ScalarNode) and node.tag == _NULL_TAG else self.number(node, key)
+        return None if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG else self.number(node, key)
 
     def rank(self, node: Node, key: str) -> int | str:
         """An integer, or the word `auto`."""
-        if isinstance(node, ScalarNode) and node.tag == _STRING_TAG and node.value == RANK_AUTO:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STRING_TAG and node.value == RANK_AUTO:
             return RANK_AUTO
         value = self._scalar(node)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -297,14 +300,14 @@ class _Reader:
             problem = pattern_problem(pattern)
             if problem:
                 self.fail(value, f"{key}.{pattern}", f"pattern refused: {problem}")
-            if not isinstance(value, SequenceNode):
+            if not isinstance(value, yaml.SequenceNode):
                 self.fail(value, f"{key}.{pattern}", f"expected one weight per adapter, got {_describe(value)}")
             weights[pattern] = [self.number(item, f"{key}.{pattern}") for item in value.value]
         return weights
 
     def _scalar(self, node: Node) -> Any:
         """The scalar's value, or None for anything that is not a well-formed scalar (`!!int abc`)."""
-        if not isinstance(node, ScalarNode):
+        if not isinstance(node, yaml.ScalarNode):
             return None
         try:
             return self._constructor.construct_object(node, deep=True)
@@ -322,29 +325,29 @@ class _Reader:
             if node.tag not in _ALLOWED_TAGS:
                 tag = "!!" + node.tag.removeprefix(_YAML_TAG) if node.tag.startswith(_YAML_TAG) else node.tag
                 raise UsageError(f"{self.name}:{node.start_mark.line + 1}: YAML tag {tag} is not allowed in a recipe")
-            if isinstance(node, MappingNode):
+            if isinstance(node, yaml.MappingNode):
                 pending.extend(item for pair in node.value for item in pair)
-            elif isinstance(node, SequenceNode):
+            elif isinstance(node, yaml.SequenceNode):
                 pending.extend(node.value)
 
 
 def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
+    if isinstance(node, yaml.MappingNode):
         return "a mapping"
-    if isinstance(node, SequenceNode):
+    if isinstance(node, yaml.SequenceNode):
         return "a list"
     return "null" if node.tag == _NULL_TAG else repr(node.value)
 
 
 def _adapters(reader: _Reader, node: Node) -> tuple[AdapterEntry, ...]:
-    if not isinstance(node, SequenceNode):
+    if not isinstance(node, yaml.SequenceNode):
         reader.fail(node, "adapters", f"expected a list of adapters, got {_describe(node)}")
     if len(node.value) < 2:
         reader.fail(node, "adapters", f"a merge needs at least two adapters, got {len(node.value)}")
     entries = []
     for index, item in enumerate(node.value):
         key = f"adapters[{index}]"
-        if isinstance(item, ScalarNode) and item.tag == _STRING_TAG:  # `- path`: shorthand for `- source: path`
+        if isinstance(item, yaml.ScalarNode) and item.tag == _STRING_TAG:  # `- path`: shorthand for `- source: path`
             entries.append(AdapterEntry(source=reader.text(item, f"{key}.source")))
             continue
         values = reader.mapping(item, key, ADAPTER_KEYS)

@@ -6,13 +6,15 @@ import hashlib
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctm_cli import __version__, human
 from ctm_cli.adapter import Adapter
-from ctm_cli.engine import ModuleStats
 from ctm_cli.methods import METHODS
 from ctm_cli.untrusted import printable
+
+if TYPE_CHECKING:  # the dry run describes its inputs with this module, without the engine
+    from ctm_cli.engine import ModuleStats
 
 WORST_SHOWN = 5
 

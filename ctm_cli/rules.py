@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from ctm_cli import small_linalg
 from ctm_cli.core_space import FactoredCores, SvdForm, numerical_rank_mask, polar
 from ctm_cli.errors import UsageError
 from ctm_cli.fixed_order import matmul
@@ -364,7 +365,7 @@ def task_singular_vectors(
     V's are concatenated and each replaced by its polar factor (U → PQᵀ from U = PΣQᵀ); the result is
     U⊥ · diag(σ) · V⊥ᵀ, times λ.
     """
-    u, s, vh = torch.linalg.svd(stack * _task_weights(stack, weights), full_matrices=False)
+    u, s, vh = small_linalg.svd(stack * _task_weights(stack, weights))
     merged = _orthogonalised_triplets(SvdForm(u, s, vh.mT), max(stack.shape[-2:]), params.lambda_)
     return matmul(merged.u * merged.s.unsqueeze(-2), merged.v.mT)
 
@@ -393,7 +394,7 @@ def isotropic_common(
 ) -> torch.Tensor:
     """Iso-C (Marczak et al. 2025): flatten the spectrum of the sum over its numerical rank."""
     total = weighted_sum(stack, weights)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = small_linalg.svd(total)
     return matmul(u * _iso_c_spectrum(s, params, max(total.shape[-2:])).unsqueeze(-2), vh)
 
 

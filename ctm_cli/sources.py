@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctm_cli.errors import InputError, UsageError
+from ctm_cli.peft_layout import ADAPTER_FILES, CONFIG_NAME
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 HUB_PREFIX = "hf://"
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _HUB_SOURCE = re.compile(r"^(?:hf://)?(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?(?:/(?P<subfolder>.+))?$")
@@ -87,8 +87,8 @@ def locate_source(source: str, revision: str | None = None) -> ResolvedSource:
         return ResolvedSource(source, path)
     snapshot = _download(source, hub)
     folder = snapshot / hub.subfolder if hub.subfolder else snapshot
-    if not (folder / ADAPTER_FILES[0]).is_file():
-        raise InputError(f"{source}: no {ADAPTER_FILES[0]} in {hub.name} at commit {snapshot.name}; not a PEFT adapter")
+    if not (folder / CONFIG_NAME).is_file():
+        raise InputError(f"{source}: no {CONFIG_NAME} in {hub.name} at commit {snapshot.name}; not a PEFT adapter")
     return ResolvedSource(source, folder, hub, commit=snapshot.name)
 
 

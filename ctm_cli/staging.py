@@ -11,14 +11,12 @@ never touches anything without the marker.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -87,7 +85,7 @@ def create(target: Path) -> Staging:
     staging = Staging(folder, target, uuid.uuid4().hex)
     try:
         folder.chmod(folder.stat().st_mode & 0o7000 | 0o777 & ~current_umask())  # keeps a setgid bit inherited
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "output": target.name}
+        record = {"pid": os.getpid(), "host": _host(), "started": time.time(), "output": target.name}
         (folder / MARKER).write_text(json.dumps({**record, "token": staging.token}), encoding="utf-8")
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -212,6 +210,8 @@ def exchange(first: Path, second: Path) -> bool:
         return False
     if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
         return True
+    import ctypes  # loaded by _renameat2 already
+
     code = ctypes.get_errno()
     if code in _NO_EXCHANGE:
         return False
@@ -222,6 +222,8 @@ def exchange(first: Path, second: Path) -> bool:
 def _renameat2() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # here, not at the top: the output checks that a dry run makes import this module
+
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # a C library older than glibc 2.28, or none to load
@@ -274,12 +276,19 @@ def _read_marker(folder: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def _host() -> str:
+    """This machine's name, as the marker records it (socket is imported here: the dry run's checks never write)."""
+    import socket
+
+    return socket.gethostname()
+
+
 def _stale(marker: dict) -> bool:
     """Whether the run that wrote `marker` is over: its process is gone from this host, or it is too old."""
     started, pid = marker.get("started"), marker.get("pid")
     if not isinstance(started, (int, float)) or time.time() - started > STALE_SECONDS:
         return True
-    if marker.get("host") != socket.gethostname() or not isinstance(pid, int):
+    if marker.get("host") != _host() or not isinstance(pid, int):
         return False
     if pid == os.getpid():
         return False

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from ctm_cli.adapter import MODEL_PREFIX, Adapter
+from ctm_cli.adapter import Adapter
 from ctm_cli.core_space import core_space
 from ctm_cli.errors import InputError
 from ctm_cli.formats import describe_style
+from ctm_cli.peft_layout import MODEL_PREFIX
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-from ctm_cli.adapter import CONFIG_NAME, Adapter
+from ctm_cli.adapter import Adapter
 from ctm_cli.errors import IncompatibleError, InputError, UsageError
 from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.peft_layout import CONFIG_NAME
 
 # Tensors of LoRA variants that a plain LoRA cannot express: (pattern of the key, config flag, what it is).
 _UNSUPPORTED = (

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from ctm_cli import staging
 from ctm_cli.errors import OutputError
+from ctm_cli.peft_layout import ADAPTER_FILES
 from ctm_cli.safetensors_format import encode
-from ctm_cli.sources import ADAPTER_FILES
 
 if TYPE_CHECKING:
     import torch

@@ -23,7 +23,8 @@ import shlex
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from quality_data import DataLimits, load_task, read_task_names
 from quality_merges import (
     PEFT,
     Grid,
+    MergeOutcome,
     MergePool,
     MergeSpec,
     PeftMerger,
@@ -53,6 +55,7 @@ from quality_model import (
     TrainConfig,
     TrainJob,
     architecture,
+    is_saved_adapter,
     label_head,
     load_base_model,
     run_train_job,
@@ -87,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--adapters", type=Path, help="reuse saved adapters: DIR/<task> or DIR/seed<N>/<task>")
     parser.add_argument("--save-adapters", type=Path, help="where trained adapters go (default: in --workdir)")
+    parser.add_argument(
+        "--reuse-saved",
+        action="store_true",
+        help="reuse the adapters an earlier run of the same settings saved in --save-adapters (DIR/seed<N>/<task>) "
+        "and train only the missing ones",
+    )
     parser.add_argument("--ranks", type=int, nargs="+", help="output ranks (default 8 16 32; --quick 16)")
     parser.add_argument("--study-rank", type=int, default=16, help="rank of the β study and leave-one-task-out")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training / merge seeds")
@@ -96,6 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ctm-bench-quality")
     parser.add_argument("--device", default="auto", help="device for training and scoring (auto, cpu, cuda)")
     parser.add_argument("--merge-device", default="cpu", help="--device passed to `ctm merge`")
+    parser.add_argument(
+        "--merge-device-for",
+        nargs="+",
+        default=[],
+        metavar="METHOD=DEVICE",
+        help="another --device for one ctm method's merges, e.g. mtc=cpu (its dense SVDs may run faster on the "
+        "CPU cores than on a GPU shared by the merge processes)",
+    )
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="merges at once")
     parser.add_argument("--max-train", type=int, help="cap on train examples per task (before the val carve)")
     parser.add_argument("--max-test", type=int, help="cap on test examples per task")
@@ -133,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = [parse_variant(text) for text in args.variants]
     except ValueError as exc:
         parser.error(str(exc))
+    devices = [text.partition("=") for text in args.merge_device_for]
+    if any(not method or not sep or not device for method, sep, device in devices):
+        parser.error(f"--merge-device-for: expected METHOD=DEVICE, got {' '.join(args.merge_device_for)!r}")
+    args.merge_device_for = {method: device for method, _, device in devices}
     return args
 
 
@@ -161,7 +182,7 @@ class Bench:
         self.grid = QUICK_GRID if args.quick else Grid()
         self.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quality-"))
         self.timings: dict[str, float] = {}
-        started = time.perf_counter()
+        self.started = started = time.perf_counter()
         model, tokenizer = load_base_model(args.model, self.device)
         check_base_model(model.config.model_type, args.base_model_id)
         names = read_task_names(args.tasks)
@@ -183,15 +204,23 @@ class Bench:
         batch = args.batch_size or (1024 if self.device.type == "cuda" else 128)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for training and scoring alike
+            # This process computes on the GPU; its CPU threads would only contend with the merge workers' (a CPU
+            # merge beside a process at full thread count ran 6-10x slower on a loaded CPU), so it keeps a
+            # worker's share.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
         self.scorer = Scorer(model, self.tasks, self.heads, batch)
         self.catalog = select(discover_catalog(merge_env(1)), args.only)
         self.variants = [self._resolve_variant(variant) for variant in args.variants]
         self.fixed_rank = {m.name for m in self.catalog.methods if m.fixed_rank}  # merged once, at the study rank
         self.merges = MergePool(args.jobs)
+        self._peft: tuple[tuple[Path, ...], PeftMerger] | None = None
+        self.on_progress: Callable[[dict], None] = lambda record: None  # called after each final merge
         self.timings["setup"] = time.perf_counter() - started
+        self._log(f"setup {self.timings['setup']:.1f} s: {len(self.tasks)} tasks, model on {self.device}")
 
     def _log(self, message: str) -> None:
-        print(f"[bench_quality] {message}", flush=True)
+        """One line on stdout at once, with the seconds since the run started (a run cut off shows where it was)."""
+        print(f"[bench_quality +{time.perf_counter() - self.started:.0f} s] {message}", flush=True)
 
     def _resolve_variant(self, variant):
         """(variant, its method, its rule) from the catalog; an unknown method or rule stops the run."""
@@ -206,7 +235,8 @@ class Bench:
         return [(m, r, None) for m, r in combos(self.catalog)] + [(m, r, v) for v, m, r in self.variants]
 
     def adapters_for(self, seed: int) -> tuple[dict[str, Path], str]:
-        """Each task's adapter folder for `seed`: reused from --adapters, or trained now."""
+        """Each task's adapter folder for `seed`: reused from --adapters, or trained now (with --reuse-saved, only
+        those not saved by an earlier run)."""
         args = self.args
         if args.adapters is not None:
             folders = {}
@@ -219,21 +249,29 @@ class Bench:
             return folders, f"reused from {args.adapters}"
         root = (args.save_adapters or self.workdir / "adapters") / f"seed{seed}"
         config = TrainConfig(epochs=args.epochs)
+        saved = {t.name: root / t.name for t in self.tasks if args.reuse_saved and is_saved_adapter(root / t.name)}
+        missing = [t for t in self.tasks if t.name not in saved]
+        if saved:
+            self._log(f"seed {seed}: reusing the saved adapters of {', '.join(saved)} from {root}")
         started = time.perf_counter()
-        if args.train_jobs > 1:
-            folders = self._train_in_parallel(config, seed, root)
+        if args.train_jobs > 1 and missing:
+            trained = self._train_in_parallel(missing, config, seed, root)
         else:
-            folders = {}
-            for task in self.tasks:
+            trained = {}
+            for task in missing:
                 train = task.splits["train"]
                 head = self.heads[task.name]
-                folders[task.name] = train_adapter(
+                trained[task.name] = train_adapter(
                     self.base_cpu, train.tokens, train.labels, head, config, seed, root / task.name, args.base_model_id
                 )
-        self._log(f"trained {len(folders)} adapters (seed {seed}) in {time.perf_counter() - started:.1f} s")
-        return folders, f"trained here ({asdict(config)}), saved in {root}"
+        self._log(f"trained {len(trained)} adapters (seed {seed}) in {time.perf_counter() - started:.1f} s")
+        folders = {**saved, **trained}
+        source = f"trained here ({asdict(config)}), saved in {root}"
+        if saved:
+            source += f" ({', '.join(saved)} by an earlier run, --reuse-saved)"
+        return {t.name: folders[t.name] for t in self.tasks}, source
 
-    def _train_in_parallel(self, config: TrainConfig, seed: int, root: Path) -> dict[str, Path]:
+    def _train_in_parallel(self, tasks: list, config: TrainConfig, seed: int, root: Path) -> dict[str, Path]:
         """Each task's adapter trained in its own process, --train-jobs at a time (the GPU has room for many)."""
         jobs = {
             task.name: TrainJob(
@@ -247,12 +285,17 @@ class Bench:
                 device=str(self.device),
                 base_model_id=self.args.base_model_id,
             )
-            for task in self.tasks
+            for task in tasks
         }
         context = multiprocessing.get_context("spawn")
+        started = time.perf_counter()
         with ProcessPoolExecutor(max_workers=self.args.train_jobs, mp_context=context) as pool:
-            futures = {name: pool.submit(run_train_job, job) for name, job in jobs.items()}
-            return {name: future.result() for name, future in futures.items()}
+            futures = {pool.submit(run_train_job, job): name for name, job in jobs.items()}
+            folders = {}
+            for future in as_completed(futures):
+                folders[futures[future]] = future.result()
+                self._log(f"seed {seed}: adapter {futures[future]} trained ({time.perf_counter() - started:.1f} s in)")
+        return {task.name: folders[task.name] for task in tasks}
 
     def score_delta(self, delta, scale: float, split: str) -> dict[str, float]:
         """Accuracy on every task's split with W = W_base + scale · ΔW."""
@@ -262,7 +305,9 @@ class Bench:
     def references(self, folders: dict[str, Path]) -> dict:
         """Floor (base alone) and individual (each task's own adapter) accuracy on val and test; warns where the
         base model scores a task below chance (a sign of class names in the wrong order)."""
+        started = time.perf_counter()
         floor = {split: self.score_delta(None, 1.0, split) for split in ("val", "test")}
+        self._log(f"floor (base model) scored on val and test in {time.perf_counter() - started:.1f} s")
         for task in self.tasks:
             chance = 1.0 / len(task.class_names)
             if floor["test"][task.name] < chance:
@@ -272,47 +317,113 @@ class Bench:
                 )
         individual = {"val": {}, "test": {}}
         for task in self.tasks:
+            started = time.perf_counter()
             self.scorer.apply(self.reader.delta(folders[task.name]))
+            read = time.perf_counter() - started
             for split in ("val", "test"):
                 individual[split][task.name] = self.scorer.score(split)[task.name]
+            self._log(
+                f"adapter {task.name}: read {read:.1f} s, scored in {time.perf_counter() - started - read:.1f} s, "
+                f"test accuracy {individual['test'][task.name]:.3f} (floor {floor['test'][task.name]:.3f})"
+            )
         return {"floor": floor, "individual": individual}
 
-    def merge_all(self, specs: list[MergeSpec], sources: list[Path], folder: Path):
-        """Run `ctm` and PEFT merges, yielding (spec, merged folder or None, error or None) as they finish."""
+    def merge_all(self, specs: list[MergeSpec], sources: list[Path], folder: Path) -> Iterator[MergeOutcome]:
+        """Run `ctm` and PEFT merges, yielding each outcome as it finishes: the ctm merges go to the worker
+        processes first, PEFT's run here meanwhile (each one after scoring the ctm merges done by then)."""
         folder.mkdir(parents=True, exist_ok=True)
         cli = [s for s in specs if s.method != PEFT]
         peft = [s for s in specs if s.method == PEFT]
-        for spec, path, error in self.merges.run(cli, sources, folder, self.args.merge_device):
-            yield spec, (None if error else path), error
-        if peft:
-            merger = PeftMerger(self.base_cpu, sources, self.device)
-            for spec in peft:
-                path = folder / spec.folder_name
-                error = merger.merge(spec, path)
-                yield spec, (None if error else path), error
+        devices = {spec: self._merge_device(spec) for spec in cli}
+        pending = self.merges.submit(cli, sources, folder, devices)
+        where = ", ".join(
+            f"{sum(d == device for d in devices.values())} on {device}" for device in dict.fromkeys(devices.values())
+        )
+        self._log(
+            f"{len(cli)} ctm merges ({where or 'none'}) in {self.args.jobs} worker processes, "
+            f"{len(peft)} PEFT merges on {self.device} here"
+        )
+        for spec in peft:
+            yield from pending.finished()
+            merger = self._peft_merger(sources)
+            path = folder / spec.folder_name
+            started = time.perf_counter()
+            error = merger.merge(spec, path)
+            yield MergeOutcome(spec, None if error else path, error, time.perf_counter() - started)
+        yield from pending.rest()
+
+    def _merge_device(self, spec: MergeSpec) -> str:
+        """The --device of a ctm merge: --merge-device, or its method's own from --merge-device-for."""
+        return self.args.merge_device_for.get(spec.method, self.args.merge_device)
+
+    def _peft_merger(self, sources: list[Path]) -> PeftMerger:
+        """PEFT's merger over these task adapters, loaded once per set of sources."""
+        key = tuple(sources)
+        if self._peft is None or self._peft[0] != key:
+            self._peft = None  # frees the previous model first
+            started = time.perf_counter()
+            self._peft = (key, PeftMerger(self.base_cpu, sources, self.device))
+            self._log(
+                f"PEFT model with the {len(sources)} task adapters loaded in {time.perf_counter() - started:.1f} s"
+            )
+        return self._peft[1]
+
+    def _log_merge(
+        self, stage: str, outcome: MergeOutcome, done: int, total: int, read: float, score: float, gr: dict[str, float]
+    ) -> None:
+        """One line per merge, flushed at once: what was merged, where its time went, what it scored."""
+        spec = outcome.spec
+        where = (
+            f"{self.device} here" if outcome.worker is None else f"{self._merge_device(spec)}, worker {outcome.worker}"
+        )
+        if outcome.error:
+            self._log(
+                f"{stage} {done}/{total} {spec.label}: FAILED after {outcome.seconds:.1f} s ({where}): {outcome.error}"
+            )
+            return
+        scores = ", ".join(f"{split} GR {value:.3f}" for split, value in gr.items())
+        self._log(
+            f"{stage} {done}/{total} {spec.label}: merge {outcome.seconds:.1f} s ({where}), read {read:.1f} s, "
+            f"scoring {score:.1f} s; {scores}"
+        )
 
     def sweep(self, specs: list[MergeSpec], sources: list[Path], refs: dict, folder: Path) -> tuple[list, list]:
         """Merge each spec and score it on validation, sweeping λ by scaling where the rule has one."""
         rows, skipped = [], []
         started = time.perf_counter()
         val_floor, val_individual = refs["floor"]["val"], refs["individual"]["val"]
-        for spec, path, error in self.merge_all(specs, sources, folder):
-            if error:
-                skipped.append({"label": spec.label, "error": error})
+        for done, outcome in enumerate(self.merge_all(specs, sources, folder), start=1):
+            spec = outcome.spec
+            if outcome.error:
+                skipped.append({"label": spec.label, "error": outcome.error})
+                self._log_merge("tuning", outcome, done, len(specs), 0.0, 0.0, {})
                 continue
-            delta = self.reader.delta(path)
+            read_started = time.perf_counter()
+            delta = self.reader.delta(outcome.folder)
+            score_started = time.perf_counter()
             if spec.param("lambda") is None:
                 rows.append(_row(spec, score_row(self.score_delta(delta, 1.0, "val"), val_individual, val_floor)))
-                continue
-            scores: dict[float, float] = {}
-            while todo := next_lambdas(self.grid, scores):
-                for lam in todo:
-                    row = _row(
-                        spec.with_param("lambda", lam),
-                        score_row(self.score_delta(delta, lam, "val"), val_individual, val_floor),
-                    )
-                    scores[lam] = row["val"]["mean"]["gr"]
-                    rows.append(row)
+                scores = {1.0: rows[-1]["val"]["mean"]["gr"]}
+            else:
+                scores: dict[float, float] = {}
+                while todo := next_lambdas(self.grid, scores):
+                    for lam in todo:
+                        row = _row(
+                            spec.with_param("lambda", lam),
+                            score_row(self.score_delta(delta, lam, "val"), val_individual, val_floor),
+                        )
+                        scores[lam] = row["val"]["mean"]["gr"]
+                        rows.append(row)
+            best = max(scores, key=lambda lam: scores[lam] if math.isfinite(scores[lam]) else -math.inf)
+            self._log_merge(
+                "tuning",
+                outcome,
+                done,
+                len(specs),
+                score_started - read_started,
+                time.perf_counter() - score_started,
+                {f"best val (λ {best:g} of {len(scores)})": scores[best]},
+            )
         self._log(f"{len(specs)} merges, {len(rows)} val scorings in {time.perf_counter() - started:.0f} s")
         return rows, skipped
 
@@ -355,30 +466,33 @@ class Bench:
                     chosen.append(("default", variant.spec(method, rule, rank, seed)))
         return chosen
 
-    def finals(self, seed: int, chosen, sources, refs, estimates: dict, total: dict) -> tuple[list[dict], list]:
-        """Merge each selection at its exact settings (λ included), score val and test, measure size."""
+    def finals(self, record: dict, chosen, sources, refs, estimates: dict, total: dict) -> None:
+        """Merge each selection at its exact settings (λ included), score val and test, measure size; each merge's
+        rows go into record["final"] (failures into record["skipped"]) as soon as it is scored, and the record is
+        checkpointed, so a run cut off mid-seed keeps what it scored."""
         unique = {spec.label: spec for _, spec in chosen}
-        results, skipped = {}, []
-        for spec, path, error in self.merge_all(list(unique.values()), sources, self.workdir / f"final-s{seed}"):
-            if error:
-                skipped.append({"label": spec.label, "error": error})
+        placed = []  # (index in chosen, row): the rows end in the order of `chosen`, whatever order merges finish in
+        self._log(f"seed {record['seed']}: {len(unique)} final merges, each scored on val and test")
+        folder = self.workdir / f"final-s{record['seed']}"
+        for done, outcome in enumerate(self.merge_all(list(unique.values()), sources, folder), start=1):
+            spec = outcome.spec
+            if outcome.error:
+                record["skipped"].append({"label": spec.label, "error": outcome.error})
+                self._log_merge("final", outcome, done, len(unique), 0.0, 0.0, {})
                 continue
-            delta = self.reader.delta(path)
-            facts = adapter_facts(path)
-            results[spec.label] = {
-                "val": score_row(self.score_delta(delta, 1.0, "val"), refs["individual"]["val"], refs["floor"]["val"]),
-                "test": score_row(
-                    self.score_delta(delta, 1.0, "test"), refs["individual"]["test"], refs["floor"]["test"]
-                ),
-                "output_rank": facts["rank"],
-                "relative_size": facts["parameters"] / total["parameters"],
+            started = time.perf_counter()
+            delta = self.reader.delta(outcome.folder)
+            read = time.perf_counter() - started
+            scores = {
+                split: score_row(self.score_delta(delta, 1.0, split), refs["individual"][split], refs["floor"][split])
+                for split in ("val", "test")
             }
-        rows = []
-        for kind, spec in chosen:
-            if spec.label not in results:
-                continue
-            rows.append(
-                {
+            score = time.perf_counter() - started - read
+            facts = adapter_facts(outcome.folder)
+            for index, (kind, chosen_spec) in enumerate(chosen):
+                if chosen_spec.label != spec.label:
+                    continue
+                row = {
                     "kind": kind,
                     "label": spec.label,
                     "combo": spec.combo,
@@ -386,19 +500,28 @@ class Bench:
                     "beta": spec.beta,
                     "params": dict(spec.params),
                     "val_gr_estimate": estimates.get(spec.label),
-                    **results[spec.label],
+                    **scores,
+                    "output_rank": facts["rank"],
+                    "relative_size": facts["parameters"] / total["parameters"],
+                    "merge_seconds": outcome.seconds,
                 }
+                placed.append((index, row))
+                record["final"].append(row)
+            self._log_merge(
+                "final", outcome, done, len(unique), read, score, {s: v["mean"]["gr"] for s, v in scores.items()}
             )
-        return rows, skipped
+            self.on_progress(record)
+        record["final"][:] = [row for _, row in sorted(placed, key=lambda item: item[0])]
 
     def run_seed(self, seed: int) -> dict:
-        """The whole protocol for one seed."""
+        """The whole protocol for one seed; its record is handed to on_progress after each final merge."""
         timings = {}
         started = time.perf_counter()
         folders, adapter_source = self.adapters_for(seed)
         timings["adapters"] = time.perf_counter() - started
         sources = [folders[t.name] for t in self.tasks]
         started = time.perf_counter()
+        self._log(f"seed {seed}: references (the base model and each adapter, on val and test)")
         self.reader = AdapterReader(self.base_cpu, sources[0], self.device)
         refs = self.references(folders)
         inputs = [adapter_facts(p) for p in sources]
@@ -407,27 +530,30 @@ class Bench:
         started = time.perf_counter()
         rows, skipped = ([], []) if self.args.no_tuning else self.tune(seed, sources, refs)
         timings["tuning"] = time.perf_counter() - started
-        started = time.perf_counter()
-        estimates = {row["label"]: row["val"]["mean"]["gr"] for row in rows}
-        final, final_skipped = self.finals(seed, self.selections(rows, seed), sources, refs, estimates, total)
-        timings["finals"] = time.perf_counter() - started
-        study = [r for r in rows if r["spec"].rank == self.args.study_rank and r["spec"].method not in self.fixed_rank]
-        per_task = {r["label"]: {t: v["gr"] for t, v in r["val"]["tasks"].items()} for r in study}
-        loo = leave_one_task_out(per_task) if per_task else None
-        self._log(f"seed {seed} done: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-        return {
+        record = {
             "seed": seed,
+            "complete": False,
             "adapters": {name: str(path) for name, path in folders.items()},
             "adapter_source": adapter_source,
             "inputs": total,
             "floor": refs["floor"],
             "individual": refs["individual"],
             "tuning": [{**{k: v for k, v in r.items() if k != "spec"}, "rank": r["spec"].rank} for r in rows],
-            "skipped": skipped + final_skipped,
-            "final": final,
-            "leave_one_task_out": loo,
+            "skipped": skipped,
+            "final": [],
+            "leave_one_task_out": None,
             "timings": timings,
         }
+        started = time.perf_counter()
+        estimates = {row["label"]: row["val"]["mean"]["gr"] for row in rows}
+        self.finals(record, self.selections(rows, seed), sources, refs, estimates, total)
+        timings["finals"] = time.perf_counter() - started
+        study = [r for r in rows if r["spec"].rank == self.args.study_rank and r["spec"].method not in self.fixed_rank]
+        per_task = {r["label"]: {t: v["gr"] for t, v in r["val"]["tasks"].items()} for r in study}
+        record["leave_one_task_out"] = leave_one_task_out(per_task) if per_task else None
+        record["complete"] = True
+        self._log(f"seed {seed} done: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+        return record
 
 
 def _at_rank(spec: MergeSpec, rank: int) -> MergeSpec:
@@ -501,14 +627,25 @@ def main(argv: list[str] | None = None) -> None:
     settings = describe_run(args, bench)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seeds = []
+
+    def write(records: list[dict]) -> None:
+        """Both reports from the seeds so far (the last one possibly partial), each file replaced whole."""
+        settings["seeds_done"] = [s["seed"] for s in records if s["complete"]]
+        settings["seconds"] = {**bench.timings, "seeds": time.perf_counter() - started}
+        results = {"settings": settings, "seeds": records, "summary": aggregate(records)}
+        for path, text in (
+            (args.out, json.dumps(results, indent=1, default=str) + "\n"),
+            (args.markdown, render_markdown(results)),
+        ):
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
+
+    bench.on_progress = lambda record: write([*seeds, record])
     try:
-        for seed in args.seeds:  # a run cut off after some seeds keeps their results
+        for seed in args.seeds:  # a run cut off keeps the seeds done and the merges scored so far
             seeds.append(bench.run_seed(seed))
-            settings["seeds_done"] = [s["seed"] for s in seeds]
-            settings["seconds"] = {**bench.timings, "seeds": time.perf_counter() - started}
-            results = {"settings": settings, "seeds": seeds, "summary": aggregate(seeds)}
-            args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-            args.markdown.write_text(render_markdown(results))
+            write(seeds)
     finally:
         bench.merges.close()
     print(f"[bench_quality] wrote {args.out} and {args.markdown}", flush=True)

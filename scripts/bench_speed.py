@@ -439,7 +439,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Generate the adapters, measure, print (and optionally save) the figures."""
     args = parse_args()
-    from ctm_cli.engine import resolve_device
+    from ctm_cli.devices import resolve_device
 
     device = resolve_device(args.device)
     counts = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.adapters]

@@ -16,8 +16,9 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -312,15 +313,17 @@ def _start_merge_worker(env: dict[str, str]) -> None:
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
 
 
-def _run_ctm_in_worker(arguments: list[str]) -> str | None:
-    """Run the `ctm` console script's entry point with `arguments` in this worker process; None on success,
-    else the last line it printed on stderr with its exit code. The command line is exactly the CLI's; only
-    the process start (Python, torch) is paid once per worker instead of once per merge."""
+def _run_ctm_in_worker(arguments: list[str]) -> tuple[str | None, float, int]:
+    """Run the `ctm` console script's entry point with `arguments` in this worker process: (None on success, else
+    the last line it printed on stderr with its exit code; the seconds it took; the worker's process id). The
+    command line is exactly the CLI's; only the process start (Python, torch) is paid once per worker instead of
+    once per merge (a worker's first merge also pays ctm's imports and, on a GPU, the device's start)."""
     from ctm_cli.cli import main
 
     captured = io.StringIO()
     saved_argv = sys.argv
     sys.argv = ["ctm", *arguments]
+    started = time.perf_counter()
     try:
         with contextlib.redirect_stderr(captured):
             main()
@@ -329,10 +332,48 @@ def _run_ctm_in_worker(arguments: list[str]) -> str | None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved_argv
+    seconds = time.perf_counter() - started
     if code == 0:
-        return None
+        return None, seconds, os.getpid()
     lines = [line for line in captured.getvalue().splitlines() if line.strip()] or [f"exit code {code}"]
-    return f"exit {code}: {lines[-1].strip()}"
+    return f"exit {code}: {lines[-1].strip()}", seconds, os.getpid()
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """One finished merge: its spec, the folder written (None when it failed), the error line, its own seconds and
+    the process that made it (a worker's id; None: the benchmark's own process)."""
+
+    spec: MergeSpec
+    folder: Path | None
+    error: str | None
+    seconds: float
+    worker: int | None = None
+
+
+class PendingMerges:
+    """`ctm merge` command lines submitted to a MergePool, taken back as they finish."""
+
+    def __init__(self, futures: dict[Future, tuple[MergeSpec, Path]]):
+        self._futures = futures
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def _take(self, future: Future) -> MergeOutcome:
+        spec, folder = self._futures.pop(future)
+        error, seconds, worker = future.result()
+        return MergeOutcome(spec, None if error else folder, error, seconds, worker)
+
+    def finished(self) -> Iterator[MergeOutcome]:
+        """The merges done by now, without waiting for the others."""
+        for future in [f for f in self._futures if f.done()]:
+            yield self._take(future)
+
+    def rest(self) -> Iterator[MergeOutcome]:
+        """Every merge not taken yet, as each one finishes."""
+        for future in as_completed(list(self._futures)):
+            yield self._take(future)
 
 
 class MergePool:
@@ -345,17 +386,17 @@ class MergePool:
             max_workers=jobs, mp_context=context, initializer=_start_merge_worker, initargs=(env,)
         )
 
-    def run(
-        self, specs: list[MergeSpec], sources: list[Path], root: Path, device: str
-    ) -> Iterator[tuple[MergeSpec, Path, str | None]]:
-        """Merge every spec into root/<its folder name>, yielding (spec, folder, error) as each one finishes."""
-        futures = {
-            self._pool.submit(_run_ctm_in_worker, merge_command(spec, sources, root / spec.folder_name, device)): spec
-            for spec in specs
-        }
-        for future in as_completed(futures):
-            spec = futures[future]
-            yield spec, root / spec.folder_name, future.result()
+    def submit(
+        self, specs: list[MergeSpec], sources: list[Path], root: Path, devices: dict[MergeSpec, str]
+    ) -> PendingMerges:
+        """Start merging every spec into root/<its folder name> on its device, in the order given; take them back
+        from the returned PendingMerges."""
+        futures = {}
+        for spec in specs:
+            folder = root / spec.folder_name
+            command = merge_command(spec, sources, folder, devices[spec])
+            futures[self._pool.submit(_run_ctm_in_worker, command)] = (spec, folder)
+        return PendingMerges(futures)
 
     def close(self) -> None:
         """Stop the workers."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,8 +218,18 @@ def train_adapter(
             optimizer.step()
             schedule.step()
     model.peft_config["default"].base_model_name_or_path = base_model_id
-    model.save_pretrained(output)
+    partial = output.with_name(output.name + ".partial")  # the folder appears whole or not at all
+    for folder in (partial, output):
+        if folder.exists():
+            shutil.rmtree(folder)
+    model.save_pretrained(partial)
+    partial.rename(output)
     return output
+
+
+def is_saved_adapter(folder: Path) -> bool:
+    """Whether `folder` holds an adapter saved by `train_adapter` (written whole, then renamed into place)."""
+    return (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
 
 
 @dataclass(frozen=True)

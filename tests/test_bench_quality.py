@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -309,3 +310,73 @@ def test_runs_of_separate_seeds_combine_into_one_summary():
     other = {"settings": {**_settings([1]), "ranks": [8]}, "seeds": SEEDS[1:]}
     with pytest.raises(ValueError, match="differ in ranks"):
         combine_runs([runs[0], other])
+
+
+def test_pending_merges_give_back_the_finished_ones_first_then_the_rest_as_they_finish(tmp_path):
+    from concurrent.futures import Future
+
+    from quality_merges import PendingMerges
+
+    specs = [MergeSpec("ctm", "tsv", rank) for rank in (8, 16, 32)]
+    futures = [Future() for _ in specs]
+    pending = PendingMerges({f: (s, tmp_path / s.folder_name) for f, s in zip(futures, specs, strict=True)})
+    futures[1].set_result((None, 2.5, 101))
+    assert [(o.spec.rank, o.folder, o.seconds, o.worker) for o in pending.finished()] == [
+        (16, tmp_path / specs[1].folder_name, 2.5, 101)
+    ]
+    assert list(pending.finished()) == [] and len(pending) == 2
+    futures[0].set_result(("exit 2: bad", 0.5, 102))
+    futures[2].set_result((None, 1.0, 101))
+    rest = sorted(pending.rest(), key=lambda o: o.spec.rank)
+    assert [(o.spec.rank, o.folder, o.error) for o in rest] == [
+        (8, None, "exit 2: bad"),  # a failed merge names no folder
+        (32, tmp_path / specs[2].folder_name, None),
+    ]
+    assert len(pending) == 0
+
+
+def test_merge_device_for_reads_method_device_pairs_and_refuses_others(tmp_path, capsys):
+    from bench_quality import parse_args
+
+    base = ["--tasks", str(tmp_path), "--model", str(tmp_path), "--merge-device", "cuda"]
+    args = parse_args([*base, "--merge-device-for", "mtc=cpu", "iso_cts=cuda:1"])
+    assert args.merge_device_for == {"mtc": "cpu", "iso_cts": "cuda:1"} and args.merge_device == "cuda"
+    assert parse_args(base).merge_device_for == {}
+    for bad in ("mtc", "=cpu", "mtc="):
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--merge-device-for", bad])
+        assert "--merge-device-for: expected METHOD=DEVICE" in capsys.readouterr().err
+
+
+def test_finals_record_each_merge_as_it_finishes_and_end_in_the_order_chosen(tmp_path, monkeypatch):
+    import bench_quality
+    from quality_merges import MergeOutcome
+
+    specs = [MergeSpec("ctm", "tsv", rank) for rank in (8, 16, 32)]
+    chosen = [("default", specs[0]), ("default", specs[1]), ("tuned", specs[0]), ("default", specs[2])]
+    finish_order = [
+        MergeOutcome(specs[2], tmp_path / "c", None, 3.0, 7),
+        MergeOutcome(specs[1], None, "exit 2: bad", 1.0, 7),
+        MergeOutcome(specs[0], tmp_path / "a", None, 2.0, None),
+    ]
+    bench = bench_quality.Bench.__new__(bench_quality.Bench)  # the merging and scoring parts only
+    bench.args = SimpleNamespace(merge_device="cpu", merge_device_for={})
+    bench.device, bench.started, bench.workdir = "cpu", 0.0, tmp_path
+    bench.merge_all = lambda specs, sources, folder: iter(finish_order)
+    bench.reader = SimpleNamespace(delta=lambda folder: {"w": folder.name})
+    bench.score_delta = lambda delta, scale, split: {"a": 0.9 if delta["w"] == "a" else 0.7}
+    monkeypatch.setattr(bench_quality, "adapter_facts", lambda folder: {"rank": 16, "parameters": 4})
+    seen = []
+    bench.on_progress = lambda record: seen.append([(row["kind"], row["rank"]) for row in record["final"]])
+    record = {"seed": 0, "final": [], "skipped": []}
+    refs = {"floor": {s: {"a": 0.5} for s in ("val", "test")}, "individual": {s: {"a": 1.0} for s in ("val", "test")}}
+    bench.finals(record, chosen, [], refs, {}, {"parameters": 8})
+    assert seen == [[("default", 32)], [("default", 32), ("default", 8), ("tuned", 8)]]  # after each scored merge
+    assert [(row["kind"], row["rank"], row["merge_seconds"]) for row in record["final"]] == [
+        ("default", 8, 2.0),
+        ("tuned", 8, 2.0),
+        ("default", 32, 3.0),
+    ]
+    assert record["final"][0]["test"]["mean"]["gr"] == pytest.approx(0.8)
+    assert record["final"][0]["relative_size"] == 0.5
+    assert record["skipped"] == [{"label": specs[1].label, "error": "exit 2: bad"}]

@@ -13,6 +13,7 @@ import yaml
 from helpers import listing, run_ctm
 from typer.testing import CliRunner
 
+import ctm_cli.engine
 import ctm_cli.pipeline
 from ctm_cli.adapter import Adapter
 from ctm_cli.cli import app
@@ -191,7 +192,7 @@ def test_exit_codes(case, code, pair, make_adapter, out_parent, tmp_path, monkey
     elif case == "internal":
         monkeypatch.setattr(ctm_cli.pipeline, "check_compatible", _raise(RuntimeError("boom")))
     elif case == "interrupted":
-        monkeypatch.setattr(ctm_cli.pipeline, "merge_modules", _raise(KeyboardInterrupt()))
+        monkeypatch.setattr(ctm_cli.engine, "merge_modules", _raise(KeyboardInterrupt()))  # run_merge imports it
     monkeypatch.delenv("CTM_DEBUG", raising=False)
     result = run_ctm("merge", *args, "--quiet")
     assert result.exit_code == code, result.stderr

@@ -21,6 +21,7 @@ from quality_model import (
     TrainConfig,
     architecture,
     embed,
+    is_saved_adapter,
     lora_config,
     prepare_tokenizer,
     start_token_id,
@@ -122,7 +123,10 @@ def test_adapters_train_and_read_back_on_decoders(tmp_path, model_type):
     tokens = Tokens(torch.randint(1, 40, (12, 6), generator=generator, dtype=torch.int32), torch.full((12,), 6))
     labels = torch.arange(12) % 2
     head = torch.randn(2, 16, generator=generator)
+    (tmp_path / "a.partial").mkdir()  # left by a run cut off while saving: replaced, never reused
+    assert not is_saved_adapter(tmp_path / "a")
     folder = train_adapter(base, tokens, labels, head, TrainConfig(epochs=1, batch_size=4), 0, tmp_path / "a", name)
+    assert is_saved_adapter(folder) and sorted(p.name for p in tmp_path.iterdir()) == ["a", "base"]
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == name
     assert set(config["target_modules"]) == set(architecture(model_type).target_modules)

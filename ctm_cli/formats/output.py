@@ -15,6 +15,7 @@ from ctm_cli.formats import kohya
 from ctm_cli.formats.diffusers import kohya_name
 from ctm_cli.formats.single_file import FACTOR_KEYS
 from ctm_cli.formats.styles import STYLES
+from ctm_cli.peft_layout import CONFIG_NAME, SAFETENSORS_NAME
 
 if TYPE_CHECKING:
     from ctm_cli.adapter import Adapter
@@ -90,8 +91,6 @@ def adapter_files(
 ) -> dict[str, WeightFile]:
     """The files holding the merged adapter, by name: adapter_config.json and adapter_model.safetensors for PEFT,
     else one `<stem>.safetensors` in the style's keys (convolutions in their kernel layout, scale 1 everywhere)."""
-    from ctm_cli.adapter import CONFIG_NAME, SAFETENSORS_NAME
-
     if style == PEFT:
         return {SAFETENSORS_NAME: (tensors, metadata), CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
     shapes: dict[str, tuple[int, ...] | None] = {}

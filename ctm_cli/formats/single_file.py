@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from ctm_cli.adapter import CONFIG_NAME, FLOAT_DTYPES, SAFETENSORS_NAME, LoraModule
 from ctm_cli.errors import IncompatibleError, InputError
 from ctm_cli.formats.kinds import KINDS, REFUSED, Kind, LayoutError, kind_of
 from ctm_cli.formats.styles import detect
 from ctm_cli.patterns import MAX_NAME_LENGTH
+from ctm_cli.peft_layout import CONFIG_NAME, FLOAT_DTYPES, SAFETENSORS_NAME, LoraModule
 from ctm_cli.safetensors_format import SafetensorsFile
 
 SUFFIX = ".safetensors"

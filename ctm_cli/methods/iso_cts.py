@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ctm_cli import core_space as cs
+from ctm_cli import small_linalg
 from ctm_cli.fixed_order import matmul
 from ctm_cli.methods.common import from_core_maps, result
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
@@ -59,10 +60,10 @@ def iso_cts(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     tasks = space.cores * coefficients.view(-1, 1, 1)
     share = settings.method_params_as(IsoCtsParams).iso_common
     common, per_task = iso_cts_split(settings.rank, len(group.ranks), share)
-    u, s, vh = torch.linalg.svd(tasks.sum(dim=-3), full_matrices=False)
+    u, s, vh = small_linalg.svd(tasks.sum(dim=-3))
     u_common = u[..., :common]
     residual = tasks - matmul(u_common.unsqueeze(-3), matmul(u_common.mT.unsqueeze(-3), tasks))
-    ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
+    ru, rs, rvh = small_linalg.svd(residual)
     left = torch.cat([u_common, *ru[..., :per_task].unbind(dim=-3)], dim=-1)
     right = torch.cat([vh[..., :common, :].mT, *rvh[..., :per_task, :].mT.unbind(dim=-3)], dim=-1)
     sigma = torch.cat([s[..., :common], rs[..., :per_task].flatten(-2)], dim=-1).mean(dim=-1)

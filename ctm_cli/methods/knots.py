@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ctm_cli import core_space as cs
+from ctm_cli import small_linalg
 from ctm_cli.fixed_order import matmul
 from ctm_cli.methods.common import loss_against_full_rank, merge_and_cut, result, rule_at_full_rank
 from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
@@ -25,7 +26,7 @@ def knots(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     space = cs.core_space(group.b_cat, group.a_cat, group.ranks)
     modules, tasks, total, _ = space.cores.shape
     concatenated = space.cores.transpose(-3, -2).reshape(modules, total, tasks * total)
-    u, s, vh = torch.linalg.svd(concatenated, full_matrices=False)
+    u, s, vh = small_linalg.svd(concatenated)
     blocks = vh.reshape(modules, total, tasks, total).transpose(-3, -2)  # (G, T, R, R): V_tᵀ in core coordinates
     to_inputs = matmul(s[:, None, :, None] * blocks, space.right.mT.unsqueeze(-3))
     right_factors = matmul(to_inputs, group.a_cat.to(torch.float64).unsqueeze(-3))

@@ -1,0 +1,97 @@
+"""small_linalg: batches of small SVDs/eighs cut into chunks on host threads give each matrix the result it gets
+alone, and the router keeps on the device what the device does best. CTM_TEST_DEVICE=cuda checks the host route
+of CUDA tensors against float64 references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctm_cli import small_linalg
+from ctm_cli.small_linalg import DEVICE_BATCHED_MAX_SIZE, host_is_faster
+
+DEVICE = torch.device(os.environ.get("CTM_TEST_DEVICE", "cpu"))
+
+
+def _symmetric(*shape: int, seed: int) -> torch.Tensor:
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return matrix @ matrix.mT
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    leading=st.lists(st.integers(0, 4), min_size=0, max_size=2),
+    rows=st.integers(1, 9),
+    columns=st.integers(1, 9),
+    workers=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_svd_equals_the_batch_solved_at_once(leading, rows, columns, workers, seed):
+    matrix = torch.randn(*leading, rows, columns, generator=torch.Generator().manual_seed(seed))
+    expected = torch.linalg.svd(matrix, full_matrices=False)
+    chunked = small_linalg.solve_in_chunks(small_linalg._thin_svd, matrix, workers)
+    for got, want in zip(chunked, expected, strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("workers", [1, 3, 16])
+def test_chunked_eigh_equals_the_batch_solved_at_once_and_restores_threads(workers):
+    matrix = _symmetric(2, 5, 40, 40, seed=workers)
+    threads = torch.get_num_threads()
+    values, vectors = small_linalg.solve_in_chunks(torch.linalg.eigh, matrix, workers)
+    assert torch.get_num_threads() == threads
+    want_values, want_vectors = torch.linalg.eigh(matrix)
+    assert torch.equal(values, want_values) and torch.equal(vectors, want_vectors)
+
+
+def test_cpu_tensors_are_solved_as_torch_solves_them():
+    matrix = torch.randn(7, 64, 48, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(small_linalg.svd(matrix), torch.linalg.svd(matrix, full_matrices=False), strict=True):
+        assert torch.equal(got, want)
+    gram = _symmetric(3, 64, 64, seed=2)
+    for got, want in zip(small_linalg.eigh(gram), torch.linalg.eigh(gram), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_router_sends_to_the_host_only_batches_the_cores_share_well():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert host_is_faster(cuda, 128, batch=224, cores=16)  # a wave of a T = 8 merge on an H200 host
+    assert host_is_faster(cuda, 128, batch=8, cores=4)
+    assert host_is_faster(cuda, 512, batch=64, cores=16)
+    assert not host_is_faster(cuda, DEVICE_BATCHED_MAX_SIZE, batch=224, cores=16)  # cuSOLVER's batched Jacobi
+    assert not host_is_faster(cuda, 512, batch=2, cores=16)  # two large matrices: two cores cannot beat the GPU
+    assert not host_is_faster(cuda, 1600, batch=64, cores=16)
+    assert not host_is_faster(cuda, 128, batch=224, cores=2)  # too few cores
+    assert not host_is_faster(cuda, 128, batch=0, cores=16)
+    assert not host_is_faster(cpu, 128, batch=224, cores=16)  # already on the host: solved as it is
+
+
+@pytest.mark.parametrize("size", [16, 128])
+def test_svd_and_eigh_match_float64_on_the_test_device(size):
+    matrix = torch.randn(6, size, size // 2, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+    u, s, vh = small_linalg.svd(matrix.to(DEVICE, torch.float32))
+    assert u.device.type == DEVICE.type and s.device.type == DEVICE.type
+    rebuilt = ((u * s.unsqueeze(-2)) @ vh).cpu().double()
+    assert torch.linalg.matrix_norm(rebuilt - matrix).max() <= 1e-5 * torch.linalg.matrix_norm(matrix).max()
+    assert torch.allclose(s.cpu().double(), torch.linalg.svdvals(matrix), rtol=1e-5, atol=1e-5)
+    gram = _symmetric(4, size, size, seed=size)
+    values, vectors = small_linalg.eigh(gram.to(DEVICE))
+    assert values.device.type == DEVICE.type
+    rebuilt_gram = (vectors * values.unsqueeze(-2)) @ vectors.mT
+    assert torch.allclose(rebuilt_gram.cpu(), gram, rtol=0, atol=1e-10 * gram.abs().max().item())
+    assert torch.all(values[..., 1:] >= values[..., :-1])
+
+
+def test_qr_matches_torch_on_the_cpu_and_float64_on_the_test_device():
+    matrix = torch.randn(3, 8, 128, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for got, want in zip(small_linalg.qr(matrix), torch.linalg.qr(matrix), strict=True):
+        assert torch.equal(got, want)
+    q, r = small_linalg.qr(matrix.to(DEVICE, torch.float32))
+    assert q.device.type == DEVICE.type and q.shape == matrix.shape and r.shape == (3, 8, 16, 16)
+    assert torch.allclose((q @ r).cpu().double(), matrix, rtol=0, atol=1e-5 * matrix.abs().max().item())
+    assert torch.allclose(torch.triu(r), r)
