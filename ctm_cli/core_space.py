@@ -93,15 +93,30 @@ def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> Co
     at the cost of one small matrix product per side. The bases are the singular bases of b_cat and
     a_catᵀ (decreasing singular values), which fixes the coordinates element-wise rules see.
     """
-    b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = gram_frame(matmul(b64.mT, b64))
-    right, r_a = gram_frame(matmul(a64, a64.mT))
+    left, r_b = gram_frame(float64_gram(b_cat))
+    right, r_a = gram_frame(float64_gram(a_cat.mT))
     cores = torch.stack(
         [matmul(r_b[..., :, cols], r_a[..., :, cols].mT) for cols in column_slices(ranks)],
         dim=-3,
     )
     progress.add("core spaces", math.prod(b_cat.shape[:-2]), "modules")
     return CoreSpace(left=left, right=right, cores=cores)
+
+
+def float64_gram(columns: torch.Tensor) -> torch.Tensor:
+    """XᵀX in float64 for X (..., m, k) of any float dtype. On the CPU a matrix at a time, so that no float64 copy
+    of the whole batch is made (the same bits: on one thread a matrix is computed alike alone or in a batch, see
+    fixed_order); batched elsewhere."""
+    if columns.device.type != "cpu":
+        wide = columns.to(torch.float64)
+        return matmul(wide.mT, wide)
+    flat = columns.reshape(-1, *columns.shape[-2:])
+    size = columns.shape[-1]
+    gram = torch.empty(flat.shape[0], size, size, dtype=torch.float64)
+    for index, matrix in enumerate(flat):
+        wide = matrix.to(torch.float64)
+        gram[index] = matmul(wide.mT, wide)
+    return gram.reshape(*columns.shape[:-2], size, size)
 
 
 def column_slices(ranks: list[int]) -> list[slice]:
@@ -471,9 +486,8 @@ class FactoredCoreSpace:
 
 def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
     """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
-    b64, a64 = b_cat.to(torch.float64), a_cat.to(torch.float64)
-    left, r_b = gram_frame(matmul(b64.mT, b64))
-    right, r_a = gram_frame(matmul(a64, a64.mT))
+    left, r_b = gram_frame(float64_gram(b_cat))
+    right, r_a = gram_frame(float64_gram(a_cat.mT))
     scales = torch.ones(*r_b.shape[:-2], len(ranks), dtype=torch.float64, device=r_b.device)
     progress.add("core spaces", math.prod(b_cat.shape[:-2]), "modules")
     return FactoredCoreSpace(left=left, right=right, cores=FactoredCores(r_b, r_a, list(ranks), scales))
@@ -654,10 +668,13 @@ def _frobenius_squared(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def lowrank_relative_error(
     b_out: torch.Tensor, a_out: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor
 ) -> torch.Tensor:
-    """‖B_o A_o − B_r A_r‖ / ‖B_r A_r‖ in float64 from the factors alone (O((out+in)·k²) work)."""
-    b = torch.cat([b_out, -b_ref], dim=-1).to(torch.float64)
-    a = torch.cat([a_out, a_ref], dim=-2).to(torch.float64)
-    reference = _frobenius_squared(b_ref.to(torch.float64), a_ref.to(torch.float64))
+    """‖B_o A_o − B_r A_r‖ / ‖B_r A_r‖ in float64 from the factors alone (O((out+in)·k²) work); each factor is
+    converted to float64 once."""
+    b_ref, a_ref = b_ref.to(torch.float64), a_ref.to(torch.float64)
+    b = torch.cat([b_out.to(torch.float64), b_ref], dim=-1)
+    b[..., b_out.shape[-1] :].neg_()
+    a = torch.cat([a_out.to(torch.float64), a_ref], dim=-2)
+    reference = _frobenius_squared(b_ref, a_ref)
     return (_frobenius_squared(b, a) / reference.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
 
 

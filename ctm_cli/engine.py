@@ -22,10 +22,12 @@ import torch
 
 from ctm_cli import progress
 from ctm_cli.adapter import Adapter, output_keys
+from ctm_cli.core_space import column_slices
 from ctm_cli.errors import InputError, UsageError
 from ctm_cli.fixed_order import single_threaded
 from ctm_cli.methods import FactorGroup, MergeResult, MergeSettings, Method
 from ctm_cli.module_spec import ModuleSpec
+from ctm_cli.plan import ALIGNMENT
 from ctm_cli.rules import RuleError
 from ctm_cli.safetensors_format import PlainReads, torch_dtype
 
@@ -33,8 +35,6 @@ COMPUTE_DTYPE = "float32"  # by name (torch_dtype), so that importing the engine
 Number = TypeVar("Number", int, float)
 # Input files read at once by the engine's reader.
 READ_THREADS = 8
-# Offsets of the factors in the staging buffers are multiples of this (any dtype can be viewed there).
-ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -265,9 +265,24 @@ def _refuse_non_finite(adapters: list[Adapter], group: list[ModuleSpec], raw: _R
 
 
 def _load_group(adapters: list[Adapter], group: list[ModuleSpec], raw: _RawGroup) -> FactorGroup:
-    """The group's concatenated scaled factors on the device, from its raw stored factors."""
-    parts = [_task_factors(raw, task) for task in range(len(adapters)) if raw.pieces[task] is not None]
-    a_cat, b_cat = torch.cat([a for a, _ in parts], dim=-2), torch.cat([b for _, b in parts], dim=-1)
+    """The group's concatenated scaled factors on the device, from its raw stored factors, each converted once
+    into its place in one float32 buffer per side (no stacked or concatenated copy of the group): A a task at a
+    time (its rows of every module), B a module at a time (every task's scaled columns side by side; a strided
+    write of a few columns per row converts several times slower)."""
+    present = [task for task, rows in enumerate(raw.pieces) if rows is not None]
+    pieces = [raw.pieces[task] or [] for task in present]
+    ranks = [rows[0][0].shape[0] for rows in pieces]
+    (a_first, b_first), dtype, device = pieces[0][0], torch_dtype(COMPUTE_DTYPE), raw.data.device
+    a_cat = torch.empty(len(group), sum(ranks), a_first.shape[1], dtype=dtype, device=device)
+    b_cat = torch.empty(len(group), b_first.shape[0], sum(ranks), dtype=dtype, device=device)
+    for rows, columns in zip(pieces, column_slices(ranks), strict=True):
+        torch.stack([a_piece.view(raw.data) for a_piece, _ in rows], out=a_cat[:, columns])
+    for index in range(len(group)):
+        scaled = [
+            rows[index][1].view(raw.data).to(dtype, copy=True).mul_(raw.scales[task, index])
+            for task, rows in zip(present, pieces, strict=True)
+        ]
+        torch.cat(scaled, dim=-1, out=b_cat[index])
     if not _finite(b_cat, a_cat):
         _refuse_non_finite(adapters, group, raw)
     return FactorGroup(b_cat=b_cat, a_cat=a_cat, ranks=list(group[0].ranks))
@@ -281,7 +296,9 @@ def read_groups(
     with WaveStream(adapters, waves, device) as stream:
         for wave, raws in zip(waves, stream, strict=True):
             for group, raw in zip(wave, raws, strict=True):
-                yield group, _load_group(adapters, group, raw)
+                with single_threaded(device):  # as merge_modules loads them
+                    factors = _load_group(adapters, group, raw)
+                yield group, factors
 def _written_rank(
     method: Method, settings: MergeSettings, group: list[ModuleSpec], written_ranks: dict[str, int] | None
 ) -> int:
@@ -370,11 +387,13 @@ def merge_modules(
         for number, (wave, raws) in enumerate(zip(waves, stream, strict=True), start=1):
             progress.emit("merging", done, total, "modules", f"wave {number} of {len(waves)}")
             started = time.perf_counter()
-            factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
             each = [replace(settings, rank=_written_rank(method, settings, group, written_ranks)) for group in wave]
-            with single_threaded(device):  # bit-identical whatever the grouping and thread count
+            # One thread: bit-identical whatever the grouping and thread count; and the copies of the loading and
+            # output steps, thousands of small ones, never wait on other threads (40× slower on a busy host).
+            with single_threaded(device):
+                factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
                 results = _merge_wave(method, factors, each, wave)
-            outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
+                outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
             seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
             for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):
                 for index, spec in enumerate(group):

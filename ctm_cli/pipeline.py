@@ -27,7 +27,14 @@ from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.module_weights import apply_module_weights
 from ctm_cli.params import Params
 from ctm_cli.peft_layout import MODEL_PREFIX
-from ctm_cli.plan import CoreNumbers, default_max_memory, describe_plan, method_core_numbers, plan_waves
+from ctm_cli.plan import (
+    CoreNumbers,
+    default_max_memory,
+    describe_plan,
+    method_core_numbers,
+    plan_waves,
+    stored_itemsize,
+)
 from ctm_cli.publish import check_push_target, push_folder
 from ctm_cli.recipe import DEFAULT_KEEP, DEFAULTS, RANK_AUTO, AdapterEntry, Recipe, dump_recipe, recipe_data
 from ctm_cli.report import build_report, describe_input, render_markdown
@@ -297,7 +304,7 @@ def prepare(request: MergeRequest) -> PreparedMerge:
         rank_caps = method.rank_caps(specs, int(recipe.rank), rule) if recipe.allow_missing else {}
         method.check_rank([spec for spec in specs if spec.name not in rank_caps], int(recipe.rank), rule)
     planned_rank = int(recipe.rank) if recipe.rank != RANK_AUTO else max(spec.total_rank for spec in specs)
-    core_numbers = method_core_numbers(method, planned_rank, method_params)
+    core_numbers = method_core_numbers(method, rule, planned_rank, method_params, stored_itemsize(adapters))
     budget = default_max_memory(device) if request.max_memory_mib is None else request.max_memory_mib * 1024**2
     return PreparedMerge(
         request=request,

@@ -4,16 +4,18 @@ and waves (groups merged at once) that fit a budget, and the plan `--dry-run` sh
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
 import torch
 
 from ctm_cli.adapter import Adapter, output_keys
-from ctm_cli.methods import Method
+from ctm_cli.methods import CoreMemory, Method
 from ctm_cli.module_spec import ModuleSpec
 from ctm_cli.params import Params
-from ctm_cli.safetensors_format import encoded_size
+from ctm_cli.rules import Rule
+from ctm_cli.safetensors_format import FORMAT_NAMES, ITEM_SIZES, encoded_size
 
 CPU_MAX_MEMORY = 2 * 1024**3
 # On CUDA, the default budget is this fraction of the device's memory: HOOI time grows with the number
@@ -21,6 +23,8 @@ CPU_MAX_MEMORY = 2 * 1024**3
 CUDA_MEMORY_FRACTION = 0.25
 # Room for the ctm metadata (settings and input hashes) in the safetensors header; the rest is computed.
 METADATA_ALLOWANCE = 2048
+# Offsets of the factors in the engine's staging buffers are multiples of this (any dtype can be viewed there).
+ALIGNMENT = 64
 
 
 def default_max_memory(device: str) -> int:
@@ -31,43 +35,93 @@ def default_max_memory(device: str) -> int:
     return CPU_MAX_MEMORY
 
 
-CoreNumbers = Callable[[ModuleSpec], int]
+@dataclass(frozen=True)
+class ModuleMemory:
+    """Device bytes of one module while its wave merges: `kept` stay allocated for the whole wave (its stored and
+    float32 factors, the method's arrays that outlive its group's step, its output), `working` only while its own
+    group is merged (the groups of a wave are merged one after another)."""
+
+    kept: int
+    working: int
+
+    @property
+    def alone(self) -> int:
+        """The module's peak when its group is the one being merged."""
+        return self.kept + self.working
 
 
-def dense_core_numbers(spec: ModuleSpec) -> int:
-    """Float64 numbers of three T × R × R core stacks (the cores, their balanced copy, one product): the core-space
-    arrays of a method that forms the cores (Method.core_numbers gives each method's own)."""
-    return 3 * len(spec.ranks) * spec.total_rank**2
+CoreNumbers = Callable[[ModuleSpec], ModuleMemory]
+# The largest stored element (float64): the default where the inputs' dtypes are not known.
+WIDEST_STORED_ITEMSIZE = 8
 
 
-def method_core_numbers(method: Method, rank: int, method_params: Params) -> CoreNumbers:
-    """The core-space memory of `method` per module at the requested rank, as planning needs it."""
+def stored_itemsize(adapters: list[Adapter]) -> int:
+    """Bytes of the widest stored factor element of the inputs (what the engine's staging buffers hold: a factor
+    of no stored dtype is staged as float32)."""
+    names = {
+        adapter.dtype(key) or "float32"
+        for adapter in adapters
+        for module in adapter.modules.values()
+        for key in (module.a_key, module.b_key)
+    }
+    return max((ITEM_SIZES[FORMAT_NAMES[name]] for name in names), default=ITEM_SIZES["F32"])
 
-    def numbers(spec: ModuleSpec) -> int:
+
+def dense_core_numbers(spec: ModuleSpec, stored: int = WIDEST_STORED_ITEMSIZE) -> ModuleMemory:
+    """The memory of a method that forms three T × R × R float64 core stacks while its group merges (the
+    default of `Method.core_numbers`), with the inputs stored in the widest dtype."""
+    return module_memory(spec, spec.total_rank, CoreMemory(0, 3 * len(spec.ranks) * spec.total_rank**2), stored)
+
+
+def method_core_numbers(
+    method: Method, rule: Rule[Any], rank: int, method_params: Params, stored: int = WIDEST_STORED_ITEMSIZE
+) -> CoreNumbers:
+    """The memory model of `method` with `rule` per module at the requested rank, inputs stored in `stored` bytes
+    per element, as planning needs it."""
+
+    def numbers(spec: ModuleSpec) -> ModuleMemory:
         written_rank = method.output_rank(rank, spec.ranks)
-        return method.core_numbers(spec.total_rank, len(spec.ranks), written_rank, method_params)
+        core = method.core_numbers(spec.ranks, written_rank, rule, method_params)
+        return module_memory(spec, written_rank, core, stored)
 
     return numbers
 
 
-def bytes_per_module(spec: ModuleSpec, core_numbers: CoreNumbers = dense_core_numbers) -> int:
-    """Peak working memory of one module on the device for the core-space methods (ctm, core, cat, mtc
-    with a linear rule), with the output rank bounded by R: per column of the (out + in) × R factors,
-    the stored factors of this wave and of the one read ahead (2 × 2 bytes in bf16, 8 in float32 worst
-    case: 16), float32 factors (4), two float64 copies alive in the core-space and report steps (16)
-    and the float32 + float64 outputs (12); plus the method's float64 core-space arrays (`core_numbers`)."""
+def module_memory(spec: ModuleSpec, written_rank: int, core: CoreMemory, stored: int) -> ModuleMemory:
+    """Device bytes of one module for the core-space methods, from its core-space arrays (`core`, float64).
+
+    Kept for the wave, per column of the (out + in) × R factors: the stored factors of this wave and of the one
+    read ahead (2 × `stored` bytes, each factor padded to the staging buffers' alignment) and the float32 factors
+    (4); per column of the (out + in) × r output: the float32 output and its cast (8). Working while the group
+    merges, per factor column: the method's float64 copies of the factors (8 each, `core.factor_copies`: the core
+    space's Gram step; the report's float64 factors, B scaled for a linear rule's error), and per output column the
+    report's float64 copies of the output and of its concatenation with the factors (16)."""
     columns = (spec.out_features + spec.in_features) * spec.total_rank
-    return columns * (16 + 4 + 16 + 12) + core_numbers(spec) * 8
+    output_columns = (spec.out_features + spec.in_features) * written_rank
+    padding = 2 * 2 * len(spec.ranks) * ALIGNMENT if stored else 0  # two waves' A and B of every input
+    return ModuleMemory(
+        kept=columns * (2 * stored + 4) + padding + output_columns * 8 + core.kept * 8,
+        working=columns * 8 * core.factor_copies + output_columns * 16 + core.working * 8,
+    )
+
+
+def bytes_per_module(spec: ModuleSpec, core_numbers: CoreNumbers = dense_core_numbers) -> int:
+    """Peak device memory of one module merged alone (`ModuleMemory.alone`)."""
+    return core_numbers(spec).alone
 
 
 def group_bytes(group: list[ModuleSpec], core_numbers: CoreNumbers = dense_core_numbers) -> int:
-    """Planned device memory of a group of same-shaped modules."""
+    """Planned device memory of a group of same-shaped modules merged alone."""
     return len(group) * bytes_per_module(group[0], core_numbers)
 
 
 def wave_bytes(wave: list[list[ModuleSpec]], core_numbers: CoreNumbers = dense_core_numbers) -> int:
-    """Planned device memory of a wave: its groups' together."""
-    return sum(group_bytes(group, core_numbers) for group in wave)
+    """Planned device memory of a wave: what every group keeps for the wave, plus the largest working memory of
+    one group (groups are merged one after another)."""
+    memories = [(len(group), core_numbers(group[0])) for group in wave]
+    return sum(size * memory.kept for size, memory in memories) + max(
+        (size * memory.working for size, memory in memories), default=0
+    )
 
 
 def plan_groups(
@@ -99,15 +153,11 @@ def plan_waves(
     """The groups of `plan_groups` packed in order into waves that fit the budget together: a wave is read
     and merged at once, so a method that merges groups together (ctm's one HOOI) sweeps once per wave."""
     waves: list[list[list[ModuleSpec]]] = []
-    used = 0
     for group in plan_groups(specs, max_memory, core_numbers, module_ranks):
-        size = group_bytes(group, core_numbers)
-        if waves and used + size <= max_memory:
+        if waves and wave_bytes([*waves[-1], group], core_numbers) <= max_memory:
             waves[-1].append(group)
-            used += size
         else:
             waves.append([group])
-            used = size
     return waves
 
 

@@ -20,7 +20,8 @@ from ctm_cli.cli import app
 from ctm_cli.errors import EXIT_CODES
 from ctm_cli.methods import get_method
 from ctm_cli.model_card import loading_class, render_model_card
-from ctm_cli.plan import bytes_per_module, method_core_numbers
+from ctm_cli.plan import bytes_per_module, method_core_numbers, stored_itemsize, wave_bytes
+from ctm_cli.rules import get_rule
 from ctm_cli.validate import ModuleSpec
 
 FLOAT32 = 4
@@ -93,13 +94,19 @@ def test_dry_run_plan_json(pair, merged, out_parent):
     assert sum(g["modules"] for g in plan["groups"]) == 14
     assert sorted(tuple(g["shape"]) for g in plan["groups"]) == sorted({tuple(s) for s in shapes.values()})
     ctm = get_method("ctm")
-    numbers = method_core_numbers(ctm, 4, ctm.resolve(plan["settings"]["method_params"]))
+    stored = stored_itemsize([Adapter(path) for path in pair])
+    method_params = ctm.resolve(plan["settings"]["method_params"])
+    numbers = method_core_numbers(ctm, get_rule(plan["settings"]["rule"]), 4, method_params, stored)
+    groups = []
     for group in plan["groups"]:
         spec = ModuleSpec("m", *group["shape"], ranks=tuple(group["ranks"]), embedding=False)
         assert group["device_bytes"] == group["modules"] * bytes_per_module(spec, numbers)
-    # Waves: groups merged together within the budget; the estimate is the largest wave's.
+        groups.append([spec] * group["modules"])
+    # Waves: groups merged together within the budget; the estimate is the largest wave's: what every group keeps,
+    # plus the working memory of the largest group (merged one after another).
     assert plan["waves"] == 1 and {g["wave"] for g in plan["groups"]} == {0}
-    assert plan["estimated_device_bytes"] == sum(g["device_bytes"] for g in plan["groups"])
+    estimate = plan["estimated_device_bytes"]
+    assert estimate == wave_bytes(groups, numbers) < sum(g["device_bytes"] for g in plan["groups"])
     # Output size: exact tensor bytes plus the header, against the file a real merge wrote.
     written = (merged[0] / "adapter_model.safetensors").stat().st_size
     tensor_bytes = sum((o + i) * 4 * FLOAT32 for o, i in shapes.values())

@@ -3,6 +3,7 @@
 from ctm_cli.methods import cat, core, ctm, iso_cts, knots, lego, mtc, robustmerge  # noqa: F401 (they register)
 from ctm_cli.methods.registry import (
     METHODS,
+    CoreMemory,
     FactorGroup,
     MergeResult,
     MergeSettings,
@@ -11,4 +12,13 @@ from ctm_cli.methods.registry import (
     resolve_settings,
 )
 
-__all__ = ["METHODS", "FactorGroup", "MergeResult", "MergeSettings", "Method", "get_method", "resolve_settings"]
+__all__ = [
+    "METHODS",
+    "CoreMemory",
+    "FactorGroup",
+    "MergeResult",
+    "MergeSettings",
+    "Method",
+    "get_method",
+    "resolve_settings",
+]

@@ -37,11 +37,14 @@ def result(
     """A MergeResult; the figures not given take their defaults (registry module doc): the energy inside the
     output spaces, with a linear rule the error against the exact merge, and the loss against the full-rank merge
     from the relative error, else from the truncation loss (right where the output is a cut of that merge)."""
-    if kept_energy is None:
-        kept_energy = cs.energy_in_output_spaces(lora_b, lora_a, group.b_cat, group.a_cat, group.ranks)
-    if relative_error is None and settings.rule.linear:
-        scaled = group.b_cat.to(torch.float64) * column_coefficients(group, settings).to(group.b_cat.device)
-        relative_error = cs.lowrank_relative_error(lora_b, lora_a, scaled, group.a_cat)
+    linear_error = relative_error is None and settings.rule.linear
+    if kept_energy is None or linear_error:  # the factors in float64, converted once for both figures
+        b_cat, a_cat = group.b_cat.to(torch.float64, copy=True), group.a_cat.to(torch.float64)
+        if kept_energy is None:
+            kept_energy = cs.energy_in_output_spaces(lora_b, lora_a, b_cat, a_cat, group.ranks)
+        if linear_error:
+            scaled = b_cat.mul_(column_coefficients(group, settings).to(b_cat.device))  # b_cat's last use
+            relative_error = cs.lowrank_relative_error(lora_b, lora_a, scaled, a_cat)
     if full_rank_loss is None:
         full_rank_loss = relative_error.square() if relative_error is not None else truncation_loss
     return MergeResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,12 +17,15 @@ from ctm_cli.methods.common import (
     result,
     rule_at_full_rank,
 )
-from ctm_cli.methods.registry import FactorGroup, MergeResult, MergeSettings, register
+from ctm_cli.methods.registry import CoreMemory, FactorGroup, MergeResult, MergeSettings, register
 from ctm_cli.params import Params, param
+from ctm_cli.rules import Rule
 
 # CtM's default frame rank: the whole core space (0). The quality benchmark (docs/benchmarks.md, issue 11) chose it:
 # with TSV, the rule sees every task's directions and one cut to r keeps the strongest of all of them.
 DEFAULT_FRAME_RANK = 0
+# Arrays of the stack's size a rule that acts entry by entry holds at once on a dense stack, at most (memory plan).
+DENSE_RULE_COPIES = 8
 
 
 @dataclass(frozen=True)
@@ -116,15 +120,51 @@ def _ctm_output(
     )
 
 
-def _core_numbers(total_rank: int, tasks: int, rank: int, params: CtmParams) -> int:
-    """Float64 core-space numbers of one module: the factored cores and frames, the T r' × r' coordinates and,
-    when HOOI runs (r' < R), its extrapolation history (results and residuals of ANDERSON_WINDOW sweeps, each a
-    pair of R × r' bases) and the T R × R cores the full-rank reference of the report merges."""
-    wide = frame_rank(rank, total_rank, params)
-    if wide == total_rank:
-        return 10 * total_rank**2 + 4 * tasks * wide**2
-    history = 2 * cs.ANDERSON_WINDOW * 2 * total_rank * wide
-    return 10 * total_rank**2 + 4 * tasks * wide**2 + history + 2 * tasks * total_rank**2
+def _core_numbers(ranks: tuple[int, ...], rank: int, rule: Rule[Any], params: CtmParams) -> CoreMemory:
+    """Float64 core-space numbers of one module, by the route its merge takes (R = Σ r_t, ρ = max r_t).
+
+    Kept while its wave merges: the factored core space (two R × R frames, the cores' two R × R factors); with HOOI
+    (r' < R), which sweeps the whole wave at once, its copies of the factors and Gram matrices, its products with
+    the T tasks and its extrapolation history, and the frames. Working while the module's group takes its output:
+    in the whole core space, TSV from the tasks' thin SVDs (T·R·ρ per basis) and its two polar factors, a linear or
+    spectral rule one R × R merge and its SVD, a rule that acts entry by entry the T dense cores and its copies of
+    them, and the rule on the T dense cores for the report's full-rank reference of a spectral rule or an isotropic
+    cut; in a HOOI frame the rule on the T r' × r' coordinates and the full-rank reference on the T dense cores."""
+    total, tasks, widest = sum(ranks), len(ranks), max(ranks)
+    wide = frame_rank(rank, total, params)
+    dense_rule = (1 + _dense_rule_copies(rule)) * tasks * total**2  # the T cores and the rule's copies
+    if wide == total:
+        if rule.factored is not None:
+            route = 6 * tasks * total * widest + 2 * tasks * widest**2 + 8 * total**2
+        elif rule.linear or rule.spectral:
+            route = 12 * total**2
+        else:
+            route = dense_rule + 12 * total**2
+        reference = dense_rule if rule.spectral or params.isotropic else 0  # the report's full-rank merge
+        working = route + reference + 4 * total**2 + 2 * tasks * rank**2
+        return CoreMemory(kept=4 * total**2, working=working, factor_copies=_factor_copies(rule))
+    block = 2 * wide  # HOOI's blocks: up to 2r' columns
+    hooi = 6 * total**2 + 4 * tasks * total * wide + (4 * cs.ANDERSON_WINDOW + 32) * total * block
+    coordinates = (1 + _dense_rule_copies(rule)) * tasks * wide**2
+    working = coordinates + dense_rule + 8 * total**2
+    return CoreMemory(kept=4 * total**2 + hooi, working=working, factor_copies=_factor_copies(rule))
+
+
+def _factor_copies(rule: Rule[Any]) -> int:
+    """Float64 copies of a group's factors ctm holds at once: the core space's Gram step (on CUDA; on the CPU a
+    module at a time), and with a linear rule the report's error against the exact merge (ctm gives the kept
+    energy itself)."""
+    return 2 if rule.linear else 1
+
+
+def _dense_rule_copies(rule: Rule[Any]) -> int:
+    """Arrays of a stack's size the rule holds at once on a dense T × m × n stack: the weighted stack (a linear or
+    spectral rule), and for TSV also its SVD's input copy and two singular bases; a rule that acts entry by entry
+    up to DENSE_RULE_COPIES (TIES: the weighted stack, its magnitudes, the trimmed stack, its signs, the agreeing
+    entries...)."""
+    if rule.linear or rule.spectral:
+        return 1
+    return 4 if rule.factored is not None else DENSE_RULE_COPIES
 
 
 @register(

@@ -83,8 +83,22 @@ class MergeResult:
 
 MethodFunction = Callable[[FactorGroup, MergeSettings], MergeResult]
 GroupsFunction = Callable[[list[FactorGroup], list[MergeSettings]], list[MergeResult]]
-# Float64 numbers of the core-space arrays one module holds at its peak, from (R, T, output rank, parameters).
-CoreNumbers = Callable[[int, int, int, Any], int]
+
+
+@dataclass(frozen=True)
+class CoreMemory:
+    """Float64 numbers of one module's core-space arrays at their peak: those `kept` while its whole wave merges
+    (a method that merges the groups of a wave together, as ctm's batched HOOI) and those `working` only while its
+    own group merges (groups are merged one after another); and how many float64 copies of the group's factors its
+    steps hold at once (the core space's Gram step one, the report's kept energy or linear error another)."""
+
+    kept: int
+    working: int
+    factor_copies: int = 2
+
+
+# A module's CoreMemory from (each input's rank, the output rank, the rule, the method's parameters).
+CoreNumbers = Callable[[tuple[int, ...], int, Rule[Any], Any], CoreMemory]
 
 
 @dataclass(frozen=True)
@@ -115,8 +129,8 @@ TOTAL_RANK = FixedRank("R", sum)
 LARGEST_INPUT_RANK = FixedRank("max r_t", max)
 
 
-def _three_core_stacks(total_rank: int, tasks: int, rank: int, params: Params) -> int:
-    return 3 * tasks * total_rank**2
+def _three_core_stacks(ranks: tuple[int, ...], rank: int, rule: Rule[Any], params: Params) -> CoreMemory:
+    return CoreMemory(kept=0, working=3 * len(ranks) * sum(ranks) ** 2)
 
 
 @dataclass(frozen=True)
@@ -132,8 +146,9 @@ class Method:
     default_rule: the rule used when none is given.
     merge_groups: merges several groups (of different shapes) together faster than one by one (ctm's
     batched HOOI); by default each group is merged on its own.
-    core_numbers: float64 numbers of the core-space arrays one module holds at its peak, from (R, T, the output
-    rank, the method's parameters), for memory planning: three T × R × R stacks by default.
+    core_numbers: float64 numbers of the core-space arrays one module holds at its peak (`CoreMemory`), from the
+    inputs' ranks, the output rank, the rule and the method's parameters, for memory planning: three T × R × R
+    stacks while its group merges by default.
     """
 
     name: str
