@@ -32,6 +32,13 @@ def single_threaded(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
+    with one_torch_thread():
+        yield
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's CPU operations on one thread for the enclosed code, the previous count restored after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ctm_cli.fixed_order import one_torch_thread
+
 # cuSOLVER's batched Jacobi solvers take matrices up to this size on a side: those stay on the device.
 DEVICE_BATCHED_MAX_SIZE = 32
 # One n × n matrix (n the longer side) costs LAPACK on one host core about this many times, times n / 128, what it
@@ -106,10 +108,5 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 @contextmanager
 def _one_thread_per_solve() -> Iterator[None]:
     """Each chunk's LAPACK call on one thread (the pool supplies the parallelism); one batch at a time."""
-    with _pool_lock:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
+    with _pool_lock, one_torch_thread():
+        yield
