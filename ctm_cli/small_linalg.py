@@ -105,6 +105,16 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads are gone: the next batch starts a new pool."""
+    global _pool, _pool_workers, _pool_lock
+    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 @contextmanager
 def _one_thread_per_solve() -> Iterator[None]:
     """Each chunk's LAPACK call on one thread (the pool supplies the parallelism); one batch at a time."""

@@ -5,6 +5,7 @@ of CUDA tensors against float64 references."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -95,3 +96,16 @@ def test_qr_matches_torch_on_the_cpu_and_float64_on_the_test_device():
     assert q.device.type == DEVICE.type and q.shape == matrix.shape and r.shape == (3, 8, 16, 16)
     assert torch.allclose((q @ r).cpu().double(), matrix, rtol=0, atol=1e-5 * matrix.abs().max().item())
     assert torch.allclose(torch.triu(r), r)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_solves_in_chunks_after_its_parent_did():
+    matrix = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(4))
+    small_linalg.solve_in_chunks(torch.linalg.qr, matrix, 3)  # the parent's pool has threads now
+    child = os.fork()
+    if child == 0:  # the child's pool must not wait for threads it does not have (the alarm ends a hang)
+        signal.alarm(30)
+        q, r = small_linalg.solve_in_chunks(torch.linalg.qr, matrix, 3)
+        os._exit(0 if torch.allclose(q @ r, matrix, atol=1e-5) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
