@@ -83,12 +83,16 @@ def solve_in_chunks(solver: Solver, matrix: torch.Tensor, workers: int) -> tuple
     )
 
 
+def solve_on_host(solver: Solver, matrix: torch.Tensor, cores: int) -> tuple[torch.Tensor, ...]:
+    """`solver` over a batch of matrices of any device, solved on `cores` host cores and returned to that device."""
+    return tuple(result.to(matrix.device) for result in solve_in_chunks(solver, matrix.cpu(), cores))
+
+
 def _solve(solver: Solver, matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
     cores = usable_cores()
     if not host_is_faster(matrix.device, max(matrix.shape[-2:]), math.prod(matrix.shape[:-2]), cores):
         return solver(matrix)
-    results = solve_in_chunks(solver, matrix.cpu(), cores)
-    return tuple(result.to(matrix.device) for result in results)
+    return solve_on_host(solver, matrix, cores)
 
 
 def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

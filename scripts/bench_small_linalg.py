@@ -20,11 +20,6 @@ def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.linalg.svd(matrix, full_matrices=False)
 
 
-def _on_host(solver: small_linalg.Solver, operand: torch.Tensor, cores: int) -> list[torch.Tensor]:
-    """What small_linalg does with a batch it sends to the host: there, solved in chunks, and back."""
-    return [result.to(operand.device) for result in small_linalg.solve_in_chunks(solver, operand.cpu(), cores)]
-
-
 def _milliseconds(work: Callable[[], object], repeats: int) -> float:
     """Best wall time of `work` in ms, the device synchronised, after one untimed call."""
     work()
@@ -58,7 +53,7 @@ def main() -> None:
             ("eigh f64", torch.linalg.eigh, gram),
         ):
             on_gpu = _milliseconds(functools.partial(solver, operand), args.repeats)
-            on_host = _milliseconds(functools.partial(_on_host, solver, operand, cores), args.repeats)
+            on_host = _milliseconds(functools.partial(small_linalg.solve_on_host, solver, operand, cores), args.repeats)
             pick = "host" if small_linalg.host_is_faster(operand.device, size, batch, cores) else "GPU"
             print(f"{name:8} {batch:5} {size:5} {on_gpu:7.1f} {on_host:8.1f} {on_gpu / on_host:8.2f}×  {pick}")
 
