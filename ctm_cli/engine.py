@@ -95,6 +95,9 @@ class _AdapterTensors:
         """dtype and shape of a stored tensor."""
         return torch_dtype(self._adapter.dtype(key) or "float32"), self._adapter.shape(key)
 
+    def data_range(self, key: str) -> None:
+        """None: its tensors are built, not stored as bytes to read in one go."""
+
     def read_into(self, key: str, target: torch.Tensor) -> None:
         """Copy the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
         tensor = self._adapter.tensor(key)
@@ -119,6 +122,29 @@ class _RawGroup:
     data: torch.Tensor
     pieces: list[list[tuple[_Piece, _Piece]] | None]
     scales: torch.Tensor
+
+
+@dataclass
+class _Span:
+    """Bytes of one input read in one go into the staging buffer at `offset`: a run of tensors stored side by side
+    (`begin`: where it starts in the file's data), or one tensor an adapter builds (`key`)."""
+
+    offset: int
+    size: int
+    begin: int | None
+    key: str
+
+
+def _continues(run: _Span, stored: tuple[int, int] | None) -> bool:
+    """Whether a tensor stored at `stored` follows `run` in its file, so one read takes both."""
+    return stored is not None and run.begin is not None and run.begin + run.size == stored[0]
+
+
+def _group_keys(adapter: Adapter, group: list[ModuleSpec]) -> list[str]:
+    """The (A, B) keys of a group's modules in `adapter`, none where it lacks the group."""
+    if group[0].name not in adapter.modules:
+        return []
+    return [key for spec in group for key in (adapter.modules[spec.name].a_key, adapter.modules[spec.name].b_key)]
 
 
 def _factor_bytes(adapter: Adapter, group: list[ModuleSpec]) -> int:
@@ -171,37 +197,56 @@ class WaveStream:
                     tensor.record_stream(torch.cuda.current_stream(self._device))
             yield raws
 
-    def _layout(self, group: list[ModuleSpec], offset: int) -> tuple[list[list[tuple[_Piece, _Piece]] | None], int]:
-        pieces: list[list[tuple[_Piece, _Piece]] | None] = []
-        for source, adapter in zip(self._sources, self._adapters, strict=True):
-            if group[0].name not in adapter.modules:
-                pieces.append(None)
-                continue
-            rows = []
-            for spec in group:
-                module = adapter.modules[spec.name]
-                pair = []
-                for key in (module.a_key, module.b_key):
-                    piece = _Piece(offset, *source.describe(key))
-                    offset += _aligned(piece.nbytes)
-                    pair.append(piece)
-                rows.append((pair[0], pair[1]))
-            pieces.append(rows)
-        return pieces, offset
+    def _layout(self, wave: list[list[ModuleSpec]]) -> tuple[list[list[list[tuple[_Piece, _Piece]] | None]], list, int]:
+        """Where every factor of a wave goes in the staging buffer: per group, per adapter, per module, its (A, B)
+        pieces; per input, the spans to read (tensors in the order the file stores them, those stored side by side
+        in one span, so a wave that needs a whole file reads it in one go); and the buffer's size."""
+        placed: dict[tuple[int, str], _Piece] = {}
+        spans: list[list[_Span]] = []
+        offset = 0
+        for index, (source, adapter) in enumerate(zip(self._sources, self._adapters, strict=True)):
+            keys = [key for group in wave for key in _group_keys(adapter, group)]
+            ranges = {key: source.data_range(key) for key in keys}
+            keys.sort(key=lambda key: (ranges[key] or (0, 0))[0])  # built tensors: as listed (a stable sort)
+            runs: list[_Span] = []
+            for key in keys:
+                piece, stored = _Piece(offset, *source.describe(key)), ranges[key]
+                if runs and _continues(runs[-1], stored) and offset % piece.dtype.itemsize == 0:
+                    runs[-1].size += piece.nbytes
+                else:
+                    offset = _aligned(offset)
+                    piece = replace(piece, offset=offset)
+                    runs.append(_Span(offset, piece.nbytes, stored and stored[0], key))
+                placed[index, key] = piece
+                offset += piece.nbytes
+            spans.append(runs)
+        pieces = [
+            [
+                [(placed[index, a], placed[index, b]) for a, b in zip(keys[::2], keys[1::2], strict=True)] or None
+                for index, keys in enumerate(_group_keys(adapter, group) for adapter in self._adapters)
+            ]
+            for group in wave
+        ]
+        return pieces, spans, offset
 
-    def _read_group(self, group: list[ModuleSpec], pieces: list, buffer: torch.Tensor) -> torch.Tensor:
-        """Read one group's factors into their places in `buffer`, one thread per file; its LoRA scales (T, G)."""
+    def _read_wave(self, spans: list[list[_Span]], buffer: torch.Tensor) -> None:
+        """Read every input's spans into their places in `buffer`, one thread per file."""
 
-        def read_file(source: PlainReads | _AdapterTensors, adapter: Adapter, rows: list | None) -> None:
-            for spec, pair in zip(group, rows, strict=True) if rows is not None else ():
-                module = adapter.modules[spec.name]
-                for key, piece in zip((module.a_key, module.b_key), pair, strict=True):
-                    source.read_into(key, buffer[piece.offset : piece.offset + piece.nbytes])
-            self._count_read(sum(piece.nbytes for pair in rows or () for piece in pair))
+        def read_file(source: PlainReads | _AdapterTensors, runs: list[_Span]) -> None:
+            for run in runs:
+                target = buffer[run.offset : run.offset + run.size]
+                if isinstance(source, _AdapterTensors) or run.begin is None:
+                    assert isinstance(source, _AdapterTensors), "a stored tensor has a byte range"
+                    source.read_into(run.key, target)
+                else:
+                    source.read_range(run.begin, target, f"the data from tensor {run.key} on")
+                self._count_read(run.size)
 
-        jobs = zip(self._sources, self._adapters, pieces, strict=True)
-        for done in [self._files.submit(read_file, *job) for job in jobs]:
+        for done in [self._files.submit(read_file, *job) for job in zip(self._sources, spans, strict=True)]:
             done.result()
+
+    def _scales(self, group: list[ModuleSpec]) -> torch.Tensor:
+        """The group's LoRA scales (T, G), 0 where an adapter lacks the modules."""
         return torch.tensor(
             [[a.modules[s.name].scale if s.name in a.modules else 0.0 for s in group] for a in self._adapters],
             dtype=torch_dtype(COMPUTE_DTYPE),
@@ -215,15 +260,14 @@ class WaveStream:
 
     def _fetch(self, index: int) -> list[_RawGroup]:
         """Read wave `index` into its staging buffer (two, used in turn) and copy it to the device."""
-        wave, layouts, size = self._waves[index], [], 0
-        for group in wave:
-            pieces, size = self._layout(group, size)
-            layouts.append(pieces)
+        wave = self._waves[index]
+        layouts, spans, size = self._layout(wave)
         slot = index % 2
         if self._buffers[slot].numel() < size:
             self._buffers[slot] = torch.empty(size, dtype=torch.uint8)
         buffer = self._buffers[slot]
-        scales = [self._read_group(group, pieces, buffer) for group, pieces in zip(wave, layouts, strict=True)]
+        self._read_wave(spans, buffer)
+        scales = [self._scales(group) for group in wave]
         data = buffer[:size]
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):

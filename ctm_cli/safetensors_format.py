@@ -179,16 +179,21 @@ class PlainReads:
         entry = self._entries[key]
         return torch_dtype(FLOAT_NAMES[entry["dtype"]]), tuple(entry["shape"])
 
-    def read_into(self, key: str, target: torch.Tensor) -> None:
-        """Read the tensor's bytes into `target` (a uint8 host tensor of exactly its size)."""
+    def data_range(self, key: str) -> tuple[int, int]:
+        """The byte range of a stored tensor in the file's data (adjacent tensors can be read in one go)."""
         begin, end = self._entries[key]["data_offsets"]
+        return begin, end
+
+    def read_range(self, begin: int, target: torch.Tensor, what: str) -> None:
+        """Read the data's bytes from `begin` into `target` (a uint8 host tensor of the range's size); `what` names
+        them in the error of a truncated file."""
         view = memoryview(target.numpy())  # type: ignore[arg-type]  # a NumPy array is a buffer
         self._handle.seek(self._start + begin)
         done = 0
-        while done < end - begin:
+        while done < len(view):
             count = self._handle.readinto(view[done:])
             if not count:
-                raise InputError(f"{self.path}: ends inside tensor {key} (truncated file?)")
+                raise InputError(f"{self.path}: ends inside {what} (truncated file?)")
             done += count
 
     def close(self) -> None:
@@ -196,22 +201,41 @@ class PlainReads:
         self._handle.close()
 
 
-def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The file's bytes, with the metadata in sorted order, so equal inputs give byte-identical files (the
-    library writes the metadata map in an order that changes from call to call)."""
-    from safetensors.torch import save  # loads torch
+# The order in which the safetensors library lays tensors out: by decreasing dtype code in this list (so every
+# tensor starts aligned to its item size), then by key.
+_LAYOUT_ORDER = [
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+]  # fmt: skip
+_TORCH_CODES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
+    "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
+    "float32": "F32", "float64": "F64", "int64": "I64", "uint64": "U64",
+}  # fmt: skip
 
-    data = save(tensors, metadata=metadata)
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file of host tensors, laid out as the library lays it out, with the metadata in sorted
+    order (equal inputs give byte-identical files); each tensor's bytes go to the file as they are, with no copy
+    of the whole file in memory."""
+    codes = {key: _TORCH_CODES[dtype_name(tensor.dtype)] for key, tensor in tensors.items()}
+    order = sorted(tensors, key=lambda key: (-_LAYOUT_ORDER.index(codes[key]), key))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for key in order:
+        size = tensors[key].numel() * tensors[key].element_size()
+        header[key] = {"dtype": codes[key], "shape": list(tensors[key].shape), "data_offsets": [offset, offset + size]}
+        offset += size
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for key in order:
+            if tensors[key].numel():
+                handle.write(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def encoded_size(shapes: Mapping[str, tuple[int, int]], dtype: str, metadata_bytes: int) -> int:
-    """Size of a file with these tensors of dtype `dtype` (a name: `float32`...), in key order as `encode` writes
+    """Size of a file with these tensors of dtype `dtype` (a name: `float32`...), in key order as `write_file` writes
     them, given `metadata_bytes` for the metadata: the 8-byte length, the JSON header and the data."""
     code = FORMAT_NAMES[dtype]
     header, offset = {}, 0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from ctm_cli import staging
 from ctm_cli.errors import OutputError
 from ctm_cli.peft_layout import ADAPTER_FILES
-from ctm_cli.safetensors_format import encode
+from ctm_cli.safetensors_format import write_file
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +96,7 @@ def write_adapter(path: Path, weight_files: dict[str, WeightFile], text_files: d
             if isinstance(content, str):
                 (stage.folder / name).write_text(content)
             else:
-                (stage.folder / name).write_bytes(encode(*content))
+                write_file(stage.folder / name, *content)
         for name, text in text_files.items():
             (stage.folder / name).write_text(text, encoding="utf-8")
         staging.install(stage)

@@ -246,11 +246,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-def disk_full(self, data):
-    """Path.write_bytes on a full disk: part of the file is written, then ENOSPC."""
-    with self.open("wb") as handle:
-        handle.write(data[: len(data) // 2])
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+def disk_full(path, tensors, metadata):
+    """Writing the weights on a full disk: part of the file is written, then ENOSPC."""
+    with path.open("wb") as handle:
+        handle.write(b"\0" * 4096)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def interrupted(*args, **kwargs):
@@ -285,9 +285,9 @@ def text_write_failing(self, *args, **kwargs):
 
 # name: (object, attribute, replacement factory, exit code, words in the message)
 INJECTED = {
-    "disk-full-weights": (Path, "write_bytes", lambda: disk_full, 5, ["No space left on device"]),
+    "disk-full-weights": (ctm_cli.writer, "write_file", lambda: disk_full, 5, ["No space left on device"]),
     "disk-full-config": (Path, "write_text", lambda: text_write_failing, 5, ["No space left on device"]),
-    "interrupt-writing": (ctm_cli.writer, "encode", lambda: interrupted, 130, ["interrupted"]),
+    "interrupt-writing": (ctm_cli.writer, "write_file", lambda: interrupted, 130, ["interrupted"]),
     "interrupt-mid-merge": (
         ctm_cli.engine,
         "_load_group",

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from itertools import accumulate, pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import merge_reference as ref
 import numpy as np
@@ -110,6 +111,71 @@ def test_streamed_groups_equal_the_stored_factors(mixed_adapters, several: str) 
         assert factors.b_cat.device.type == DEVICE.type
         assert torch.equal(factors.b_cat.cpu(), b_cat) and torch.equal(factors.a_cat.cpu(), a_cat)
         assert factors.ranks == [4, 6, 2, 4]
+
+
+class _StoredBytes:
+    """A stand-in for a safetensors file's plain reads: tensors stored one after another in a given order, with
+    no alignment (as a writer other than the library may store them)."""
+
+    def __init__(self, tensors: list[tuple[str, torch.Tensor]]):
+        self.entries, self.data, self.reads = {}, b"", 0
+        for key, tensor in tensors:
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            self.entries[key] = (tensor.dtype, tuple(tensor.shape), len(self.data), len(self.data) + len(raw))
+            self.data += raw
+
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.entries[key][:2]
+
+    def data_range(self, key: str) -> tuple[int, int]:
+        return self.entries[key][2:]
+
+    def read_range(self, begin: int, target: torch.Tensor, what: str) -> None:
+        self.reads += 1
+        target.copy_(torch.frombuffer(bytearray(self.data[begin : begin + target.numel()]), dtype=torch.uint8))
+
+    def close(self) -> None:
+        pass
+
+
+def test_tensors_stored_side_by_side_are_read_in_one_go(monkeypatch) -> None:
+    """A wave's factors that a file stores side by side are read with one read each run, whatever their order
+    in the file; a tensor outside the wave, or one whose item size the run's offset does not fit, starts a new
+    run; every factor lands where the groups look for it, aligned to its dtype."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(dtype)
+
+    stored = {
+        "m1.B": tensor((5, 3), torch.float16),  # 30 bytes: the float32 A after it cannot join its run
+        "m1.A": tensor((3, 4), torch.float32),
+        "m0.A": tensor((3, 4), torch.float32),
+        "m0.B": tensor((5, 3), torch.float32),
+        "other": tensor((2, 2), torch.float32),  # not in the wave: a gap
+        "m2.A": tensor((3, 6), torch.bfloat16),
+        "m2.B": tensor((5, 3), torch.bfloat16),
+    }
+    source = _StoredBytes(list(stored.items()))
+    modules = {
+        name: SimpleNamespace(a_key=f"{name}.A", b_key=f"{name}.B", scale=2.0) for name in ("m0", "m1", "m2")
+    }
+    adapter = SimpleNamespace(modules=modules, nbytes=lambda key: stored[key].numel() * stored[key].element_size())
+    monkeypatch.setattr(engine, "_tensor_source", lambda adapter: source)
+    monkeypatch.setattr(engine, "PlainReads", _StoredBytes)
+    wave = [
+        [ModuleSpec("m0", 5, 4, (3,), False), ModuleSpec("m1", 5, 4, (3,), False)],
+        [ModuleSpec("m2", 5, 6, (3,), False)],
+    ]
+    with engine.WaveStream([adapter], [wave], torch.device("cpu")) as stream:
+        (raws,) = list(stream)
+    assert source.reads == 3  # m1.B | m1.A, m0.A, m0.B | m2.A, m2.B
+    for group, raw in zip(wave, raws, strict=True):
+        for spec, (a_piece, b_piece) in zip(group, raw.pieces[0], strict=True):
+            for piece, key in ((a_piece, modules[spec.name].a_key), (b_piece, modules[spec.name].b_key)):
+                assert piece.offset % piece.dtype.itemsize == 0
+                assert torch.equal(piece.view(raw.data), stored[key])
+        assert torch.equal(raw.scales, torch.full((1, len(group)), 2.0))
 
 
 def test_safetensors_inputs_are_never_read_through_mmap(make_adapter, monkeypatch) -> None:
