@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -10,14 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from inspect import Parameter, signature
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
 from ctm_cli import __version__, human, plain_options, progress
-from ctm_cli.deferred_import import defer_import
+from ctm_cli.deferred_import import defer_import, is_loaded
 from ctm_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, CtmError, UsageError
 from ctm_cli.interrupts import interruption, sigterm_as_interrupt
 from ctm_cli.recipe import DEFAULTS, SCHEMA, parse_params, parse_weights
@@ -600,4 +601,25 @@ def _pattern_note(pattern: dict) -> str:
 def main() -> None:
     """Console-script entry point. torch is imported only by the commands that compute (see deferred_import)."""
     defer_import("torch")
-    app(prog_name="ctm")
+    try:
+        app(prog_name="ctm")
+    except SystemExit as done:
+        if not is_loaded("torch"):
+            raise
+        _leave(done.code)
+
+
+def _leave(code: object) -> NoReturn:
+    """End a process that imported torch without tearing the interpreter down: its exit handlers run and its
+    output is flushed, but the half second or more that unloading torch (and a GPU context) takes is skipped.
+    Everything ctm writes is closed and in place by then (staging.py)."""
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            code = code or 1
+    os._exit(code or 0)

@@ -113,6 +113,21 @@ def test_streamed_groups_equal_the_stored_factors(mixed_adapters, several: str) 
         assert factors.ranks == [4, 6, 2, 4]
 
 
+def test_both_ways_of_writing_b_give_the_same_bits(mixed_adapters) -> None:
+    """The GPU's task-at-a-time fill of the scaled B factors equals the CPU's module-at-a-time one, bit for bit."""
+    specs = check_compatible(mixed_adapters)
+    waves = plan.plan_waves(specs, 10**10)
+    with engine.WaveStream(mixed_adapters, waves, torch.device("cpu")) as stream:
+        for wave, raws in zip(waves, stream, strict=True):
+            for group, raw in zip(wave, raws, strict=True):
+                filled = []
+                for write in engine.B_WRITERS.values():
+                    b_cat = torch.full((len(group), group[0].out_features, group[0].total_rank), float("nan"))
+                    write(b_cat, raw, list(range(len(mixed_adapters))))
+                    filled.append(b_cat)
+                assert torch.equal(filled[0], filled[1]) and torch.isfinite(filled[0]).all()
+
+
 class _StoredBytes:
     """A stand-in for a safetensors file's plain reads: tensors stored one after another in a given order, with
     no alignment (as a writer other than the library may store them)."""

@@ -5,26 +5,33 @@ they start is measured by scripts/bench_startup.py, not here."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
+
+from ctm_cli.errors import EXIT_BAD_INPUT
 
 # Runs ctm's entry point in a fresh interpreter, then prints whether torch's code ran, the torch modules imported and
 # which of the modules named in its first argument were imported.
 PROBE = """
-import json, sys
+import json, os, sys
 from ctm_cli.cli import main
 from ctm_cli.deferred_import import is_loaded
 watched, sys.argv = sys.argv[1].split(","), ["ctm", *sys.argv[2:]]
+def report(code):
+    print(json.dumps({"code": code, "torch": is_loaded("torch"),
+                      "modules": sorted(name for name in sys.modules if name.startswith("torch.")),
+                      "loaded": sorted(name for name in watched if name in sys.modules)}), file=sys.stderr, flush=True)
+leave = os._exit  # a command that loaded torch ends the process there (cli._leave)
+os._exit = lambda code: (report(code), leave(code))
 try:
     main()
 except SystemExit as exit:
-    code = exit.code
-print(json.dumps({"code": code, "torch": is_loaded("torch"),
-                  "modules": sorted(name for name in sys.modules if name.startswith("torch.")),
-                  "loaded": sorted(name for name in watched if name in sys.modules)}), file=sys.stderr)
+    report(exit.code)
 """
 # What none of these commands imports besides torch: what only a merge needs (numpy comes with torch; the stages'
 # progress display, the streaming loop), a Hub input (huggingface_hub) or a recipe (yaml), and pydantic (which typer
@@ -77,3 +84,23 @@ def test_the_probe_sees_the_merge_modules_when_a_merge_runs(make_adapter, tmp_pa
     a, b = make_adapter(r=4, alpha=8, seed=1), make_adapter(r=4, alpha=8, seed=2)
     seen = probe(["merge", str(a), str(b), "-o", str(tmp_path / "out"), "--rank", "4", "--device", "cpu", "-q"])
     assert seen["code"] in (0, None) and {"ctm_cli.engine", "yaml"} <= set(seen["loaded"])
+
+
+def test_a_merge_process_ends_with_its_exit_code_and_whole_output(make_adapter, tmp_path: Path):
+    """A command that loaded torch leaves without tearing the interpreter down (cli._leave): its JSON on stdout is
+    whole, its output written, and a failure after torch loaded keeps its exit code and one-line message."""
+    a, b = make_adapter(r=4, alpha=8, seed=1), make_adapter(r=4, alpha=8, seed=2)
+    command = [sys.executable, "-m", "ctm_cli", "merge", str(a), str(b), "--rank", "4", "--device", "cpu", "--json"]
+    done = subprocess.run([*command, "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["summary"]["modules"] > 0 and (tmp_path / "out" / "merge_report.json").exists()
+    bad = tmp_path / "bad"
+    shutil.copytree(b, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    tensors[next(key for key in tensors if "lora_B" in key)][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with_bad = [*command[:5], str(bad), *command[6:], "-o", str(tmp_path / "out2")]  # b replaced by bad
+    failed = subprocess.run(with_bad, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == EXIT_BAD_INPUT, failed.stderr
+    assert failed.stderr.count("\n") == 1 and "NaN or infinite" in failed.stderr and str(bad) in failed.stderr
+    assert not (tmp_path / "out2").exists()
