@@ -24,6 +24,9 @@ from ctm_cli.rules import Rule
 # CtM's default frame rank: the whole core space (0). The quality benchmark (docs/benchmarks.md, issue 11) chose it:
 # with TSV, the rule sees every task's directions and one cut to r keeps the strongest of all of them.
 DEFAULT_FRAME_RANK = 0
+# Float64 copies of a group's factors ctm holds at once: the core space's Gram step (on CUDA; on the CPU a module at
+# a time). The report's figures come from the core space (kept energy, a linear rule's error), not the factors.
+CTM_FACTOR_COPIES = 1
 # Arrays of the stack's size a rule that acts entry by entry holds at once on a dense stack, at most (memory plan).
 DENSE_RULE_COPIES = 8
 
@@ -103,7 +106,7 @@ def _ctm_output(
     # inside: each task's core in the output's column and row spaces, in the frame's orthonormal coordinates.
     whole = space.cores.norms()
     kept = torch.linalg.matrix_norm(inside).square() / whole.square().clamp_min(1e-300)
-    full_rank_loss = None  # the truncation loss: the output is the cut of the rule's full-rank merge
+    full_rank_loss = cut.lost_energy  # the output is the cut of the rule's full-rank merge, F
     if not whole_frame or isotropic or settings.rule.spectral:
         full = rule_at_full_rank(space.cores.dense(), settings)
         full_rank_loss = loss_against_full_rank(cut, full, *((None, None) if whole_frame else (frame.u, frame.v)))
@@ -112,11 +115,14 @@ def _ctm_output(
         settings,
         lora_b,
         lora_a,
+        # a linear rule's F is the exact merge Σ c_t ΔW_t, and the core space's maps are orthonormal: the error
+        # against it is ‖X − F‖ / ‖F‖ in core space, with no product of the out × R or R × in factors
+        relative_error=full_rank_loss.sqrt() if settings.rule.linear else None,
+        full_rank_loss=full_rank_loss,
         kept_energy=torch.where(whole > 0, kept, torch.ones_like(kept)),
         sweeps=frame.sweeps,
         frame_energy=frame.energy / frame.total_energy.clamp_min(1e-300),
         truncation_loss=cut.lost_energy,
-        full_rank_loss=full_rank_loss,
     )
 
 
@@ -142,19 +148,12 @@ def _core_numbers(ranks: tuple[int, ...], rank: int, rule: Rule[Any], params: Ct
             route = dense_rule + 12 * total**2
         reference = dense_rule if rule.spectral or params.isotropic else 0  # the report's full-rank merge
         working = route + reference + 4 * total**2 + 2 * tasks * rank**2
-        return CoreMemory(kept=4 * total**2, working=working, factor_copies=_factor_copies(rule))
+        return CoreMemory(kept=4 * total**2, working=working, factor_copies=CTM_FACTOR_COPIES)
     block = 2 * wide  # HOOI's blocks: up to 2r' columns
     hooi = 6 * total**2 + 4 * tasks * total * wide + (4 * cs.ANDERSON_WINDOW + 32) * total * block
     coordinates = (1 + _dense_rule_copies(rule)) * tasks * wide**2
     working = coordinates + dense_rule + 8 * total**2
-    return CoreMemory(kept=4 * total**2 + hooi, working=working, factor_copies=_factor_copies(rule))
-
-
-def _factor_copies(rule: Rule[Any]) -> int:
-    """Float64 copies of a group's factors ctm holds at once: the core space's Gram step (on CUDA; on the CPU a
-    module at a time), and with a linear rule the report's error against the exact merge (ctm gives the kept
-    energy itself)."""
-    return 2 if rule.linear else 1
+    return CoreMemory(kept=4 * total**2 + hooi, working=working, factor_copies=CTM_FACTOR_COPIES)
 
 
 def _dense_rule_copies(rule: Rule[Any]) -> int:
