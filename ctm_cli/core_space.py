@@ -86,6 +86,13 @@ def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_basis, coordinates
 
 
+def _basis_and_coordinates(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (..., m, k) as Q · K: Q (..., m, k) orthonormal (zero columns for numerically absent directions) and K
+    (..., k, k), from the float64 Gram matrix XᵀX (`gram_frame`)."""
+    to_basis, coordinates = gram_frame(matmul(columns.mT, columns))
+    return matmul(columns, to_basis), coordinates
+
+
 def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> CoreSpace:
     """Lossless core space of concatenated scaled factors b_cat (..., out, R) and a_cat (..., R, in).
 
@@ -448,10 +455,12 @@ class FactoredCores:
 
     def task_svds(self) -> SvdForm:
         """Every core's thin SVD from its factors, C_t = U_t diag(σ_t) V_tᵀ: U_t, V_t (..., T, R, ρ), σ_t (..., T, ρ)
-        decreasing, with ρ = max r_t (σ = 0 past a task's rank). A QR of each task's R × r_t factors and an SVD of
+        decreasing, with ρ = max r_t (σ = 0 past a task's rank). Each task's R × r_t factors split into an
+        orthonormal basis and its r_t × r_t coordinates (from their Gram matrix, as the core space itself: an r_t ×
+        r_t `eigh` that a GPU solves for the whole batch at once, where a QR of R × r_t loops), then an SVD of
         r_t × r_t: R·r_t² work per task instead of an R × R SVD of the core."""
-        q_b, r_b = small_linalg.qr(self._task_columns(self.b))
-        q_a, r_a = small_linalg.qr(self._task_columns(self._scaled_rows(self.a.mT).mT))
+        q_b, r_b = _basis_and_coordinates(self._task_columns(self.b))
+        q_a, r_a = _basis_and_coordinates(self._task_columns(self._scaled_rows(self.a.mT).mT))
         p, s, qh = small_linalg.svd(matmul(r_b, r_a.mT))
         return SvdForm(matmul(q_b, p), s, matmul(q_a, qh.mT))
 

@@ -203,15 +203,20 @@ RANK_SETS = [[4, 4, 4], [6, 1, 3, 2], [12, 12, 12, 12], [16] * 8, [2, 9, 5]]
 
 @pytest.mark.parametrize("ranks", RANK_SETS)
 def test_task_svds_are_the_cores_svds(ranks: list[int]) -> None:
-    """task_svds from the factors: orthonormal U_t and V_t, decreasing σ_t, U_t diag(σ_t) V_tᵀ = C_t, and σ_t the
+    """task_svds from the factors: U_t and V_t orthonormal on the task's nonzero singular values (columns past a
+    task's rank r_t < ρ are zero or unit: their σ is 0), decreasing σ_t, U_t diag(σ_t) V_tᵀ = C_t, and σ_t the
     core's singular values (float64, to 1e-12)."""
     cores = _random_factored_cores(1, ranks)
     tasks = cores.task_svds()
     dense = cores.dense()
     assert torch.allclose(_dense_of(tasks), dense, atol=1e-12 * float(dense.abs().max()))
-    eye = torch.eye(max(ranks), dtype=torch.float64, device=DEVICE)
-    for basis in (tasks.u, tasks.v):  # a task of rank r_t < ρ may leave columns past r_t arbitrary but unit
-        assert torch.allclose(basis.mT @ basis, eye.expand_as(basis.mT @ basis), atol=1e-12)
+    present = (tasks.s > 1e-9 * tasks.s.amax(dim=-1, keepdim=True)).to(tasks.s.dtype)
+    assert int(present.sum()) == cores.b.shape[0] * sum(ranks)  # every task's r_t directions
+    for basis in (tasks.u, tasks.v):
+        kept = basis * present.unsqueeze(-2)
+        assert torch.allclose(kept.mT @ kept, torch.diag_embed(present), atol=1e-12)
+        unused = basis.norm(dim=-2)[present == 0]
+        assert ((unused < 1e-12) | ((unused - 1).abs() < 1e-12)).all()
     assert (tasks.s[..., :-1] >= tasks.s[..., 1:]).all()
     exact = torch.linalg.svdvals(dense)[..., : max(ranks)]
     assert torch.allclose(tasks.s, exact, atol=1e-12 * float(exact.max()))
