@@ -22,7 +22,8 @@ import torch
 
 from ctm_cli.fixed_order import one_torch_thread
 
-# cuSOLVER's batched Jacobi solvers take matrices up to this size on a side: those stay on the device.
+# cuSOLVER's batched Jacobi solvers take matrices up to this size on a side: those stay on the device, but eigh's
+# (see `eigh`).
 DEVICE_BATCHED_MAX_SIZE = 32
 # One n × n matrix (n the longer side) costs LAPACK on one host core about this many times, times n / 128, what it
 # costs cuSOLVER's one-matrix loop (measured on an H200 host: SVD 1.5 at 128, 3 at 256 and 512, 6 at 1024; eigh
@@ -46,8 +47,11 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of a batch of symmetric matrices, as torch.linalg.eigh gives them."""
-    values, vectors = _solve(torch.linalg.eigh, matrix)
+    """Eigenvalues (ascending) and eigenvectors of a batch of symmetric matrices, as torch.linalg.eigh gives them.
+    A CUDA batch of matrices cuSOLVER would batch goes to the host too: its batched Jacobi eigh takes about 0.6 MiB
+    of device workspace per matrix (measured on an H200, torch 2.11: 7.2 MiB for 12 float64 16 × 16 matrices,
+    1.05 GiB for 1 792), which no memory plan holds, where LAPACK needs microseconds a matrix."""
+    values, vectors = _solve(torch.linalg.eigh, matrix, batched_on_host=True)
     return values, vectors
 
 
@@ -88,11 +92,13 @@ def solve_on_host(solver: Solver, matrix: torch.Tensor, cores: int) -> tuple[tor
     return tuple(result.to(matrix.device) for result in solve_in_chunks(solver, matrix.cpu(), cores))
 
 
-def _solve(solver: Solver, matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    cores = usable_cores()
-    if not host_is_faster(matrix.device, max(matrix.shape[-2:]), math.prod(matrix.shape[:-2]), cores):
-        return solver(matrix)
-    return solve_on_host(solver, matrix, cores)
+def _solve(solver: Solver, matrix: torch.Tensor, batched_on_host: bool = False) -> tuple[torch.Tensor, ...]:
+    """`solver` where it is fastest; with `batched_on_host`, also a CUDA batch cuSOLVER would batch on the host."""
+    cores, size = usable_cores(), max(matrix.shape[-2:])
+    batched = matrix.device.type == "cuda" and size <= DEVICE_BATCHED_MAX_SIZE
+    if (batched and batched_on_host) or host_is_faster(matrix.device, size, math.prod(matrix.shape[:-2]), cores):
+        return solve_on_host(solver, matrix, cores)
+    return solver(matrix)
 
 
 def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
