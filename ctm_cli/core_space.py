@@ -88,9 +88,12 @@ def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _basis_and_coordinates(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X (..., m, k) as Q · K: Q (..., m, k) orthonormal (zero columns for numerically absent directions) and K
-    (..., k, k), from the float64 Gram matrix XᵀX (`gram_frame`)."""
-    to_basis, coordinates = gram_frame(matmul(columns.mT, columns))
-    return matmul(columns, to_basis), coordinates
+    (..., k, k), from the Gram matrix of X / max|X| (`gram_frame`; scaled so that squaring neither overflows nor
+    underflows whatever the weights)."""
+    scale = columns.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(columns.dtype).tiny)
+    unit = columns / scale
+    to_basis, coordinates = gram_frame(matmul(unit.mT, unit))
+    return matmul(unit, to_basis), coordinates * scale
 
 
 def core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> CoreSpace:

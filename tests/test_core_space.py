@@ -281,3 +281,14 @@ def test_merge_and_cut_factored_is_merge_and_cut_of_the_dense_cores(rule: str, i
     want = slow.to_b @ slow.to_a
     assert torch.linalg.matrix_norm(fast.to_b @ fast.to_a - want).max() <= 1e-10 * torch.linalg.matrix_norm(want).min()
     assert torch.allclose(fast.lost_energy, slow.lost_energy, atol=1e-12)
+
+
+@pytest.mark.parametrize("factor", [1e200, 1e-200])
+def test_task_svds_hold_extreme_scales(factor: float) -> None:
+    """Task scales whose squares overflow or underflow float64 (weights of 1e200 or 1e-200) give the same SVDs,
+    scaled: the Gram matrices are taken of unit-scaled columns."""
+    cores = _random_factored_cores(3, [4, 6, 2])
+    extreme = replace(cores, scales=cores.scales * factor).task_svds()
+    plain = cores.task_svds()
+    assert torch.allclose(extreme.s / factor, plain.s, rtol=1e-10, atol=0)
+    assert torch.allclose(_dense_of(extreme) / factor, _dense_of(plain), atol=1e-12 * float(plain.s.max()))
