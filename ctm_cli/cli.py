@@ -599,14 +599,24 @@ def _pattern_note(pattern: dict) -> str:
 
 
 def main() -> None:
-    """Console-script entry point. torch is imported only by the commands that compute (see deferred_import)."""
+    """The command line of sys.argv, run in this process: it ends by raising SystemExit with the exit code (as typer
+    does), so a caller may run it again (scripts/quality_merges.py). torch is imported only by the commands that
+    compute (see deferred_import)."""
     defer_import("torch")
+    app(prog_name="ctm")
+
+
+def run() -> None:
+    """The `ctm` console script and `python -m ctm_cli`: `main`, then the process ends; one whose command loaded
+    torch ends without tearing the interpreter down (`_leave`)."""
     try:
-        app(prog_name="ctm")
+        main()
+        code: object = 0
     except SystemExit as done:
-        if not is_loaded("torch"):
-            raise
-        _leave(done.code)
+        code = done.code
+    if not is_loaded("torch"):
+        raise SystemExit(code)
+    _leave(code)
 
 
 def _leave(code: object) -> NoReturn:

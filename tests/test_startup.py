@@ -19,7 +19,7 @@ from ctm_cli.errors import EXIT_BAD_INPUT
 # which of the modules named in its first argument were imported.
 PROBE = """
 import json, os, sys
-from ctm_cli.cli import main
+from ctm_cli.cli import run
 from ctm_cli.deferred_import import is_loaded
 watched, sys.argv = sys.argv[1].split(","), ["ctm", *sys.argv[2:]]
 def report(code):
@@ -29,7 +29,7 @@ def report(code):
 leave = os._exit  # a command that loaded torch ends the process there (cli._leave)
 os._exit = lambda code: (report(code), leave(code))
 try:
-    main()
+    run()
 except SystemExit as exit:
     report(exit.code)
 """
@@ -104,3 +104,19 @@ def test_a_merge_process_ends_with_its_exit_code_and_whole_output(make_adapter, 
     assert failed.returncode == EXIT_BAD_INPUT, failed.stderr
     assert failed.stderr.count("\n") == 1 and "NaN or infinite" in failed.stderr and str(bad) in failed.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_main_runs_again_in_the_same_process(make_adapter, tmp_path: Path):
+    """`cli.main` (unlike the console script's `run`) never ends the process: a caller runs two merges in a row."""
+    a, b = make_adapter(r=4, alpha=8, seed=1), make_adapter(r=4, alpha=8, seed=2)
+    script = (
+        "import sys\nfrom ctm_cli.cli import main\ncodes = []\n"
+        "for out in sys.argv[1:]:\n"
+        f"    sys.argv = ['ctm', 'merge', {str(a)!r}, {str(b)!r}, '--rank', '4', '--device', 'cpu', '-q', '-o', out]\n"
+        "    try:\n        main()\n    except SystemExit as done:\n        codes.append(done.code)\n"
+        "print('codes', codes)\n"
+    )
+    outs = [str(tmp_path / "one"), str(tmp_path / "two")]
+    done = subprocess.run([sys.executable, "-c", script, *outs], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "codes [0, 0]" in done.stdout, (done.stdout, done.stderr)
+    assert all((Path(out) / "adapter_model.safetensors").exists() for out in outs)
