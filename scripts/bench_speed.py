@@ -436,6 +436,19 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def host_processor() -> dict:
+    """The host's CPU model (Linux: /proc/cpuinfo) and the cores this process may use: a GPU merge solves its small
+    decompositions there (small_linalg), so its figures depend on them too."""
+    from ctm_cli.small_linalg import usable_cores
+
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), model)
+    return {"model": model, "cores": usable_cores()}
+
+
 def main() -> None:
     """Generate the adapters, measure, print (and optionally save) the figures."""
     args = parse_args()
@@ -449,11 +462,13 @@ def main() -> None:
     )
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    host = host_processor()
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()} "
         f"{'' if device.type == 'cuda' else 'CPU cores'}), torch {torch.__version__}, shapes {shapes}",
         flush=True,
     )
+    print(f"host {host['model']}, {host['cores']} cores for this process", flush=True)
     started = time.perf_counter()
     folders = make_adapters(shapes, max(counts), args.shared, workdir, device)
     print(f"adapters ready in {time.perf_counter() - started:.1f} s under {workdir}", flush=True)
@@ -477,6 +492,7 @@ def main() -> None:
                 "params": parse_params(args.param),
                 "rule": args.rule,
                 "device": str(device),
+                "host": host,
                 "results": results,
             }
             Path(args.json).write_text(json.dumps(figures, indent=2))
