@@ -113,6 +113,10 @@ def _tensor_source(adapter: Adapter) -> PlainReads | _AdapterTensors:
     return _AdapterTensors(adapter)
 
 
+# Per adapter, per module of a group, its (A, B) pieces; None where the adapter lacks the group.
+_GroupPieces = list[list[tuple[_Piece, _Piece]] | None]
+
+
 @dataclass(frozen=True)
 class _RawGroup:
     """A group's stored factors in one byte buffer (on the device, or the host buffer on the CPU):
@@ -120,7 +124,7 @@ class _RawGroup:
     per-module LoRA scales (T, G)."""
 
     data: torch.Tensor
-    pieces: list[list[tuple[_Piece, _Piece]] | None]
+    pieces: _GroupPieces
     scales: torch.Tensor
 
 
@@ -197,7 +201,7 @@ class WaveStream:
                     tensor.record_stream(torch.cuda.current_stream(self._device))
             yield raws
 
-    def _layout(self, wave: list[list[ModuleSpec]]) -> tuple[list[list[list[tuple[_Piece, _Piece]] | None]], list, int]:
+    def _layout(self, wave: list[list[ModuleSpec]]) -> tuple[list[_GroupPieces], list[list[_Span]], int]:
         """Where every factor of a wave goes in the staging buffer: per group, per adapter, per module, its (A, B)
         pieces; per input, the spans to read (tensors in the order the file stores them, those stored side by side
         in one span, so a wave that needs a whole file reads it in one go); and the buffer's size."""
@@ -216,7 +220,7 @@ class WaveStream:
                 else:
                     offset = _aligned(offset)
                     piece = replace(piece, offset=offset)
-                    runs.append(_Span(offset, piece.nbytes, stored and stored[0], key))
+                    runs.append(_Span(offset, piece.nbytes, None if stored is None else stored[0], key))
                 placed[index, key] = piece
                 offset += piece.nbytes
             spans.append(runs)
