@@ -8,6 +8,7 @@ data; plus `__metadata__`, a map of strings) and the data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -207,10 +208,21 @@ _LAYOUT_ORDER = [
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
 ]  # fmt: skip
 _TORCH_CODES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
-    "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
-    "float32": "F32", "float64": "F64", "int64": "I64", "uint64": "U64",
+    **FORMAT_NAMES, "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
+    "int16": "I16", "uint16": "U16", "int32": "I32", "uint32": "U32", "int64": "I64", "uint64": "U64",
 }  # fmt: skip
+
+
+def _header_entries(tensors: list[tuple[str, str, list[int]]]) -> tuple[dict[str, Any], int]:
+    """The header's entry of each tensor (key, dtype code, shape), their data laid out one after another in the
+    given order, and the data's size in bytes."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for key, code, shape in tensors:
+        size = math.prod(shape) * ITEM_SIZES[code]
+        entries[key] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return entries, offset
 
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -219,12 +231,8 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     of the whole file in memory."""
     codes = {key: _TORCH_CODES[dtype_name(tensor.dtype)] for key, tensor in tensors.items()}
     order = sorted(tensors, key=lambda key: (-_LAYOUT_ORDER.index(codes[key]), key))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for key in order:
-        size = tensors[key].numel() * tensors[key].element_size()
-        header[key] = {"dtype": codes[key], "shape": list(tensors[key].shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    entries, _ = _header_entries([(key, codes[key], list(tensors[key].shape)) for key in order])
+    header = {"__metadata__": dict(sorted(metadata.items())), **entries}
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)
     with path.open("wb") as handle:
@@ -238,9 +246,5 @@ def encoded_size(shapes: Mapping[str, tuple[int, int]], dtype: str, metadata_byt
     """Size of a file with these tensors of dtype `dtype` (a name: `float32`...), in key order as `write_file` writes
     them, given `metadata_bytes` for the metadata: the 8-byte length, the JSON header and the data."""
     code = FORMAT_NAMES[dtype]
-    header, offset = {}, 0
-    for key in sorted(shapes):
-        size = shapes[key][0] * shapes[key][1] * ITEM_SIZES[code]
-        header[key] = {"dtype": code, "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
-        offset += size
-    return 8 + len(json.dumps(header, separators=(",", ":"))) + metadata_bytes + offset
+    entries, data_bytes = _header_entries([(key, code, list(shapes[key])) for key in sorted(shapes)])
+    return 8 + len(json.dumps(entries, separators=(",", ":"))) + metadata_bytes + data_bytes
