@@ -1,4 +1,4 @@
-"""Batches of small SVDs, QRs and symmetric eigendecompositions, solved where they are fastest.
+"""Batches of small SVDs and symmetric eigendecompositions, solved where they are fastest.
 
 cuSOLVER batches these only up to 32 × 32 and solves larger matrices one at a time, each call bound by its
 latency: about 2.5 ms per 128 × 128 SVD and 1.5 ms per eigh on an H200, so the few hundred modules of a wave
@@ -53,12 +53,6 @@ def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     1.05 GiB for 1 792), which no memory plan holds, where LAPACK needs microseconds a matrix."""
     values, vectors = _solve(torch.linalg.eigh, matrix, batched_on_host=True)
     return values, vectors
-
-
-def qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduced QR (Q, R) of a batch of matrices, as torch.linalg.qr gives it."""
-    q, r = _solve(torch.linalg.qr, matrix)
-    return q, r
 
 
 def host_is_faster(device: torch.device, size: int, batch: int, cores: int) -> bool:

@@ -89,16 +89,11 @@ def test_svd_and_eigh_match_float64_on_the_test_device(size):
     assert torch.all(values[..., 1:] >= values[..., :-1])
 
 
-def test_qr_matches_torch_on_the_cpu_and_float64_on_the_test_device():
+def test_solving_on_the_host_returns_what_torch_gives_on_the_cpu():
+    """The host route of any solver (here a QR, as the router would send one) gives torch's own results."""
     matrix = torch.randn(3, 8, 128, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    for got, want in zip(small_linalg.qr(matrix), torch.linalg.qr(matrix), strict=True):
-        assert torch.equal(got, want)
     for got, want in zip(small_linalg.solve_on_host(torch.linalg.qr, matrix, 4), torch.linalg.qr(matrix), strict=True):
         assert torch.equal(got, want)
-    q, r = small_linalg.qr(matrix.to(DEVICE, torch.float32))
-    assert q.device.type == DEVICE.type and q.shape == matrix.shape and r.shape == (3, 8, 16, 16)
-    assert torch.allclose((q @ r).cpu().double(), matrix, rtol=0, atol=1e-5 * matrix.abs().max().item())
-    assert torch.allclose(torch.triu(r), r)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
