@@ -151,12 +151,6 @@ def _group_keys(adapter: Adapter, group: list[ModuleSpec]) -> list[str]:
     return [key for spec in group for key in (adapter.modules[spec.name].a_key, adapter.modules[spec.name].b_key)]
 
 
-def _factor_bytes(adapter: Adapter, group: list[ModuleSpec]) -> int:
-    """Bytes of the stored factors `adapter` has of a group's modules."""
-    modules = [adapter.modules[spec.name] for spec in group if spec.name in adapter.modules]
-    return sum(adapter.nbytes(module.a_key) + adapter.nbytes(module.b_key) for module in modules)
-
-
 def _aligned(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
 
@@ -175,7 +169,9 @@ class WaveStream:
         # the files themselves are read in parallel (file reads release the GIL)
         self._files = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(adapters)), thread_name_prefix="ctm-file")
         groups = [group for wave in waves for group in wave]
-        self._total_bytes = sum(_factor_bytes(adapter, group) for group in groups for adapter in adapters)
+        self._total_bytes = sum(
+            adapter.nbytes(key) for group in groups for adapter in adapters for key in _group_keys(adapter, group)
+        )
         self._read_bytes = 0
         self._count_lock = threading.Lock()
 
