@@ -18,6 +18,9 @@ from ctm_cli.fixed_order import matmul
 # Directions of B_cat / A_cat whose squared singular value is below this fraction of the largest
 # are treated as numerically absent (they carry < 1e-12 of the energy).
 GRAM_RELATIVE_TOLERANCE = 1e-12
+# `_symmetric_frame` takes a Gram matrix of condition number at most this (two orders below the directions the
+# eigh route drops, and orthonormal to ~1e-6 in float64); the rest take the eigh route.
+GRAM_CONDITION_LIMIT = 1e10
 # HOOI's half-sweeps on core spaces up to this size (or twice the block) solve eigh directly; larger ones
 # take one step of block subspace iteration from the previous sweep's block (see refine_eigenvectors).
 # The block (2r, at most 32, at least r) keeps the Rayleigh–Ritz eigh batched on CUDA (cuSOLVER batches
@@ -69,12 +72,31 @@ class SharedFrame:
     total_energy: torch.Tensor  # (...,) Σ‖C̃_t‖²
 
 
-def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_frame(gram: torch.Tensor, any_basis: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """From X's Gram matrix XᵀX, the map to an orthonormal basis (Q = X @ map) and Qᵀ X itself.
 
     Q is X's left singular basis, its columns in decreasing order of singular value (numerically
-    absent directions give zero columns, at the end).
+    absent directions give zero columns, at the end). With `any_basis` (for callers whose results do not depend on
+    the basis) a CPU still gets that; an accelerator gets Q = X G^-½ (`_symmetric_frame`).
     """
+    if any_basis and small_linalg.iterates_on(gram.device):
+        return _symmetric_frame(gram)
+    return _singular_frame(gram)
+
+
+def _symmetric_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gram_frame` as G^-½ and G^½ (Q = X G^-½ is X's polar factor: orthonormal, X's span), by Newton–Schulz
+    iterations (batched products, where a GPU's eigh loops over the matrices); the matrices they do not settle on,
+    singular or within GRAM_CONDITION_LIMIT of it (where `_singular_frame` may drop directions), take the eigh."""
+    root, inverse_root, settled = small_linalg.square_roots(gram, GRAM_CONDITION_LIMIT)
+    if not bool(settled.all()):
+        unsettled = ~settled
+        inverse_root[unsettled], root[unsettled] = _singular_frame(gram[unsettled])
+    return inverse_root, root
+
+
+def _singular_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gram_frame` from the eigendecomposition of G: Q is X's left singular basis."""
     eigenvalues, eigenvectors = small_linalg.eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
     largest = eigenvalues[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
@@ -87,12 +109,12 @@ def gram_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _basis_and_coordinates(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """X (..., m, k) as Q · K: Q (..., m, k) orthonormal (zero columns for numerically absent directions) and K
-    (..., k, k), from the Gram matrix of X / max|X| (`gram_frame`; scaled so that squaring neither overflows nor
-    underflows whatever the weights)."""
+    """X (..., m, k) as Q · K: Q (..., m, k) an orthonormal basis of X's span (zero columns for numerically absent
+    directions) and K (..., k, k), from the Gram matrix of X / max|X| (`gram_frame`, any basis; scaled so that
+    squaring neither overflows nor underflows whatever the weights)."""
     scale = columns.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(columns.dtype).tiny)
     unit = columns / scale
-    to_basis, coordinates = gram_frame(matmul(unit.mT, unit))
+    to_basis, coordinates = gram_frame(matmul(unit.mT, unit), any_basis=True)
     return matmul(unit, to_basis), coordinates * scale
 
 
@@ -496,10 +518,13 @@ class FactoredCoreSpace:
     cores: FactoredCores
 
 
-def factored_core_space(b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int]) -> FactoredCoreSpace:
-    """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores."""
-    left, r_b = gram_frame(float64_gram(b_cat))
-    right, r_a = gram_frame(float64_gram(a_cat.mT))
+def factored_core_space(
+    b_cat: torch.Tensor, a_cat: torch.Tensor, ranks: list[int], any_basis: bool = False
+) -> FactoredCoreSpace:
+    """`core_space` without forming the T cores: the same frames, cores.dense() equals its cores; with `any_basis`,
+    for a merge whose result does not depend on the basis, any orthonormal one (`gram_frame`)."""
+    left, r_b = gram_frame(float64_gram(b_cat), any_basis)
+    right, r_a = gram_frame(float64_gram(a_cat.mT), any_basis)
     scales = torch.ones(*r_b.shape[:-2], len(ranks), dtype=torch.float64, device=r_b.device)
     progress.add("core spaces", math.prod(b_cat.shape[:-2]), "modules")
     return FactoredCoreSpace(left=left, right=right, cores=FactoredCores(r_b, r_a, list(ranks), scales))
@@ -664,12 +689,6 @@ def numerical_rank_mask(singular_values: torch.Tensor, size: int) -> torch.Tenso
     eps = torch.finfo(singular_values.dtype).eps
     largest = singular_values[..., :1]
     return singular_values > size * eps * largest
-
-
-def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The nearest matrix with orthonormal columns: P Qᵀ from the SVD P Σ Qᵀ (Procrustes)."""
-    p, _, qh = small_linalg.svd(matrix)
-    return matmul(p, qh)
 
 
 def _frobenius_squared(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ctm_cli import small_linalg
-from ctm_cli.core_space import FactoredCores, SvdForm, numerical_rank_mask, polar
+from ctm_cli.core_space import FactoredCores, SvdForm, numerical_rank_mask
 from ctm_cli.errors import UsageError
 from ctm_cli.fixed_order import matmul
 from ctm_cli.params import Param, Params, param
@@ -48,6 +48,8 @@ class Rule(Generic[P]):
     `parameters`: the rule's `Params` dataclass.
     `factored` (optional): the same rule on the cores of a core space given by their factors (FactoredCores), with
     its result in SVD form: a faster route to the same result that never forms the T dense cores.
+    `equivariant`: neither linear nor spectral, the rule still commutes with orthonormal changes of basis (TSV:
+    SVDs and polar factors rotate with the basis); see `basis_free`.
     """
 
     name: str
@@ -57,6 +59,13 @@ class Rule(Generic[P]):
     parameters: type[P]
     spectrum: SpectrumMap[P] | None = None
     factored: FactoredRule[P] | None = None
+    equivariant: bool = False
+
+    @property
+    def basis_free(self) -> bool:
+        """Whether the rule commutes with orthonormal changes of basis, so that a core space in any orthonormal
+        basis gives the same merge (a rule acting entry by entry sees the basis)."""
+        return self.linear or self.spectral or self.equivariant
 
     @property
     def spectral(self) -> bool:
@@ -161,11 +170,12 @@ def register(
     parameters: type[P],
     spectrum: SpectrumMap[P] | None = None,
     factored: FactoredRule[P] | None = None,
+    equivariant: bool = False,
 ) -> Callable[[RuleFunction[P]], RuleFunction[P]]:
     """Decorator adding a rule function to the registry under `name`, with its parameters' dataclass."""
 
     def add(function: RuleFunction[P]) -> RuleFunction[P]:
-        RULES[name] = Rule(name, function, doc, linear, parameters, spectrum, factored)
+        RULES[name] = Rule(name, function, doc, linear, parameters, spectrum, factored, equivariant)
         return function
 
     return add
@@ -345,7 +355,7 @@ def _orthogonalised_triplets(tasks: SvdForm, size: int, scale: float) -> SvdForm
     u_cat = (u * present).transpose(-3, -2).reshape(*u.shape[:-3], m, count * keep)
     v_cat = (v * present).transpose(-3, -2).reshape(*v.shape[:-3], n, count * keep)
     sigma = s.reshape(*s.shape[:-2], count * keep)
-    return SvdForm(polar(u_cat), scale * sigma, polar(v_cat))
+    return SvdForm(small_linalg.polar(u_cat), scale * sigma, small_linalg.polar(v_cat))
 
 
 @register(
@@ -354,6 +364,7 @@ def _orthogonalised_triplets(tasks: SvdForm, size: int, scale: float) -> SvdForm
     linear=False,
     parameters=Scaled,
     factored=_tsv_factored,
+    equivariant=True,
 )
 def task_singular_vectors(
     stack: torch.Tensor, weights: torch.Tensor, params: Scaled, generator: torch.Generator | None

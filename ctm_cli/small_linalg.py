@@ -1,4 +1,4 @@
-"""Batches of small SVDs and symmetric eigendecompositions, solved where they are fastest.
+"""Batches of small SVDs, symmetric eigendecompositions and polar factors, solved where they are fastest.
 
 cuSOLVER batches these only up to 32 × 32 and solves larger matrices one at a time, each call bound by its
 latency: about 2.5 ms per 128 × 128 SVD and 1.5 ms per eigh on an H200, so the few hundred modules of a wave
@@ -6,6 +6,7 @@ spend seconds there. LAPACK on the host takes a little longer per matrix on one 
 the cores: a batch of CUDA matrices is solved on the host, cut into one chunk per core, each chunk on one thread,
 where that is estimated to be clearly faster (`host_is_faster`: 6–15× on 16 cores for a wave of 128 × 128
 matrices; docs/benchmarks.md). CPU tensors, matrices cuSOLVER batches, and the rest are solved where they are.
+Polar factors on a GPU need no solver at all: Newton–Schulz iterations are batched matrix products (`polar`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ctm_cli.fixed_order import one_torch_thread
+from ctm_cli.fixed_order import matmul, one_torch_thread
 
 # cuSOLVER's batched Jacobi solvers take matrices up to this size on a side: those stay on the device, but eigh's
 # (see `eigh`).
@@ -31,6 +32,14 @@ DEVICE_BATCHED_MAX_SIZE = 32
 HOST_COST_RATIO_AT_128 = 1.5
 # The host is chosen only where the estimate makes it at least this many times faster (transfers, threads).
 HOST_MARGIN = 2.0
+# Newton–Schulz iterations (`newton_schulz_polar`, `square_roots`): steps between two checks (a check waits for the
+# device), the most they run, and the distance from I (‖YᵀY − I‖_F, ‖ZY − I‖_F) below which three more steps take
+# them to rounding (the error squares: 1e-3 → 1e-6 → 1e-12 → rounding). Singular values down to ~1e-9 of the
+# largest settle within the limit.
+SETTLE_CHECK_EVERY = 8
+SETTLE_MAX_STEPS = 64
+SETTLED_DRIFT = 1e-3
+POLISH_STEPS = 3
 
 if TYPE_CHECKING:  # torch.Tensor at run time would import torch (see deferred_import)
     Solver = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
@@ -53,6 +62,99 @@ def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     1.05 GiB for 1 792), which no memory plan holds, where LAPACK needs microseconds a matrix."""
     values, vectors = _solve(torch.linalg.eigh, matrix, batched_on_host=True)
     return values, vectors
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The polar factor P Qᵀ of a batch of matrices (thin SVD P Σ Qᵀ): the nearest matrices with orthonormal columns
+    (rows, if wide). On the CPU from LAPACK's SVD; elsewhere by Newton–Schulz iterations, with the SVD for the
+    matrices they do not settle on (see `polar_by_iteration`)."""
+    return polar_by_iteration(matrix) if iterates_on(matrix.device) else _svd_polar(matrix)
+
+
+def iterates_on(device: torch.device) -> bool:
+    """Whether polar factors and matrix square roots are computed by Newton–Schulz iterations on `device`: on an
+    accelerator (batched products beat its one-matrix-at-a-time solvers), not on the CPU (LAPACK is faster there)."""
+    return device.type != "cpu"
+
+
+def polar_by_iteration(matrix: torch.Tensor) -> torch.Tensor:
+    """`polar` by Newton–Schulz iterations (a few dozen batched products for the whole batch, where a GPU's SVD
+    loops over the matrices at ~2.5 ms each), and by the SVD for the matrices they leave unsettled: rank-deficient
+    ones, whose polar factor only the SVD's arbitrary completion fixes, and very ill-conditioned ones."""
+    wide = matrix.shape[-2] < matrix.shape[-1]
+    tall = matrix.mT if wide else matrix
+    if tall.numel() == 0:
+        return _svd_polar(matrix)
+    factor, settled = newton_schulz_polar(tall)
+    if not bool(settled.all()):
+        unsettled = ~settled
+        factor[unsettled] = _svd_polar(tall[unsettled])
+    return factor.mT if wide else factor
+
+
+def newton_schulz_polar(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newton–Schulz's Y ← Y (3I − YᵀY) / 2 from X / √‖XᵀX‖_∞ (every singular value in (0, 1]) for a batch of
+    tall matrices X (..., m, k), m ≥ k, and whether each settled (`_settle`). A settled Y is X's polar factor (the
+    iteration maps every positive singular value to 1 and keeps the singular vectors); a zero singular value stays
+    zero, so a rank-deficient X never settles."""
+    eye = torch.eye(tall.shape[-1], dtype=tall.dtype, device=tall.device)
+
+    def step(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        (factor,) = state
+        return (matmul(factor, 1.5 * eye - 0.5 * matmul(factor.mT, factor)),)
+
+    def drift(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.linalg.matrix_norm(matmul(state[0].mT, state[0]) - eye)
+
+    start = tall / _largest_eigenvalue_bound(matmul(tall.mT, tall)).sqrt()[..., None, None]
+    (factor,), settled = _settle(step, drift, (start,))
+    return factor, settled
+
+
+def square_roots(gram: torch.Tensor, condition_limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G^½, G^-½ of a batch of symmetric positive semi-definite matrices by the coupled Newton–Schulz iteration
+    (Y ← Y T, Z ← T Z with T = (3I − Z Y) / 2, from Y = G / c, Z = I, c ≥ G's largest eigenvalue: batched products
+    only), and whether each settled (`_settle`) with a condition number at most `condition_limit` (cond(G) ≤
+    c · ‖G^-½‖²_F). A singular G never settles (a zero eigenvalue stays zero)."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+
+    def step(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        root, inverse = state
+        half = 1.5 * eye - 0.5 * matmul(inverse, root)
+        return matmul(root, half), matmul(half, inverse)
+
+    def drift(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.linalg.matrix_norm(matmul(state[1], state[0]) - eye)
+
+    bound = _largest_eigenvalue_bound(gram)[..., None, None]
+    (root, inverse), settled = _settle(step, drift, (gram / bound, eye.expand_as(gram)))
+    settled = settled & (torch.linalg.matrix_norm(inverse).square() <= condition_limit)
+    return root * bound.sqrt(), inverse / bound.sqrt(), settled
+
+
+def _settle(
+    step: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]],
+    drift: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+    state: tuple[torch.Tensor, ...],
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Repeat `step` until every matrix's `drift` is at most SETTLED_DRIFT (checked every SETTLE_CHECK_EVERY steps:
+    a check waits for the device) or SETTLE_MAX_STEPS, then POLISH_STEPS more steps (quadratic convergence
+    takes a settled matrix to rounding). Returns the state and which matrices settled."""
+    settled = torch.zeros(state[0].shape[:-2], dtype=torch.bool, device=state[0].device)
+    for _ in range(0, SETTLE_MAX_STEPS, SETTLE_CHECK_EVERY):
+        for _ in range(SETTLE_CHECK_EVERY):
+            state = step(state)
+        settled = drift(state) <= SETTLED_DRIFT
+        if bool(settled.all()):
+            break
+    for _ in range(POLISH_STEPS):
+        state = step(state)
+    return state, settled
+
+
+def _largest_eigenvalue_bound(symmetric: torch.Tensor) -> torch.Tensor:
+    """An upper bound on each symmetric matrix's largest eigenvalue: its largest absolute row sum (Gershgorin)."""
+    return symmetric.abs().sum(dim=-1).amax(dim=-1).clamp_min(torch.finfo(symmetric.dtype).tiny)
 
 
 def host_is_faster(device: torch.device, size: int, batch: int, cores: int) -> bool:
@@ -97,6 +199,12 @@ def _solve(solver: Solver, matrix: torch.Tensor, batched_on_host: bool = False) 
 
 def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def _svd_polar(matrix: torch.Tensor) -> torch.Tensor:
+    """P Qᵀ from the thin SVD P Σ Qᵀ (Procrustes)."""
+    p, _, qh = svd(matrix)
+    return matmul(p, qh)
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:

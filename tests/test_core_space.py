@@ -87,6 +87,52 @@ def test_core_space_handles_rank_deficient_inputs() -> None:
 
 
 @SETTINGS
+@given(factor_sets())
+def test_factored_core_space_in_any_basis_is_lossless(factors: tuple) -> None:
+    """The accelerator's bases (Newton–Schulz frames, forced here on the test device): each side's basis is
+    orthonormal (zero columns where the eigh route took a rank-deficient side), spans the factors and rebuilds
+    every ΔW_t."""
+    b, a, _ = factors
+    group = _group(b, a)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(cs.small_linalg, "iterates_on", lambda device: True)
+        space = cs.factored_core_space(group.b_cat, group.a_cat, group.ranks, any_basis=True)
+    q_b = group.b_cat[0].double() @ space.left[0]
+    q_a = group.a_cat[0].double().T @ space.right[0]
+    for q in (q_b, q_a):
+        gram = (q.T @ q).cpu().numpy()
+        assert np.allclose(gram, np.diag(np.round(np.diag(gram))), atol=1e-4)
+    cores = space.cores.dense()
+    for t, (b_t, a_t) in enumerate(zip(b, a, strict=True)):
+        assert _relative((q_b @ cores[0, t] @ q_a.T).cpu().numpy(), b_t @ a_t) < 1e-5
+
+
+def test_symmetric_frame_takes_the_eigh_route_where_the_iteration_cannot_settle() -> None:
+    """In one batch: a well-conditioned Gram gets G^-½ and G^½ (Q = X G^-½ orthonormal, Q G^½ = X); a singular one
+    (a repeated column) and a zero one get the singular frame bit for bit, as alone."""
+    generator = torch.Generator().manual_seed(12)
+    columns = torch.randn(3, 30, 8, generator=generator, dtype=torch.float64)
+    columns[1, :, 3] = columns[1, :, 0]
+    columns[2] = 0
+    grams = columns.mT @ columns
+    to_basis, coordinates = cs._symmetric_frame(grams)
+    basis = columns[0] @ to_basis[0]
+    assert torch.allclose(basis.T @ basis, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(basis @ coordinates[0], columns[0], atol=1e-12)
+    assert torch.allclose(to_basis[0], torch.linalg.inv(coordinates[0]), atol=1e-10)
+    for index in (1, 2):
+        alone = cs._singular_frame(grams[index : index + 1])
+        assert torch.equal(to_basis[index], alone[0][0]) and torch.equal(coordinates[index], alone[1][0])
+
+
+def test_gram_frame_on_the_cpu_keeps_the_singular_basis_in_any_case() -> None:
+    gram = torch.randn(4, 9, 9, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    gram = gram @ gram.mT
+    for got, want in zip(cs.gram_frame(gram, any_basis=True), cs._singular_frame(gram), strict=True):
+        assert torch.equal(got, want)
+
+
+@SETTINGS
 @given(factor_sets(), st.integers(1, 4))
 def test_hooi_never_keeps_less_than_hosvd(factors: tuple, rank: int) -> None:
     b, a, _ = factors

@@ -15,6 +15,7 @@ import torch
 from helpers import PREFIX, inputs_of, read_adapter, relative, run_ctm, written_deltas
 
 from ctm_cli import core_space as cs
+from ctm_cli import small_linalg
 from ctm_cli.errors import UsageError
 from ctm_cli.methods import METHODS, FactorGroup, MergeSettings, get_method, resolve_settings
 from ctm_cli.rules import RULES, get_rule
@@ -219,6 +220,34 @@ def test_ctm_whole_frame_is_core_space_merge(rule: str, case: str) -> None:
     [core], _ = merge("core", rule, data)
     assert relative(whole, core) < 1e-5 and np.array_equal(whole, beyond)
     assert (result.sweeps == 0).all()
+
+
+@pytest.mark.parametrize("params", [{}, {"frame_rank": 6}], ids=["R", "wider"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("case", ["T3", "T4", "equal"])
+def test_ctm_in_the_accelerators_bases_gives_the_same_merge(rule: str, case: str, params: dict, monkeypatch) -> None:
+    """The Newton–Schulz core-space frames and polar factors an accelerator takes (forced here on the test
+    device): a rule that does not see the basis gives the same merge and report as in the singular bases; a rule
+    acting entry by entry keeps the singular bases, bit for bit."""
+    data = LARGER["T8"] if case == "equal" else CASES[case]
+    [want], expected_result = merge("ctm", rule, data, params=params)
+    settled: list[bool] = []
+    square_roots = small_linalg.square_roots
+
+    def watched(gram: torch.Tensor, limit: float) -> tuple[torch.Tensor, ...]:
+        roots = square_roots(gram, limit)
+        settled.extend(roots[2].flatten().tolist())
+        return roots
+
+    monkeypatch.setattr(small_linalg, "iterates_on", lambda device: True)
+    monkeypatch.setattr(small_linalg, "square_roots", watched)
+    [got], result = merge("ctm", rule, data, params=params)
+    if not RULES[rule].basis_free:
+        assert np.array_equal(got, want) and not settled
+        return
+    assert any(settled)  # the core space's frames came from the iteration
+    assert relative(got, want) < 1e-5
+    assert torch.allclose(result.kept_energy, expected_result.kept_energy, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("rule", ["tsv", "ties", "ta"])

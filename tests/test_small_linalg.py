@@ -4,6 +4,7 @@ of CUDA tensors against float64 references."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -137,3 +138,91 @@ def test_small_eighs_take_no_device_workspace():
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before <= 4 * (values.nbytes + vectors.nbytes)
     assert values.device == gram.device and torch.allclose(values, torch.linalg.eigvalsh(gram), rtol=1e-10)
+
+
+def _conditioned(batch: int, rows: int, columns: int, condition: float, seed: int) -> torch.Tensor:
+    """Random float64 matrices with singular values spread geometrically from 1 down to 1 / condition."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(rows, columns)
+    left = torch.linalg.qr(torch.randn(batch, rows, size, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(batch, columns, size, generator=generator, dtype=torch.float64))[0]
+    values = torch.logspace(0, -math.log10(condition), size, dtype=torch.float64) if size > 1 else torch.ones(1)
+    return (left * values.to(torch.float64)) @ right.mT
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    rows=st.integers(1, 40),
+    columns=st.integers(1, 40),
+    condition=st.sampled_from([1.0, 10.0, 1e4, 1e7]),
+    seed=st.integers(0, 2**16),
+)
+def test_polar_by_iteration_equals_the_svd_polar(batch, rows, columns, condition, seed):
+    """Tall, wide and square matrices of condition up to 1e7: the iteration settles on the SVD's polar factor."""
+    matrix = _conditioned(batch, rows, columns, condition, seed)
+    expected = small_linalg._svd_polar(matrix)
+    got = small_linalg.polar_by_iteration(matrix)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-13 * condition * max(rows, columns)
+
+
+def test_polar_by_iteration_hands_unsettled_matrices_to_the_svd():
+    """Rank-deficient (a repeated column, a zero matrix), non-finite and extremely ill-conditioned matrices do not
+    settle; each gets the SVD's polar factor bit for bit, and the batch's settled matrices keep theirs."""
+    well = _conditioned(3, 24, 12, 10.0, seed=5)
+    repeated = well[0].clone()
+    repeated[:, 1] = repeated[:, 0]
+    extreme = _conditioned(1, 24, 12, 1e14, seed=6)[0]
+    batch = torch.stack([well[0], repeated, torch.zeros(24, 12), well[1], extreme, well[2]])
+    _, settled = small_linalg.newton_schulz_polar(batch)
+    assert settled.tolist() == [True, False, False, True, False, True]
+    got = small_linalg.polar_by_iteration(batch)
+    for index in (1, 2, 4):
+        assert torch.equal(got[index], small_linalg._svd_polar(batch[index : index + 1])[0])
+    assert torch.allclose(got[[0, 3, 5]], small_linalg._svd_polar(well), rtol=0, atol=1e-12)
+    with_nan = well.clone()
+    with_nan[1, 0, 0] = float("nan")
+    assert small_linalg.newton_schulz_polar(with_nan)[1].tolist() == [True, False, True]
+
+
+def test_polar_on_the_cpu_is_the_svd_polar():
+    matrix = torch.randn(5, 30, 20, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert torch.equal(small_linalg.polar(matrix), small_linalg._svd_polar(matrix))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 128, 128), (3, 40, 16), (2, 16, 40)])
+def test_polar_matches_float64_on_the_test_device(dtype, shape):
+    """`polar` where the test device puts it (CUDA: Newton–Schulz) against LAPACK's in float64."""
+    matrix = _conditioned(shape[0], shape[1], shape[2], 100.0, seed=shape[1])
+    got = small_linalg.polar(matrix.to(DEVICE, dtype))
+    assert got.device.type == DEVICE.type and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (got.cpu().double() - small_linalg._svd_polar(matrix)).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e4, 1e8])
+def test_square_roots_settle_on_positive_definite_matrices(condition):
+    """G^½ squares back to G and G^-½ inverts it, to the precision the condition number allows."""
+    half = _conditioned(5, 20, 20, math.sqrt(condition), seed=8)
+    gram = half.mT @ half
+    root, inverse, settled = small_linalg.square_roots(gram, condition_limit=1e10)
+    assert settled.all()
+    scale = torch.linalg.matrix_norm(gram, ord=2)
+    assert (torch.linalg.matrix_norm(root @ root - gram) / scale).max() <= 1e-13 * condition
+    eye = torch.eye(20, dtype=torch.float64)
+    assert (inverse @ root - eye).abs().max() <= 1e-14 * condition
+    for matrix in (root, inverse):  # symmetric as G is, to the same precision
+        assert (matrix - matrix.mT).abs().max() <= 1e-15 * condition * matrix.abs().max()
+
+
+def test_square_roots_leave_singular_and_too_ill_conditioned_matrices_unsettled():
+    """A zero or rank-deficient G never settles; one that settles but whose condition number exceeds the limit is
+    reported unsettled too."""
+    well = _conditioned(1, 12, 12, 10.0, seed=9)[0]
+    deficient = _conditioned(1, 12, 6, 10.0, seed=10)[0]
+    ill = _conditioned(1, 12, 12, 1e4, seed=11)[0]
+    grams = torch.stack([m @ m.mT for m in (well, deficient, torch.zeros(12, 12), ill)])
+    assert small_linalg.square_roots(grams, condition_limit=1e10)[2].tolist() == [True, False, False, True]
+    assert small_linalg.square_roots(grams, condition_limit=1e6)[2].tolist() == [True, False, False, False]

@@ -69,7 +69,10 @@ def compress_then_merge_groups(groups: list[FactorGroup], settings: list[MergeSe
     output. The frames of all groups come from one batched HOOI (`cs.shared_frames_factored`), so groups of
     other shapes cost no extra sweeps. The T cores stay factored (two R × R factors instead of T·R² numbers),
     so memory does not grow with T²."""
-    spaces = [cs.factored_core_space(group.b_cat, group.a_cat, group.ranks) for group in groups]
+    spaces = [
+        cs.factored_core_space(group.b_cat, group.a_cat, group.ranks, any_basis=each.rule.basis_free)
+        for group, each in zip(groups, settings, strict=True)
+    ]
     params = [each.method_params_as(CtmParams) for each in settings]
     stopping = params[0]  # one merge's groups share everything but the rank
     frame_ranks = [frame_rank(s.rank, sum(g.ranks), p) for g, s, p in zip(groups, settings, params, strict=True)]

@@ -68,7 +68,7 @@ def iso_cts(group: FactorGroup, settings: MergeSettings) -> MergeResult:
     right = torch.cat([vh[..., :common, :].mT, *rvh[..., :per_task, :].mT.unbind(dim=-3)], dim=-1)
     sigma = torch.cat([s[..., :common], rs[..., :per_task].flatten(-2)], dim=-1).mean(dim=-1)
     root = sigma.sqrt().view(-1, 1, 1)
-    to_b = matmul(space.left, cs.polar(left)) * root
-    to_a = matmul((cs.polar(right) * root).mT, space.right.mT)
+    to_b = matmul(space.left, small_linalg.polar(left)) * root
+    to_a = matmul((small_linalg.polar(right) * root).mT, space.right.mT)
     lora_b, lora_a = from_core_maps(group, to_b, to_a)
     return result(group, settings, lora_b, lora_a)
