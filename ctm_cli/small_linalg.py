@@ -6,7 +6,8 @@ spend seconds there. LAPACK on the host takes a little longer per matrix on one 
 the cores: a batch of CUDA matrices is solved on the host, cut into one chunk per core, each chunk on one thread,
 where that is estimated to be clearly faster (`host_is_faster`: 6–15× on 16 cores for a wave of 128 × 128
 matrices; docs/benchmarks.md). CPU tensors, matrices cuSOLVER batches, and the rest are solved where they are.
-Polar factors on a GPU need no solver at all: Newton–Schulz iterations are batched matrix products (`polar`).
+Polar factors and Gram matrices' square roots on a GPU need no solver at all: Newton–Schulz iterations are
+batched matrix products (`polar`, `square_roots`).
 """
 
 from __future__ import annotations
