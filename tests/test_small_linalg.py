@@ -226,3 +226,25 @@ def test_square_roots_leave_singular_and_too_ill_conditioned_matrices_unsettled(
     grams = torch.stack([m @ m.mT for m in (well, deficient, torch.zeros(12, 12), ill)])
     assert small_linalg.square_roots(grams, condition_limit=1e10)[2].tolist() == [True, False, False, True]
     assert small_linalg.square_roots(grams, condition_limit=1e6)[2].tolist() == [True, False, False, False]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(2, 30),
+    columns=st.integers(1, 30),
+    condition=st.sampled_from([1.0, 100.0, 1e5]),
+    seed=st.integers(0, 2**16),
+)
+def test_polar_by_iteration_commutes_with_permutations_and_has_orthonormal_columns(rows, columns, condition, seed):
+    """polar(X P) = polar(X) P for a permutation P of the columns (and of the rows: P polar(X)); the factor's
+    columns (rows, if wide) are orthonormal."""
+    matrix = _conditioned(1, rows, columns, condition, seed)[0]
+    order = torch.randperm(columns, generator=torch.Generator().manual_seed(seed))
+    lines = torch.randperm(rows, generator=torch.Generator().manual_seed(seed + 1))
+    factor = small_linalg.polar_by_iteration(matrix)
+    tolerance = 1e-13 * condition * max(rows, columns)
+    assert (small_linalg.polar_by_iteration(matrix[:, order]) - factor[:, order]).abs().max() <= tolerance
+    assert (small_linalg.polar_by_iteration(matrix[lines]) - factor[lines]).abs().max() <= tolerance
+    small = factor if rows >= columns else factor.mT
+    eye = torch.eye(small.shape[-1], dtype=torch.float64)
+    assert (small.mT @ small - eye).abs().max() <= 1e-12
