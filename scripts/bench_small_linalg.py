@@ -73,18 +73,17 @@ def newton_schulz_rows(batch: int, size: int, repeats: int) -> list[str]:
     matrix = torch.randn(batch, size, size, device="cuda", dtype=torch.float64)
     gram = matrix.mT @ matrix
     rows = []
-    for name, solver_route, iteration, compare in (
-        ("polar", small_linalg._svd_polar, small_linalg.polar, lambda x: x),
-        ("frame", core_space._singular_frame, core_space._symmetric_frame, lambda f: f[1].mT @ f[1]),
+    for name, operand, solver_route, iteration, compare in (
+        ("polar", matrix, small_linalg._svd_polar, small_linalg.polar, lambda x: x),
+        ("frame", gram, core_space._singular_frame, core_space._symmetric_frame, lambda f: f[1].mT @ f[1]),
     ):
-        operand = matrix if name == "polar" else gram
         solved = _milliseconds(functools.partial(solver_route, operand), repeats)
         iterated = _milliseconds(functools.partial(iteration, operand), repeats)
-        difference = (compare(solver_route(operand)) - compare(iteration(operand))).abs().max().item()
-        scale = compare(solver_route(operand)).abs().max().item()
+        reference = compare(solver_route(operand))
+        difference = (reference - compare(iteration(operand))).abs().max().item()
         rows.append(
             f"{name} f64  {batch:5} {size:5} {solved:16.1f} {iterated:17.2f} {solved / iterated:8.1f}×"
-            f"  {difference / scale:.1e} (relative)"
+            f"  {difference / reference.abs().max().item():.1e} (relative)"
         )
     return rows
 
