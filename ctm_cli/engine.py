@@ -362,6 +362,8 @@ def read_groups(
                 with single_threaded(device):  # as merge_modules loads them
                     factors = _load_group(adapters, group, raw)
                 yield group, factors
+
+
 def _written_rank(
     method: Method, settings: MergeSettings, group: list[ModuleSpec], written_ranks: dict[str, int] | None
 ) -> int:
