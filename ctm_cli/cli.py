@@ -338,6 +338,7 @@ def merge(
 
     The output folder gets the adapter, merge_report.json/.md, recipe.yaml (repeats the merge) and a model card.
     """
+    from ctm_cli.devices import open_context_early
     from ctm_cli.pipeline import MergeRequest, plan_merge, prepare, run_merge
     from ctm_cli.recipe import build_recipe
 
@@ -346,6 +347,8 @@ def merge(
         request = MergeRequest(recipe, max_memory_mib, force, push_to_hub, private)
         if quiet:
             _quiet_hub_downloads()
+        if not dry_run:
+            open_context_early(recipe.device)  # made by the driver while the checks import torch
         prepared = prepare(request)
         if dry_run:
             return plan_merge(prepared)

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 
 import torch
 
+from ctm_cli.cuda_driver import open_context_in_background
 from ctm_cli.errors import UsageError
 
 _DEVICE_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
 # Present on Linux wherever a GPU driver torch could use is loaded: NVIDIA's, AMD's (ROCm).
 _GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
-# Side of the matrices the warm-up solves on the device (cuSOLVER's batched range: ≤ 32), twice that on the host.
-WARM_UP_SIZE = 16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,35 +38,20 @@ def check_device(name: str) -> str:
     return name
 
 
-def _cuda_available() -> bool:
-    """Whether torch sees a CUDA (or ROCm) device. On Linux, a machine without an NVIDIA or AMD driver has none,
-    which is known without loading torch."""
-    if sys.platform == "linux" and not any(os.path.exists(path) for path in _GPU_DRIVER_PATHS):
-        return False
-    return torch.cuda.is_available()
-
-
-def warm_up_in_background(device: torch.device) -> None:
-    """On a GPU, load in a daemon thread, while the merge reads its inputs, what its first calls would otherwise wait
-    for: the CUDA libraries' handles and kernels (cuBLAS, cuSOLVER's batched solvers) and the host's solving
-    threads (small_linalg). Nothing on the CPU."""
-    if device.type == "cuda":
-        threading.Thread(target=_warm_up, args=(device,), name="ctm-warm-up", daemon=True).start()
-
-
-def _warm_up(device: torch.device) -> None:
-    """Tiny versions of the merge's first calls; their results are dropped."""
-    from ctm_cli import small_linalg  # imported by the merge anyway
-
-    try:
-        with torch.cuda.device(device):
-            for dtype in (torch.float32, torch.float64):
-                matrix = torch.eye(WARM_UP_SIZE, dtype=dtype, device=device).expand(2, -1, -1).contiguous()
-                torch.linalg.eigh(matrix @ matrix)
-                torch.linalg.svd(matrix, full_matrices=False)
-            cores = small_linalg.usable_cores()
-            on_host = torch.eye(2 * WARM_UP_SIZE, dtype=torch.float64).expand(cores, -1, -1).contiguous()
-            small_linalg.solve_in_chunks(torch.linalg.eigh, on_host, cores)
-            torch.cuda.synchronize(device)
-    except Exception:  # a broken device fails the merge itself, which says why
+def open_context_early(name: str) -> None:
+    """For a merge about to run on `name` (auto, cuda or cuda:N) where a GPU driver is loaded: start making that
+    device's CUDA context in the background (cuda_driver), before torch is imported. Other names are left for
+    `check_device` to judge."""
+    if name == "cpu" or not _gpu_driver_loaded() or not (name == "auto" or _DEVICE_NAME.fullmatch(name)):
         return
+    open_context_in_background(int(name.partition(":")[2] or 0))
+
+
+def _gpu_driver_loaded() -> bool:
+    """False on a Linux machine without an NVIDIA or AMD driver (known without loading torch); True elsewhere."""
+    return sys.platform != "linux" or any(os.path.exists(path) for path in _GPU_DRIVER_PATHS)
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device; asks torch only where a GPU driver is loaded."""
+    return _gpu_driver_loaded() and torch.cuda.is_available()

@@ -4,8 +4,9 @@ method that merges groups together (ctm: one HOOI for all shapes) runs once per 
 
 While a wave is merged, a background thread reads the next wave's factors with plain file reads at
 the offsets in each safetensors header (never through mmap, whose touched pages would count in this
-process's memory for every input) and copies them to the device on a side stream. Host memory thus
-holds two waves' stored factors plus the merged output, whatever the number of adapters.
+process's memory for every input). On the CPU they go into one of two staging buffers, so host memory holds two
+waves' stored factors plus the merged output, whatever the number of adapters; on a GPU they go through small
+page-locked chunks, each copied to the device on a side stream while the next is read, so the host holds only those.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +37,8 @@ COMPUTE_DTYPE = "float32"  # by name (torch_dtype), so that importing the engine
 Number = TypeVar("Number", int, float)
 # Input files read at once by the engine's reader.
 READ_THREADS = 8
+# Bytes read at a time into page-locked host memory on their way to a GPU (each chunk's copy runs during the next read).
+STAGING_CHUNK = 4 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,30 @@ class _Span:
     key: str
 
 
+def _read_part(source: PlainReads | _AdapterTensors, run: _Span, start: int, target: torch.Tensor) -> None:
+    """Bytes `start` to `start + len(target)` of a span into `target` (a uint8 host tensor); a tensor an adapter
+    builds is read whole."""
+    if isinstance(source, _AdapterTensors) or run.begin is None:
+        assert isinstance(source, _AdapterTensors) and start == 0, "a stored tensor has a byte range"
+        source.read_into(run.key, target)
+    else:
+        source.read_range(run.begin + start, target, f"the data from tensor {run.key} on")
+
+
+def _read_span(source: PlainReads | _AdapterTensors, run: _Span, data: torch.Tensor) -> None:
+    """One span into its place in `data`: straight in on the host; to a device through page-locked chunks, each
+    copied asynchronously (on the thread's current stream) while the next is read. The host allocator keeps a chunk
+    from reuse until its copy is done."""
+    if data.device.type == "cpu":
+        _read_part(source, run, 0, data[run.offset : run.offset + run.size])
+        return
+    step = STAGING_CHUNK if run.begin is not None else run.size
+    for start in range(0, run.size, step):
+        staged = torch.empty(min(step, run.size - start), dtype=torch.uint8, pin_memory=True)
+        _read_part(source, run, start, staged)
+        data[run.offset + start : run.offset + start + staged.numel()].copy_(staged, non_blocking=True)
+
+
 def _continues(run: _Span, stored: tuple[int, int] | None) -> bool:
     """Whether a tensor stored at `stored` follows `run` in its file, so one read takes both."""
     return stored is not None and run.begin is not None and run.begin + run.size == stored[0]
@@ -229,21 +257,22 @@ class WaveStream:
         ]
         return pieces, spans, offset
 
-    def _read_wave(self, spans: list[list[_Span]], buffer: torch.Tensor) -> None:
-        """Read every input's spans into their places in `buffer`, one thread per file."""
+    def _read_wave(self, spans: list[list[_Span]], data: torch.Tensor) -> None:
+        """Read every input's spans into their places in `data` (the host buffer, or the device's), one thread per
+        file; copies to the device are queued on the side stream, which the caller waits for."""
 
         def read_file(source: PlainReads | _AdapterTensors, runs: list[_Span]) -> None:
-            for run in runs:
-                target = buffer[run.offset : run.offset + run.size]
-                if isinstance(source, _AdapterTensors) or run.begin is None:
-                    assert isinstance(source, _AdapterTensors), "a stored tensor has a byte range"
-                    source.read_into(run.key, target)
-                else:
-                    source.read_range(run.begin, target, f"the data from tensor {run.key} on")
-                self._count_read(run.size)
+            with self._on_copy_stream():
+                for run in runs:
+                    _read_span(source, run, data)
+                    self._count_read(run.size)
 
         for done in [self._files.submit(read_file, *job) for job in zip(self._sources, spans, strict=True)]:
             done.result()
+
+    def _on_copy_stream(self) -> AbstractContextManager[object]:
+        """The side stream made the calling thread's current one (on a GPU), for copies that overlap the merge."""
+        return nullcontext() if self._copy_stream is None else torch.cuda.stream(self._copy_stream)
 
     def _scales(self, group: list[ModuleSpec]) -> torch.Tensor:
         """The group's LoRA scales (T, G), 0 where an adapter lacks the modules."""
@@ -259,20 +288,21 @@ class WaveStream:
             progress.emit("reading", self._read_bytes, self._total_bytes, "bytes")
 
     def _fetch(self, index: int) -> list[_RawGroup]:
-        """Read wave `index` into its staging buffer (two, used in turn) and copy it to the device."""
+        """Read wave `index` onto the device, or on the CPU into its staging buffer (two, used in turn)."""
         wave = self._waves[index]
         layouts, spans, size = self._layout(wave)
-        slot = index % 2
-        if self._buffers[slot].numel() < size:
-            self._buffers[slot] = torch.empty(size, dtype=torch.uint8)
-        buffer = self._buffers[slot]
-        self._read_wave(spans, buffer)
         scales = [self._scales(group) for group in wave]
-        data = buffer[:size]
-        if self._copy_stream is not None:
-            with torch.cuda.stream(self._copy_stream):
-                data = data.to(self._device)
+        if self._copy_stream is None:
+            slot = index % 2
+            if self._buffers[slot].numel() < size:
+                self._buffers[slot] = torch.empty(size, dtype=torch.uint8)
+            data = self._buffers[slot][:size]
+        else:
+            with self._on_copy_stream():
+                data = torch.empty(size, dtype=torch.uint8, device=self._device)
                 scales = [each.to(self._device) for each in scales]
+        self._read_wave(spans, data)
+        if self._copy_stream is not None:
             self._copy_stream.synchronize()
         return [_RawGroup(data, pieces, each) for pieces, each in zip(layouts, scales, strict=True)]
 
@@ -378,11 +408,10 @@ def _group_label(group: list[ModuleSpec]) -> str:
     return group[0].name + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
 
 
-def _to_output(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, group: list[ModuleSpec], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merged factors cast once to the output dtype and moved to the host; refuses factors that are not
-    finite, in the compute dtype or once cast."""
+def _to_output(result: MergeResult, group: list[ModuleSpec], dtype: torch.dtype) -> MergeResult:
+    """The group's result on the host: its merged factors cast once to the output dtype (refused if not finite, in
+    the compute dtype or once cast), and the report's figures with them, a copy per figure rather than per module."""
+    lora_a, lora_b = result.lora_a, result.lora_b
     if not _finite(lora_a, lora_b):
         raise InputError(
             f"{_group_label(group)}: the merged factors overflow float32 (input values times --weights too large)"
@@ -391,7 +420,9 @@ def _to_output(
     if not _finite(lora_a, lora_b):
         dtype_name = str(dtype).removeprefix("torch.")
         raise UsageError(f"{_group_label(group)}: the merged factors overflow {dtype_name}; use --dtype float32")
-    return lora_a.cpu(), lora_b.cpu()
+    tensors = {f.name: getattr(result, f.name) for f in fields(result)} | {"lora_a": lora_a, "lora_b": lora_b}
+    on_host: dict[str, Any] = {name: None if value is None else value.cpu() for name, value in tensors.items()}
+    return MergeResult(**on_host)
 
 
 def _merge_wave(
@@ -457,15 +488,15 @@ def merge_modules(
             # output steps, thousands of small ones, never wait on other threads (40× slower on a busy host).
             with single_threaded(device):
                 factors = [_load_group(adapters, group, raw) for group, raw in zip(wave, raws, strict=True)]
-                results = _merge_wave(method, factors, each, wave)
-                outputs = [_to_output(r.lora_a, r.lora_b, g, output_dtype) for r, g in zip(results, wave, strict=True)]
+                merged = _merge_wave(method, factors, each, wave)
+                results = [_to_output(result, group, output_dtype) for result, group in zip(merged, wave, strict=True)]
             seconds = (time.perf_counter() - started) / sum(len(group) for group in wave)
-            for group, result, (lora_a, lora_b) in zip(wave, results, outputs, strict=True):
+            for group, result in zip(wave, results, strict=True):
                 for index, spec in enumerate(group):
                     a_key, b_key = output_keys(adapters, spec.name)
-                    tensors[a_key] = lora_a[index].contiguous()
-                    tensors[b_key] = lora_b[index].contiguous()
-                    stats.append(_module_stats(spec, result, index, lora_a.shape[1], seconds))
+                    tensors[a_key] = result.lora_a[index].contiguous()
+                    tensors[b_key] = result.lora_b[index].contiguous()
+                    stats.append(_module_stats(spec, result, index, result.lora_a.shape[1], seconds))
                 done += len(group)
             progress.emit("merging", done, total, "modules", f"wave {number} of {len(waves)} merged")
     stats.sort(key=lambda s: s.name)

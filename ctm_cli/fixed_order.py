@@ -6,8 +6,9 @@ A multithreaded CPU BLAS splits the work of one matrix product between threads i
 batch size and the thread count (a lone matrix gets all threads, a contraction of 1024 is summed in parts;
 in a batch each matrix gets one thread, or a few when the batch is small), and every split sums in another
 order. On one thread every matrix of a batch is computed exactly as it would be alone, except that a lone
-product with a one-column right factor takes the matrix-vector path; `matmul` pads that column. The merge's
-math therefore runs on one CPU thread (`single_threaded`). On CUDA, cuBLAS and cuSOLVER also choose their
+product with a one-column right factor takes the matrix-vector path; `matmul` pads that column; and MKL, unless its
+strict reproducibility mode is on (ctm_cli/__init__.py turns it on), rounds by where the output lies in memory. The
+merge's math therefore runs on one CPU thread (`single_threaded`). On CUDA, cuBLAS and cuSOLVER also choose their
 kernels by batch size; nothing here changes that (README, "Reproducibility").
 """
 

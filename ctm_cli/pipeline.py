@@ -17,7 +17,7 @@ import torch
 from ctm_cli import __version__, progress
 from ctm_cli.adapter import Adapter
 from ctm_cli.base_model import BaseModel, resolve_base_model
-from ctm_cli.devices import check_device, warm_up_in_background
+from ctm_cli.devices import check_device
 from ctm_cli.errors import UsageError
 from ctm_cli.extra_tensors import KeptTensors, keep_extra_tensors
 from ctm_cli.formats import adapter_files, align_names, output_style
@@ -442,7 +442,6 @@ def run_merge(prepared: PreparedMerge) -> dict:
         generator=torch.Generator().manual_seed(recipe.seed),
     )
     hashed_inputs = _in_background(prepared.inputs)  # the inputs' sha256 for the report, hashed while the merge runs
-    warm_up_in_background(torch.device(prepared.device))
     merged = merge_modules(
         prepared.adapters,
         prepared.waves,

@@ -88,10 +88,15 @@ def _expected_group(adapters: list[Adapter], group: list[ModuleSpec]) -> tuple[t
     return torch.stack(b_cat), torch.stack(a_cat)
 
 
+@pytest.mark.parametrize("chunk", [engine.STAGING_CHUNK, 1000])
 @pytest.mark.parametrize("several", ["groups per shape", "shapes per wave"])
-def test_streamed_groups_equal_the_stored_factors(mixed_adapters, several: str) -> None:
-    """Every group, read ahead into reused buffers, equals the stored factors: with several groups per shape
-    (one wave each), and with every shape in one wave."""
+def test_streamed_groups_equal_the_stored_factors(mixed_adapters, several: str, chunk: int, monkeypatch) -> None:
+    """Every group, read ahead into reused buffers (on a GPU through page-locked chunks, also of a size that splits
+    tensors), equals the stored factors: with several groups per shape (one wave each), and with every shape in one
+    wave."""
+    if chunk != engine.STAGING_CHUNK and DEVICE.type == "cpu":
+        pytest.skip("the host reads straight into its buffers; chunks are a GPU's (CTM_TEST_DEVICE=cuda)")
+    monkeypatch.setattr(engine, "STAGING_CHUNK", chunk)
     specs = check_compatible(mixed_adapters)
     budget = 2 * plan.bytes_per_module(specs[0]) if several == "groups per shape" else 10**10
     waves = plan.plan_waves(specs, budget)

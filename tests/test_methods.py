@@ -17,6 +17,7 @@ from helpers import PREFIX, inputs_of, read_adapter, relative, run_ctm, written_
 from ctm_cli import core_space as cs
 from ctm_cli import small_linalg
 from ctm_cli.errors import UsageError
+from ctm_cli.fixed_order import matmul, single_threaded
 from ctm_cli.methods import METHODS, FactorGroup, MergeSettings, get_method, resolve_settings
 from ctm_cli.rules import RULES, get_rule
 
@@ -500,6 +501,24 @@ def test_methods_command_lists_the_registries() -> None:
     assert table.exit_code == 0
     for name in [*METHODS, *RULES]:
         assert name in table.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(30, 16, 5), (26, 16, 5), (33, 17, 7)])
+def test_a_cpu_product_does_not_depend_on_where_its_matrix_lies_in_a_batch(
+    shape: tuple[int, int, int], dtype: torch.dtype
+) -> None:
+    """Every matrix of a batch of products equals its product alone, at every place in the batch (MKL rounds by
+    the output's alignment unless its strict reproducibility mode is on, as ctm_cli sets it on import)."""
+    rows, inner, columns = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    left = torch.randn(9, rows, inner, dtype=dtype, generator=generator)
+    right = torch.randn(9, inner, columns, dtype=dtype, generator=generator)
+    with single_threaded(torch.device("cpu")):
+        alone = [matmul(left[index].clone(), right[index].clone()) for index in range(9)]
+        batched = matmul(left, right)
+    for index in range(9):
+        assert torch.equal(batched[index], alone[index]), f"matrix {index} of the batch"
 
 
 def _with_weights(case: Case, weights: list[float]) -> Case:

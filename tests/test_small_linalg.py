@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
 
 import pytest
 import torch
@@ -108,21 +107,6 @@ def test_a_forked_child_solves_in_chunks_after_its_parent_did():
         os._exit(0 if torch.allclose(q @ r, matrix, atol=1e-5) else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-
-
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="the warm-up acts on a GPU only (CTM_TEST_DEVICE=cuda)")
-def test_the_warm_up_starts_the_solving_threads_and_leaves_results_alone():
-    """The GPU warm-up thread finishes, leaves the host's solving pool started, and a solve after it is unchanged."""
-    from ctm_cli import devices
-
-    matrix = torch.randn(64, 40, 40, dtype=torch.float64, device=DEVICE)
-    before = small_linalg.eigh(matrix @ matrix.mT)
-    devices.warm_up_in_background(DEVICE)
-    warming = next(thread for thread in threading.enumerate() if thread.name == "ctm-warm-up")
-    warming.join(timeout=120)
-    assert not warming.is_alive() and small_linalg._pool is not None
-    after = small_linalg.eigh(matrix @ matrix.mT)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="cuSOLVER's workspace exists on a GPU only (CTM_TEST_DEVICE=cuda)")
