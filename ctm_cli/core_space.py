@@ -86,8 +86,10 @@ def gram_frame(gram: torch.Tensor, any_basis: bool = False) -> tuple[torch.Tenso
 
 def _symmetric_frame(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`gram_frame` as G^-½ and G^½ (Q = X G^-½ is X's polar factor: orthonormal, X's span), by Newton–Schulz
-    iterations (batched products, where a GPU's eigh loops over the matrices); the matrices they do not settle on,
-    singular or within GRAM_CONDITION_LIMIT of it (where `_singular_frame` may drop directions), take the eigh."""
+    iterations (batched products, where a GPU's eigh loops over the matrices). Columns of X that are exactly zero
+    (a task's padding to the widest rank) give zero columns of Q in their place; the matrices the iterations do not
+    settle on, otherwise singular or within GRAM_CONDITION_LIMIT of it (where `_singular_frame` may drop
+    directions), take the eigh."""
     root, inverse_root, settled = small_linalg.square_roots(gram, GRAM_CONDITION_LIMIT)
     if not bool(settled.all()):
         unsettled = ~settled

@@ -68,7 +68,9 @@ def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The polar factor P Qᵀ of a batch of matrices (thin SVD P Σ Qᵀ): the nearest matrices with orthonormal columns
     (rows, if wide). On the CPU from LAPACK's SVD; elsewhere by Newton–Schulz iterations, with the SVD for the
-    matrices they do not settle on (see `polar_by_iteration`)."""
+    matrices they do not settle on (see `polar_by_iteration`). Where columns (rows) are exactly zero, no polar
+    factor is unique: the SVD completes them arbitrarily, the iterations leave them zero (see `newton_schulz_polar`);
+    a caller gives them no weight (TSV's absent triplets)."""
     return polar_by_iteration(matrix) if iterates_on(matrix.device) else _svd_polar(matrix)
 
 
@@ -81,7 +83,8 @@ def iterates_on(device: torch.device) -> bool:
 def polar_by_iteration(matrix: torch.Tensor) -> torch.Tensor:
     """`polar` by Newton–Schulz iterations (a few dozen batched products for the whole batch, where a GPU's SVD
     loops over the matrices at ~2.5 ms each), and by the SVD for the matrices they leave unsettled: rank-deficient
-    ones, whose polar factor only the SVD's arbitrary completion fixes, and very ill-conditioned ones."""
+    ones other than by zero columns, whose polar factor only the SVD's arbitrary completion fixes, and very
+    ill-conditioned ones."""
     wide = matrix.shape[-2] < matrix.shape[-1]
     tall = matrix.mT if wide else matrix
     if tall.numel() == 0:
@@ -97,15 +100,18 @@ def newton_schulz_polar(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Newton–Schulz's Y ← Y (3I − YᵀY) / 2 from X / √‖XᵀX‖_∞ (every singular value in (0, 1]) for a batch of
     tall matrices X (..., m, k), m ≥ k, and whether each settled (`_settle`). A settled Y is X's polar factor (the
     iteration maps every positive singular value to 1 and keeps the singular vectors); a zero singular value stays
-    zero, so a rank-deficient X never settles."""
+    zero, so a rank-deficient X does not settle, except where the deficiency is columns that are exactly zero: they
+    stay zero (a zero column never mixes in), the check is against the identity on the other columns
+    (`_identity_on_nonzero`), and such an X settles to their polar factor beside its zero columns."""
     eye = torch.eye(tall.shape[-1], dtype=tall.dtype, device=tall.device)
+    target = _identity_on_nonzero(tall.abs().amax(dim=-2))
 
     def step(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         (factor,) = state
         return (matmul(factor, 1.5 * eye - 0.5 * matmul(factor.mT, factor)),)
 
     def drift(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.linalg.matrix_norm(matmul(state[0].mT, state[0]) - eye)
+        return torch.linalg.matrix_norm(matmul(state[0].mT, state[0]) - target)
 
     start = tall / _largest_eigenvalue_bound(matmul(tall.mT, tall)).sqrt()[..., None, None]
     (factor,), settled = _settle(step, drift, (start,))
@@ -114,21 +120,23 @@ def newton_schulz_polar(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def square_roots(gram: torch.Tensor, condition_limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G^½, G^-½ of a batch of symmetric positive semi-definite matrices by the coupled Newton–Schulz iteration
-    (Y ← Y T, Z ← T Z with T = (3I − Z Y) / 2, from Y = G / c, Z = I, c ≥ G's largest eigenvalue: batched products
+    (Y ← Y T, Z ← T Z with T = (3E − Z Y) / 2, from Y = G / c, Z = E, c ≥ G's largest eigenvalue: batched products
     only), and whether each settled (`_settle`) with a condition number at most `condition_limit` (cond(G) ≤
-    c · ‖G^-½‖²_F). A singular G never settles (a zero eigenvalue stays zero)."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    c · ‖G^-½‖²_F). E is the identity on the rows and columns of G that are not exactly zero (the Gram matrix of
+    columns that are, as padding makes them) and zero on those: the iteration runs on the rest, and those stay zero
+    in both results. Any other singular G does not settle (a zero eigenvalue stays zero)."""
+    target = _identity_on_nonzero(gram.diagonal(dim1=-2, dim2=-1))
 
     def step(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         root, inverse = state
-        half = 1.5 * eye - 0.5 * matmul(inverse, root)
+        half = 1.5 * target - 0.5 * matmul(inverse, root)
         return matmul(root, half), matmul(half, inverse)
 
     def drift(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.linalg.matrix_norm(matmul(state[1], state[0]) - eye)
+        return torch.linalg.matrix_norm(matmul(state[1], state[0]) - target)
 
     bound = _largest_eigenvalue_bound(gram)[..., None, None]
-    (root, inverse), settled = _settle(step, drift, (gram / bound, eye.expand_as(gram)))
+    (root, inverse), settled = _settle(step, drift, (gram / bound, target))
     settled = settled & (torch.linalg.matrix_norm(inverse).square() <= condition_limit)
     return root * bound.sqrt(), inverse / bound.sqrt(), settled
 
@@ -151,6 +159,11 @@ def _settle(
     for _ in range(POLISH_STEPS):
         state = step(state)
     return state, settled
+
+
+def _identity_on_nonzero(sizes: torch.Tensor) -> torch.Tensor:
+    """diag(1 where `sizes` (..., k) is nonzero, 0 where it is zero): the identity on a batch's nonzero columns."""
+    return torch.diag_embed((sizes != 0).to(sizes.dtype))
 
 
 def _largest_eigenvalue_bound(symmetric: torch.Tensor) -> torch.Tensor:

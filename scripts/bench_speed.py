@@ -68,6 +68,11 @@ class Shapes:
     rank: int
     dtype: str
     targets: tuple[str, ...]
+    input_ranks: tuple[int, ...] = ()  # adapter i's rank is input_ranks[i % len]; empty: every adapter has `rank`
+
+    def rank_of(self, index: int) -> int:
+        """The rank of generated adapter `index`."""
+        return self.input_ranks[index % len(self.input_ranks)] if self.input_ranks else self.rank
 
     def modules(self, layers: int | None = None) -> list[tuple[str, int, int]]:
         """(PEFT module name, out, in) of every adapted module in the first `layers` layers."""
@@ -114,18 +119,17 @@ def make_adapters(shapes: Shapes, count: int, shared: float, workdir: Path, devi
                 bases[name] = (u, torch.randn(shapes.rank, in_features, generator=common, device=device))
         generator = torch.Generator(device=device).manual_seed(index)
         tensors = {}
+        rank = shapes.rank_of(index)
         for name, out_features, in_features in shapes.modules():
             u, v = bases[name]
-            mixing = torch.randn(2, shapes.rank, shapes.rank, generator=generator, device=device) / shapes.rank**0.5
-            a = _mix(torch.randn(shapes.rank, in_features, generator=generator, device=device), mixing[0] @ v, shared)
-            b = _mix(torch.randn(out_features, shapes.rank, generator=generator, device=device), u @ mixing[1], shared)
+            mixing = torch.randn(2, shapes.rank, rank, generator=generator, device=device) / shapes.rank**0.5
+            a = _mix(torch.randn(rank, in_features, generator=generator, device=device), mixing[0].mT @ v, shared)
+            b = _mix(torch.randn(out_features, rank, generator=generator, device=device), u @ mixing[1], shared)
             tensors[f"{name}.lora_A.weight"] = (a / in_features**0.5).to(DTYPES[shapes.dtype]).cpu()
             tensors[f"{name}.lora_B.weight"] = (b * 0.01).to(DTYPES[shapes.dtype]).cpu()
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "adapter_model.safetensors"))
-        config = LoraConfig(
-            r=shapes.rank, lora_alpha=2 * shapes.rank, target_modules=list(shapes.targets), task_type="CAUSAL_LM"
-        )
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(shapes.targets), task_type="CAUSAL_LM")
         config.base_model_name_or_path = BASE_NAME
         config.save_pretrained(str(folder))
         (folder / "shapes.json").write_text(stamp)
@@ -278,11 +282,14 @@ def peft_svd(folders: list[Path], shapes: Shapes, layers: int, device: torch.dev
     with torch.device("meta"):
         base = LlamaForCausalLM(config)
     base = base.to_empty(device=device).to(DTYPES[shapes.dtype])
-    lora = LoraConfig(r=shapes.rank, lora_alpha=2 * shapes.rank, target_modules=list(shapes.targets))
+    loras = [
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(shapes.targets))
+        for rank in map(shapes.rank_of, range(len(folders)))
+    ]
     names = [f"adapter{index}" for index in range(len(folders))]
-    model = get_peft_model(base, lora, adapter_name=names[0])
+    model = get_peft_model(base, loras[0], adapter_name=names[0])
     wanted = {f"{name}.lora_{side}.weight" for name, _, _ in shapes.modules(layers) for side in "AB"}
-    for name, folder in zip(names, folders, strict=True):
+    for name, folder, lora in zip(names, folders, loras, strict=True):
         if name != names[0]:
             model.add_adapter(name, lora)
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
@@ -417,6 +424,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv", type=int, default=1024, help="k/v projection width")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16, help="rank of every adapter and of the output")
+    parser.add_argument(
+        "--input-ranks", default="", help="comma-separated ranks the adapters take in turn, e.g. 16,8 (mixed ranks)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--targets", default=",".join(PROJECTIONS), help="comma-separated projections")
     parser.add_argument("--shared", type=float, default=0.0, help="share f of common directions (0: independent)")
@@ -458,7 +468,14 @@ def main() -> None:
     counts = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.adapters]
     layers = args.sweep_layers if args.sweep and args.sweep_layers else args.layers
     shapes = Shapes(
-        args.hidden, args.intermediate, args.kv, layers, args.rank, args.dtype, tuple(args.targets.split(","))
+        args.hidden,
+        args.intermediate,
+        args.kv,
+        layers,
+        args.rank,
+        args.dtype,
+        tuple(args.targets.split(",")),
+        tuple(int(rank) for rank in args.input_ranks.split(",") if rank),
     )
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -108,21 +108,23 @@ def test_factored_core_space_in_any_basis_is_lossless(factors: tuple) -> None:
 
 
 def test_symmetric_frame_takes_the_eigh_route_where_the_iteration_cannot_settle() -> None:
-    """In one batch: a well-conditioned Gram gets G^-½ and G^½ (Q = X G^-½ orthonormal, Q G^½ = X); a singular one
-    (a repeated column) and a zero one get the singular frame bit for bit, as alone."""
+    """In one batch: a well-conditioned Gram gets G^-½ and G^½ (Q = X G^-½ orthonormal, Q G^½ = X); so does one of
+    columns padded with zero columns, with zero columns of Q in their place; a singular one (a repeated column) gets
+    the singular frame bit for bit, as alone."""
     generator = torch.Generator().manual_seed(12)
     columns = torch.randn(3, 30, 8, generator=generator, dtype=torch.float64)
     columns[1, :, 3] = columns[1, :, 0]
-    columns[2] = 0
+    columns[2, :, 5:] = 0
     grams = columns.mT @ columns
     to_basis, coordinates = cs._symmetric_frame(grams)
-    basis = columns[0] @ to_basis[0]
-    assert torch.allclose(basis.T @ basis, torch.eye(8, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(basis @ coordinates[0], columns[0], atol=1e-12)
+    for index, width in ((0, 8), (2, 5)):
+        basis = columns[index] @ to_basis[index]
+        identity = torch.diag(torch.tensor([1.0] * width + [0.0] * (8 - width), dtype=torch.float64))
+        assert torch.allclose(basis.T @ basis, identity, atol=1e-12)
+        assert torch.allclose(basis @ coordinates[index], columns[index], atol=1e-12)
     assert torch.allclose(to_basis[0], torch.linalg.inv(coordinates[0]), atol=1e-10)
-    for index in (1, 2):
-        alone = cs._singular_frame(grams[index : index + 1])
-        assert torch.equal(to_basis[index], alone[0][0]) and torch.equal(coordinates[index], alone[1][0])
+    alone = cs._singular_frame(grams[1:2])
+    assert torch.equal(to_basis[1], alone[0][0]) and torch.equal(coordinates[1], alone[1][0])
 
 
 def test_gram_frame_on_the_cpu_keeps_the_singular_basis_in_any_case() -> None:

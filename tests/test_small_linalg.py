@@ -152,13 +152,16 @@ def test_polar_by_iteration_equals_the_svd_polar(batch, rows, columns, condition
 
 
 def test_polar_by_iteration_hands_unsettled_matrices_to_the_svd():
-    """Rank-deficient (a repeated column, a zero matrix), non-finite and extremely ill-conditioned matrices do not
-    settle; each gets the SVD's polar factor bit for bit, and the batch's settled matrices keep theirs."""
+    """Rank-deficient (a repeated column, a repeated column beside a zero one), non-finite and extremely
+    ill-conditioned matrices do not settle; each gets the SVD's polar factor bit for bit, and the batch's settled
+    matrices keep theirs."""
     well = _conditioned(3, 24, 12, 10.0, seed=5)
     repeated = well[0].clone()
     repeated[:, 1] = repeated[:, 0]
+    repeated_and_zero = repeated.clone()
+    repeated_and_zero[:, 5] = 0
     extreme = _conditioned(1, 24, 12, 1e14, seed=6)[0]
-    batch = torch.stack([well[0], repeated, torch.zeros(24, 12), well[1], extreme, well[2]])
+    batch = torch.stack([well[0], repeated, repeated_and_zero, well[1], extreme, well[2]])
     _, settled = small_linalg.newton_schulz_polar(batch)
     assert settled.tolist() == [True, False, False, True, False, True]
     got = small_linalg.polar_by_iteration(batch)
@@ -168,6 +171,22 @@ def test_polar_by_iteration_hands_unsettled_matrices_to_the_svd():
     with_nan = well.clone()
     with_nan[1, 0, 0] = float("nan")
     assert small_linalg.newton_schulz_polar(with_nan)[1].tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("zero_columns", [[0], [3, 7, 8], list(range(12))])
+@pytest.mark.parametrize("wide", [False, True])
+def test_zero_columns_stay_zero_and_the_rest_gets_its_polar_factor(zero_columns: list[int], wide: bool):
+    """Columns (rows, if wide) that are exactly zero, as TSV's absent triplets are, stay zero and do not keep the
+    matrix from settling; the other columns get the polar factor of those columns alone, as the SVD gives it."""
+    matrix = _conditioned(2, 24, 12, 100.0, seed=12)
+    matrix[:, :, zero_columns] = 0
+    kept = [column for column in range(12) if column not in zero_columns]
+    got = small_linalg.polar_by_iteration(matrix.mT if wide else matrix)
+    got = got.mT if wide else got
+    assert small_linalg.newton_schulz_polar(matrix)[1].all()
+    assert torch.equal(got[:, :, zero_columns], torch.zeros_like(got[:, :, zero_columns]))
+    if kept:
+        assert torch.allclose(got[:, :, kept], small_linalg._svd_polar(matrix[:, :, kept]), rtol=0, atol=1e-12)
 
 
 def test_polar_on_the_cpu_is_the_svd_polar():
@@ -202,14 +221,30 @@ def test_square_roots_settle_on_positive_definite_matrices(condition):
 
 
 def test_square_roots_leave_singular_and_too_ill_conditioned_matrices_unsettled():
-    """A zero or rank-deficient G never settles; one that settles but whose condition number exceeds the limit is
-    reported unsettled too."""
+    """A rank-deficient G never settles; one that settles but whose condition number exceeds the limit is reported
+    unsettled too; a zero G settles, to zero roots."""
     well = _conditioned(1, 12, 12, 10.0, seed=9)[0]
     deficient = _conditioned(1, 12, 6, 10.0, seed=10)[0]
     ill = _conditioned(1, 12, 12, 1e4, seed=11)[0]
     grams = torch.stack([m @ m.mT for m in (well, deficient, torch.zeros(12, 12), ill)])
-    assert small_linalg.square_roots(grams, condition_limit=1e10)[2].tolist() == [True, False, False, True]
-    assert small_linalg.square_roots(grams, condition_limit=1e6)[2].tolist() == [True, False, False, False]
+    root, inverse, settled = small_linalg.square_roots(grams, condition_limit=1e10)
+    assert settled.tolist() == [True, False, True, True]
+    assert not root[2].any() and not inverse[2].any()
+    assert small_linalg.square_roots(grams, condition_limit=1e6)[2].tolist() == [True, False, True, False]
+
+
+def test_square_roots_of_a_padded_gram_are_the_blocks_beside_zeros():
+    """The Gram matrix of columns padded with zero ones (zero rows and columns in G) settles: its roots are those of
+    the nonzero block, with zeros where G is zero."""
+    half = _conditioned(3, 16, 9, 30.0, seed=13)
+    padded = torch.cat([half[..., :4], torch.zeros(3, 16, 2, dtype=half.dtype), half[..., 4:]], dim=-1)
+    root, inverse, settled = small_linalg.square_roots(padded.mT @ padded, condition_limit=1e10)
+    block_root, block_inverse, block_settled = small_linalg.square_roots(half.mT @ half, condition_limit=1e10)
+    assert settled.all() and block_settled.all()
+    kept = [*range(4), *range(6, 11)]
+    for got, block in ((root, block_root), (inverse, block_inverse)):
+        assert not got[:, 4:6].any() and not got[:, :, 4:6].any()
+        assert torch.allclose(got[:, kept][:, :, kept], block, rtol=0, atol=1e-12 * block.abs().max())
 
 
 @settings(max_examples=25, deadline=None)
