@@ -61,9 +61,10 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     if not isinstance(header, dict):
         raise ValueError("invalid header: not a JSON object")
     entries = {key: value for key, value in header.items() if key != "__metadata__"}
+    ranges = {key: _offsets(key, entry) for key, entry in entries.items()}
     end = 0
-    for key, entry in sorted(entries.items(), key=lambda item: _offsets(item[0], item[1])):
-        begin, stop = _offsets(key, entry)
+    for key in sorted(ranges, key=ranges.__getitem__):
+        (begin, stop), entry = ranges[key], entries[key]
         count = 1
         for dim in entry["shape"]:
             count *= dim
