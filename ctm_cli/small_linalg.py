@@ -97,18 +97,18 @@ def polar_by_iteration(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def newton_schulz_polar(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Newton–Schulz's Y ← Y (3I − YᵀY) / 2 from X / √‖XᵀX‖_∞ (every singular value in (0, 1]) for a batch of
-    tall matrices X (..., m, k), m ≥ k, and whether each settled (`_settle`). A settled Y is X's polar factor (the
-    iteration maps every positive singular value to 1 and keeps the singular vectors); a zero singular value stays
-    zero, so a rank-deficient X does not settle, except where the deficiency is columns that are exactly zero: they
-    stay zero (a zero column never mixes in), the check is against the identity on the other columns
-    (`_identity_on_nonzero`), and such an X settles to their polar factor beside its zero columns."""
-    eye = torch.eye(tall.shape[-1], dtype=tall.dtype, device=tall.device)
+    """Newton–Schulz's Y ← Y (3E − YᵀY) / 2 from X / √‖XᵀX‖_∞ (every singular value in (0, 1]) for a batch of
+    tall matrices X (..., m, k), m ≥ k, and whether each settled (`_settle`), E being the identity on X's columns
+    that are not exactly zero (`_identity_on_nonzero`). A settled Y is X's polar factor (the iteration maps every
+    positive singular value to 1 and keeps the singular vectors); a zero singular value stays zero, so a
+    rank-deficient X does not settle, except where the deficiency is columns that are exactly zero: they stay zero
+    (a zero column never mixes in; E, which is I otherwise, only spares a step multiplying them), the check is
+    against E, and such an X settles to the polar factor of its other columns beside them."""
     target = _identity_on_nonzero(tall.abs().amax(dim=-2))
 
     def step(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         (factor,) = state
-        return (matmul(factor, 1.5 * eye - 0.5 * matmul(factor.mT, factor)),)
+        return (matmul(factor, 1.5 * target - 0.5 * matmul(factor.mT, factor)),)
 
     def drift(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.linalg.matrix_norm(matmul(state[0].mT, state[0]) - target)
